@@ -1,0 +1,34 @@
+"""Per-dimension latent statistics, computed with dask over the store's chunks.
+
+Accumulation is float64 and chunk by chunk, so the numbers stay right for stores bigger than
+memory and for float16 latents (whose sums would overflow or lose precision in their own dtype).
+"""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from revq_pipe.pipeline.errors import UserError
+
+
+def latent_stats(latents: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) std of every latent dimension: two (C*H*W,) float32 arrays."""
+    if latents.shape[0] == 0:
+        raise UserError("cannot compute statistics of an empty latent store")
+    flat = da.from_zarr(latents).reshape(latents.shape[0], -1).astype(np.float64)
+    mean, sq_mean = da.compute(flat.mean(axis=0), (flat * flat).mean(axis=0))
+    # E[x^2] - E[x]^2 in float64 is exact enough for latents; clip tiny negative round-off.
+    std = np.sqrt(np.maximum(sq_mean - mean * mean, 0.0))
+    return mean.astype(np.float32), std.astype(np.float32)
+
+
+def recompute_store_stats(url: str) -> tuple[np.ndarray, np.ndarray]:
+    """Recompute and rewrite a latent store's mean/std; returns them."""
+    from revq_pipe.pipeline.store import LatentStore
+
+    store = LatentStore.open(url, mode="r+")
+    mean, std = latent_stats(store.latents)
+    store.write_stats(mean, std)
+    return mean, std

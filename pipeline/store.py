@@ -1,0 +1,168 @@
+"""The latent store: a Zarr v3 group with the layout DESIGN.md fixes.
+
+    latents (N, C, H, W) float16|float32, chunked along N, compressed
+    labels  (N,) int64, -1 where unknown
+    keys    (N,) str, the sample's key / relative path
+    mean, std (C*H*W,) float32, per-dimension statistics of all stored latents
+    attrs["revq"]: format version, vae id, image size, latent shape, dtype, counts, skipped keys
+
+Writes are chunk-aligned along N, so several writers (encode on several GPUs or machines) can
+fill disjoint chunk ranges of one store without locks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from revq_pipe.pipeline.errors import UserError
+
+FORMAT_VERSION = 1
+# Blosc/zstd over bit-shuffled values: the shuffle groups the slowly varying sign/exponent bits of
+# neighbouring latents, which is where float data compresses.
+LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")
+SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+LATENT_DTYPES = ("float16", "float32")
+
+
+def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
+    """Open a Zarr group at a local path or fsspec URL; a missing group is a user error."""
+    try:
+        return zarr.open_group(str(url), mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
+        raise UserError(f"no Zarr store at {url}") from err
+    except (zarr.errors.ContainsArrayError, ValueError, KeyError) as err:
+        raise UserError(f"{url} is not a Zarr v3 group: {err}") from err
+
+
+class LatentStore:
+    """A latent store opened for reading or writing. The arrays are zarr arrays (lazy)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r") -> "LatentStore":
+        group = open_zarr_group(url, mode)
+        for name in ("latents", "labels", "keys"):
+            if name not in group:
+                raise UserError(f"{url} is not a latent store: it has no '{name}' array")
+        return cls(group, str(url))
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        n: int,
+        latent_shape: tuple[int, int, int],
+        dtype: str,
+        chunk_size: int,
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+    ) -> "LatentStore":
+        if dtype not in LATENT_DTYPES:
+            raise UserError(f"latent dtype must be one of {LATENT_DTYPES}, not {dtype!r}")
+        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
+        c, h, w = latent_shape
+        group.create_array("latents", shape=(n, c, h, w), chunks=(chunk_size, c, h, w), dtype=dtype,
+                           compressors=LATENT_COMPRESSOR, fill_value=0)
+        group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
+                           compressors=SMALL_COMPRESSOR, fill_value=-1)
+        group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
+        group.attrs["revq"] = {"format_version": FORMAT_VERSION, "latent_shape": list(latent_shape),
+                               "dtype": dtype, **attrs}
+        return cls(group, str(url))
+
+    @property
+    def latents(self) -> zarr.Array:
+        return self.group["latents"]
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self.group["labels"]
+
+    @property
+    def keys(self) -> zarr.Array:
+        return self.group["keys"]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get("revq", {}))
+
+    def update_attrs(self, **values: Any) -> None:
+        self.group.attrs["revq"] = {**self.attrs, **values}
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.latents.shape[1:])
+
+    @property
+    def chunk_size(self) -> int:
+        return self.latents.chunks[0]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def _stat(self, name: str) -> np.ndarray | None:
+        return self.group[name][:] if name in self.group else None
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        """Per-dimension mean (C*H*W,) float32, or None before statistics are computed."""
+        return self._stat("mean")
+
+    @property
+    def std(self) -> np.ndarray | None:
+        return self._stat("std")
+
+    def require_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = self.mean, self.std
+        if mean is None or std is None:
+            raise UserError(f"{self.url} has no mean/std statistics: run `revq-pipe stats {self.url}`")
+        return mean, std
+
+    def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
+        """Write rows [start, start+len) - chunk-aligned so disjoint writers never share a chunk."""
+        stop = start + len(latents)
+        if start % self.chunk_size or (stop % self.chunk_size and stop != len(self)):
+            raise ValueError(f"write [{start}, {stop}) is not aligned to chunks of {self.chunk_size}")
+        self.latents[start:stop] = latents
+        self.labels[start:stop] = labels
+        self.keys[start:stop] = keys
+
+    def write_stats(self, mean: np.ndarray, std: np.ndarray) -> None:
+        for name, values in (("mean", mean), ("std", std)):
+            arr = self.group.create_array(name, shape=values.shape, dtype="float32", overwrite=True)
+            arr[:] = values.astype(np.float32)
+
+
+def write_latent_store(
+    url: str,
+    latents: np.ndarray,
+    labels: np.ndarray | None = None,
+    keys: np.ndarray | list[str] | None = None,
+    *,
+    attrs: dict[str, Any] | None = None,
+    chunk_size: int = 256,
+    overwrite: bool = False,
+) -> LatentStore:
+    """Write an in-memory (N, C, H, W) array as a complete latent store, statistics included.
+
+    For tests, `decode` and small data; `encode` streams chunks through `LatentStore.write`.
+    """
+    from revq_pipe.pipeline.stats import recompute_store_stats
+
+    n = len(latents)
+    labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
+    keys = np.array([f"{i:08d}" for i in range(n)] if keys is None else list(keys), dtype=str)
+    store = LatentStore.create(url, n=n, latent_shape=tuple(latents.shape[1:]), dtype=str(latents.dtype),
+                               chunk_size=min(chunk_size, max(n, 1)), attrs={"count": n, **(attrs or {})},
+                               overwrite=overwrite)
+    store.write(0, latents, labels, keys)
+    recompute_store_stats(url)
+    return store

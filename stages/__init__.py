@@ -1,0 +1,1 @@
+"""One module per pipeline stage; each stage is a plain function callable without the CLI."""
