@@ -1,0 +1,125 @@
+"""The token store: a Zarr v3 group of every image's token ids, the layout DESIGN.md fixes.
+
+    tokens  (N, T) uint16 when K <= 65536, else uint32; chunked along N, compressed
+    labels  (N,) int64, keys (N,) str: copied row for row from the latent store
+    attrs["revq"]: format version, the run (sha256 of its model.safetensors), preset, T, K, d,
+                   latent shape, vae, the source store and how many rows are written so far
+
+Rows are written in order, one whole chunk at a time, and `rows_done` moves forward only after a
+chunk's three arrays are on disk, so a writer that dies can pick up at `rows_done` and end with
+the same store a single uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import zarr
+
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.store import SMALL_COMPRESSOR, open_zarr_group
+
+TOKEN_FORMAT_VERSION = 1
+# 4096 rows of T=512 uint16 ids is 4 MiB before compression: large enough for fast reads along N,
+# small enough that a resumed export redoes little work.
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def token_dtype(codes: int) -> np.dtype:
+    """The smallest unsigned dtype that holds ids 0..codes-1: uint16 up to 65536 codes, else uint32."""
+    if codes < 1:
+        raise UserError(f"a codebook needs at least one code, not {codes}")
+    if codes <= 2**16:
+        return np.dtype(np.uint16)
+    if codes <= 2**32:
+        return np.dtype(np.uint32)
+    raise UserError(f"{codes} codes per position do not fit in uint32 token ids")
+
+
+class TokenStore:
+    """A token store opened for reading or writing. The arrays are zarr arrays (lazy)."""
+
+    def __init__(self, group: zarr.Group, url: str):
+        self.group = group
+        self.url = url
+
+    @classmethod
+    def open(cls, url: str, mode: str = "r") -> "TokenStore":
+        """Open an existing token store; anything else at `url` is a user error."""
+        group = open_zarr_group(url, mode)
+        for name in ("tokens", "labels", "keys"):
+            if name not in group:
+                raise UserError(f"{url} is not a token store: it has no '{name}' array")
+        return cls(group, str(url))
+
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        n: int,
+        tokens: int,
+        codes: int,
+        chunk_size: int = DEFAULT_CHUNK_ROWS,
+        attrs: dict[str, Any],
+        overwrite: bool = False,
+    ) -> "TokenStore":
+        """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes."""
+        dtype = token_dtype(codes)
+        chunk_size = max(1, min(chunk_size, n))
+        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
+        group.create_array("tokens", shape=(n, tokens), chunks=(chunk_size, tokens), dtype=dtype,
+                           compressors=SMALL_COMPRESSOR, fill_value=0)
+        group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
+                           compressors=SMALL_COMPRESSOR, fill_value=-1)
+        group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
+        group.attrs["revq"] = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes,
+                               "count": n, **attrs, "rows_done": 0}
+        return cls(group, str(url))
+
+    @property
+    def tokens(self) -> zarr.Array:
+        return self.group["tokens"]
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self.group["labels"]
+
+    @property
+    def keys(self) -> zarr.Array:
+        return self.group["keys"]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get("revq", {}))
+
+    def update_attrs(self, **values: Any) -> None:
+        self.group.attrs["revq"] = {**self.attrs, **values}
+
+    @property
+    def chunk_size(self) -> int:
+        return self.tokens.chunks[0]
+
+    @property
+    def rows_done(self) -> int:
+        """Rows [0, rows_done) are written; a resumed export starts here."""
+        return int(self.attrs.get("rows_done", 0))
+
+    @property
+    def complete(self) -> bool:
+        return self.rows_done >= len(self)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
+        """Write the next whole chunk (or the last, shorter one) at `rows_done`, then move it on."""
+        start = self.rows_done
+        stop = start + len(tokens)
+        if stop > len(self) or (len(tokens) != self.chunk_size and stop != len(self)):
+            raise ValueError(f"append of {len(tokens)} rows at {start} is not one chunk of {self.chunk_size}")
+        self.tokens[start:stop] = tokens.astype(self.tokens.dtype, copy=False)
+        self.labels[start:stop] = labels
+        self.keys[start:stop] = keys
+        self.update_attrs(rows_done=stop)
