@@ -1,0 +1,5 @@
+"""Triton kernels and their dispatch (Triton on CUDA, bounded-memory torch on CPU)."""
+
+from revq_pipe.kernels.nearest_code import nearest_code
+
+__all__ = ["nearest_code"]

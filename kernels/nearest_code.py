@@ -1,0 +1,174 @@
+"""Batched grouped nearest-code search: the public API, its input checks, and the CPU torch path.
+
+Every group ``g`` has its own codebook; query ``x[g, m]`` is compared with the ``K`` codes of
+``codebooks[g]`` only. The answer is the exact fp32 argmin of the squared L2 distance, ties to
+the lowest code index, as fp32 brute force gives it.
+
+Formula. Distances are summed directly, ``sum_j (x_j - c_j)^2``, in fp32, one dimension after the
+other. The expanded form ``|x|^2 - 2 x.c + |c|^2`` is cheaper (a matrix product) but cancels: when
+queries and codes sit far from the origin compared with their spread (latents are only
+standardised per dimension, codes drift in training), the small distance is the difference of two
+large numbers and fp32 loses it, which changes argmins. The direct sum has no cancellation: each
+term is a non-negative square, so every distance carries a relative error of at most ~d ulp and
+the argmin matches brute force except between codes whose distances differ by less than that.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COUNT_DTYPES = (torch.int32, torch.int64)
+
+# The torch path never materialises more than this many query-code distances at once: each block
+# holds two fp32 buffers of this size (the running sum and one dimension's squared differences),
+# i.e. at most 8 MiB, whatever G, M and K are.
+MAX_BLOCK_PAIRS = 1 << 20
+# Codes per block on the torch path; queries and groups fill the rest of the block.
+CODE_BLOCK = 4096
+
+
+def check_search_inputs(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    code_sqnorms: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> None:
+    """Raise ValueError with the offending tensor's name unless the inputs form a valid search."""
+    for name, tensor in (("x", x), ("codebooks", codebooks)):
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 3:
+            raise ValueError(f"{name} must have 3 dimensions, got shape {tuple(tensor.shape)}")
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    groups, _, dim = x.shape
+    if codebooks.shape[0] != groups or codebooks.shape[2] != dim:
+        raise ValueError(
+            f"x {tuple(x.shape)} is (G, M, d) and codebooks {tuple(codebooks.shape)} must be (G, K, d) "
+            "with the same G and d"
+        )
+    if dim < 1:
+        raise ValueError("the vector dimension d must be at least 1")
+    num_codes = codebooks.shape[1]
+    if num_codes < 1:
+        raise ValueError("codebooks must hold at least one code per group")
+    if codebooks.device != x.device:
+        raise ValueError(f"x is on {x.device} but codebooks is on {codebooks.device}")
+    if code_sqnorms is not None:
+        if tuple(code_sqnorms.shape) != (groups, num_codes):
+            raise ValueError(f"code_sqnorms must have shape (G, K) = {(groups, num_codes)}, got {tuple(code_sqnorms.shape)}")
+        if code_sqnorms.device != x.device:
+            raise ValueError(f"code_sqnorms is on {code_sqnorms.device} but x is on {x.device}")
+    if counts is not None:
+        if tuple(counts.shape) != (groups, num_codes):
+            raise ValueError(f"counts must have shape (G, K) = {(groups, num_codes)}, got {tuple(counts.shape)}")
+        if counts.dtype not in COUNT_DTYPES:
+            raise ValueError(f"counts must be int32 or int64, got {counts.dtype}")
+        if counts.device != x.device:
+            raise ValueError(f"counts is on {counts.device} but x is on {x.device}")
+    # One reduction per tensor (one device sync each on CUDA): NaN or inf would make every
+    # comparison meaningless and the returned codes arbitrary.
+    for name, tensor in (("x", x), ("codebooks", codebooks)):
+        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+
+
+def nearest_code_torch(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact grouped nearest-code search with plain torch ops, in bounded memory (no input checks).
+
+    Works on any device; it is the CPU path of `nearest_code`. Memory bound: at most
+    ``MAX_BLOCK_PAIRS`` (2**20) distances are held at once, in two fp32 buffers (8 MiB), plus
+    fp32 copies of one block's queries and codes. Distances are summed over d in order, in fp32.
+    """
+    groups, num_queries, dim = x.shape
+    num_codes = codebooks.shape[1]
+    best_dist = torch.full((groups, num_queries), float("inf"), dtype=torch.float32, device=x.device)
+    best_index = torch.zeros((groups, num_queries), dtype=torch.int64, device=x.device)
+    if groups == 0 or num_queries == 0:
+        return best_index, best_dist
+
+    code_block = min(num_codes, CODE_BLOCK)
+    query_block = min(num_queries, max(1, MAX_BLOCK_PAIRS // code_block))
+    group_block = min(groups, max(1, MAX_BLOCK_PAIRS // (code_block * query_block)))
+    for g0 in range(0, groups, group_block):
+        g1 = min(g0 + group_block, groups)
+        for k0 in range(0, num_codes, code_block):
+            k1 = min(k0 + code_block, num_codes)
+            # (g, d, k) so that one dimension of all codes is a contiguous row.
+            codes_t = codebooks[g0:g1, k0:k1].to(torch.float32).transpose(1, 2).contiguous()
+            for m0 in range(0, num_queries, query_block):
+                m1 = min(m0 + query_block, num_queries)
+                queries_t = x[g0:g1, m0:m1].to(torch.float32).transpose(1, 2).contiguous()
+                dist = None
+                for j in range(dim):
+                    term = queries_t[:, j, :, None] - codes_t[:, j, None, :]
+                    term.mul_(term)
+                    dist = term if dist is None else dist.add_(term)
+                # min over a dimension returns the first minimal index: ties go to the lowest code.
+                block_min, block_arg = dist.min(dim=2)
+                best = best_dist[g0:g1, m0:m1]
+                # Strict <: an earlier block keeps ties, so the lowest index wins overall.
+                improved = block_min < best
+                best.copy_(torch.where(improved, block_min, best))
+                chosen = best_index[g0:g1, m0:m1]
+                chosen.copy_(torch.where(improved, block_arg + k0, chosen))
+    if counts is not None:
+        counts.scatter_add_(1, best_index, torch.ones_like(best_index, dtype=counts.dtype))
+    return best_index, best_dist
+
+
+def uses_interpreter(x: torch.Tensor) -> bool:
+    """True when CPU tensors should run the Triton kernel through Triton's interpreter."""
+    return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def implementation_for(x: torch.Tensor) -> str:
+    """Which implementation `nearest_code` runs for tensors like ``x``: "triton" or "torch"."""
+    if x.device.type == "cuda" or uses_interpreter(x):
+        return "triton"
+    return "torch"
+
+
+def nearest_code(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    code_sqnorms: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code of every query in its own group's codebook.
+
+    Args:
+        x: (G, M, d) queries, float32/bfloat16/float16, any strides.
+        codebooks: (G, K, d) codes, same device; compared in fp32.
+        code_sqnorms: optional (G, K) squared code norms. Accepted (and shape-checked) so callers
+            that keep them for the expanded formula can pass them, but not read: the search uses
+            the direct sum of squared differences, which needs no norms (see the module doc).
+        counts: optional (G, K) int32/int64 tensor; ``counts[g, k]`` is increased by the number of
+            queries of group g whose nearest code is k (equal to a per-group torch.bincount).
+            On CUDA this is fused into the search's final reduction.
+
+    Returns:
+        indices (G, M) int64 and sq_dists (G, M) float32: the argmin (lowest index among equal
+        distances) and its squared L2 distance.
+
+    Raises:
+        ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks.
+
+    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run `nearest_code_torch`, or the
+    Triton kernel through Triton's interpreter when TRITON_INTERPRET=1 (slow; for tests).
+    """
+    check_search_inputs(x, codebooks, code_sqnorms, counts)
+    if implementation_for(x) == "triton":
+        from revq_pipe.kernels.triton_search import nearest_code_triton
+
+        return nearest_code_triton(x, codebooks, counts=counts)
+    return nearest_code_torch(x, codebooks, counts=counts)
