@@ -1,0 +1,207 @@
+"""Presets and the two configs of a ReVQ run: the model (rebuilds `ReVQ`) and its training.
+
+`ReVQConfig` is everything needed to rebuild the model; `ReVQ.save_pretrained` writes it as the run
+dir's `config.json` (flat, diffusers-style), including a `data` section describing the latent store
+the model was trained on, so later stages can refuse latents from another VAE or shape. `fit` adds a
+`train` section (`TrainConfig`) beside it. Impossible combinations raise `UserError` here, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from revq_pipe.pipeline.errors import UserError
+
+SPLITS = ("channel", "spatial")
+RECTIFIERS = ("vit", "cnn", "mlp", "none")
+CODEBOOK_UPDATES = ("sparse", "dense")
+
+# The paper's released configs: code dim d and codes K per token position, rectifier width x layers,
+# batch size; T follows from the latent shape (C*H*W / d). `tiny` is sized for CPU demos and tests
+# on latents like (16, 8, 8) or (32, 8, 8) from small VAEs: it trains in seconds.
+PRESETS: dict[str, dict[str, Any]] = {
+    "512T_NC=16384": dict(dim=4, codes=16384, rectifier_width=512, rectifier_layers=3, batch_size=256, epochs=100),
+    "256T_NC=65536": dict(dim=8, codes=65536, rectifier_width=1024, rectifier_layers=4, batch_size=256, epochs=100),
+    "256T_NC=262144": dict(dim=8, codes=262144, rectifier_width=512, rectifier_layers=4, batch_size=128, epochs=100),
+    "tiny": dict(dim=4, codes=128, rectifier_width=64, rectifier_layers=2, batch_size=64, epochs=20),
+}
+
+
+def _preset(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class ReVQConfig:
+    """The model: preprocessor, splitter, grouped quantizer (T codebooks of K codes of dim d), rectifier.
+
+    `data` records the latent store the model was trained on: its url and its `revq` attrs (vae id,
+    image size, latent shape, dtype, ...). It is empty for a model built by hand.
+    """
+
+    latent_shape: tuple[int, int, int]
+    tokens: int
+    codes: int
+    dim: int
+    preset: str = "custom"
+    split: str = "channel"
+    rectifier: str = "vit"
+    rectifier_width: int = 64
+    rectifier_layers: int = 2
+    attention_head_dim: int = 32
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.latent_shape = tuple(int(v) for v in self.latent_shape)
+        self.validate()
+
+    @property
+    def latent_numel(self) -> int:
+        return math.prod(self.latent_shape)
+
+    def validate(self) -> None:
+        """Raise `UserError` for a config that cannot be built."""
+        if len(self.latent_shape) != 3 or min(self.latent_shape) < 1:
+            raise UserError(f"latent shape must be (C, H, W) with positive sizes, not {self.latent_shape}")
+        n = self.latent_numel
+        if self.tokens < 1 or self.codes < 1 or self.dim < 1:
+            raise UserError(f"tokens, codes and dim must be positive (got T={self.tokens}, K={self.codes}, d={self.dim})")
+        if self.tokens * self.dim != n:
+            raise UserError(f"T={self.tokens} tokens of d={self.dim} do not cover a latent of "
+                            f"C*H*W={n} numbers {self.latent_shape}")
+        if self.split not in SPLITS:
+            raise UserError(f"unknown split {self.split!r}: use {' or '.join(SPLITS)}")
+        if self.rectifier not in RECTIFIERS:
+            raise UserError(f"unknown rectifier {self.rectifier!r}: use one of {', '.join(RECTIFIERS)}")
+        if self.rectifier != "none" and (self.rectifier_width < 1 or self.rectifier_layers < 0):
+            raise UserError(f"rectifier width must be positive and layers >= 0 (got {self.rectifier_width}x{self.rectifier_layers})")
+        if self.rectifier == "vit" and self.rectifier_width % self.attention_head_dim:
+            raise UserError(f"the vit rectifier's width {self.rectifier_width} must be a multiple of its "
+                            f"attention head dim {self.attention_head_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["latent_shape"] = list(self.latent_shape)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ReVQConfig":
+        """Rebuild from `to_dict()` output; other sections of a run's config.json (`train`) are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = {"latent_shape", "tokens", "codes", "dim"} - values.keys()
+        if missing:
+            raise UserError(f"model config lacks {', '.join(sorted(missing))}")
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """How `fit` trains: the paper's recipe (AdamW, exponential decay to 5%, grad clip 1, reset)."""
+
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 0.01  # codebooks; the rectifier gets lr * rectifier_lr_scale
+    rectifier_lr_scale: float = 0.05
+    rectifier_weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    final_lr_fraction: float = 0.05
+    reset: bool = True
+    reset_ratio: float = 0.2
+    reset_noise: float = 0.1
+    seed: int = 0
+    # "sparse": lazy AdamW touching only the chosen codes' rows; "dense": torch AdamW over all codes
+    # (the reference code's update, where stale momentum keeps moving unchosen codes).
+    codebook_update: str = "sparse"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UserError(f"epochs and batch size must be positive (got {self.epochs}, {self.batch_size})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"learning rate must be a positive number, not {self.lr}")
+        if self.codebook_update not in CODEBOOK_UPDATES:
+            raise UserError(f"unknown codebook update {self.codebook_update!r}: use {' or '.join(CODEBOOK_UPDATES)}")
+        if not 0 < self.reset_ratio <= 1:
+            raise UserError(f"reset ratio must be in (0, 1], not {self.reset_ratio}")
+
+    def lr_at(self, epoch: int) -> float:
+        """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after the run."""
+        return self.lr * self.final_lr_fraction ** (epoch / self.epochs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def resolve_model_config(
+    preset: str,
+    latent_shape: tuple[int, int, int],
+    *,
+    tokens: int | None = None,
+    codes: int | None = None,
+    split: str | None = None,
+    rectifier: str | None = None,
+    data: dict[str, Any] | None = None,
+) -> ReVQConfig:
+    """The model config for a preset on latents of `latent_shape`, with the user's off-preset choices.
+
+    The preset fixes d; T = C*H*W / d unless `tokens` is given, in which case d = C*H*W / T.
+    """
+    p = _preset(preset)
+    n = math.prod(latent_shape)
+    if tokens is not None:
+        if tokens < 1 or n % tokens:
+            raise UserError(f"--tokens {tokens} does not divide the latent's C*H*W = {n} numbers {tuple(latent_shape)}")
+        dim = n // tokens
+    else:
+        dim = p["dim"]
+        if n % dim:
+            raise UserError(f"preset {preset} cuts latents into tokens of d={dim}, which does not divide "
+                            f"C*H*W = {n} {tuple(latent_shape)}: pass --tokens")
+        tokens = n // dim
+    return ReVQConfig(
+        latent_shape=tuple(latent_shape), tokens=tokens, codes=codes if codes is not None else p["codes"], dim=dim,
+        preset=preset, split=split or "channel", rectifier=rectifier or "vit",
+        rectifier_width=p["rectifier_width"], rectifier_layers=p["rectifier_layers"], data=dict(data or {}),
+    )
+
+
+def resolve_train_config(
+    preset: str,
+    *,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int = 0,
+    reset: bool = True,
+    codebook_update: str = "sparse",
+) -> TrainConfig:
+    """The training config for a preset, with the user's overrides."""
+    p = _preset(preset)
+    return TrainConfig(
+        epochs=epochs if epochs is not None else p["epochs"],
+        batch_size=batch_size if batch_size is not None else p["batch_size"],
+        lr=lr if lr is not None else TrainConfig.lr, seed=seed, reset=reset, codebook_update=codebook_update,
+    )
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The run dir's config.json as a dict (model fields, `data`, and `train` when `fit` wrote it)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a ReVQ run: it has no config.json")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from err

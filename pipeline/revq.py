@@ -1,0 +1,225 @@
+"""The ReVQ model: preprocessor -> splitter -> grouped quantizer -> rectifier, as one nn.Module.
+
+    z (B, C, H, W) raw VAE latents
+      -> normalise with the store's per-dimension mean/std          (Preprocessor)
+      -> cut into T tokens of d numbers                             (TokenSplitter: channel or spatial)
+      -> nearest code of each position's own codebook (T, K, d)     (GroupedQuantizer -> ids (B, T))
+      -> codebook vectors merged back to (B, C, H, W)
+      -> rectifier g, then un-normalise                             (-> raw latents)
+
+`ReVQ.from_pretrained(run_dir)` loads a run written by `revq-pipe fit` in one call.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from revq_pipe.kernels import nearest_code
+from revq_pipe.pipeline.config import ReVQConfig, read_run_config
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.rectifier import build_rectifier
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Dimensions whose std is ~0 in the store (constant latents) would divide by zero; this floor keeps
+# them finite and near zero after normalisation.
+MIN_STD = 1e-5
+
+
+class Preprocessor(nn.Module):
+    """Per-dimension standardisation with the latent store's mean/std (both (C*H*W,) buffers)."""
+
+    def __init__(self, latent_shape: tuple[int, int, int]):
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        numel = math.prod(latent_shape)
+        self.register_buffer("mean", torch.zeros(numel))
+        self.register_buffer("std", torch.ones(numel))
+
+    @torch.no_grad()
+    def set_stats(self, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(MIN_STD))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return ((z.flatten(1) - self.mean) / self.std).view_as(z)
+
+    def denormalize(self, zn: torch.Tensor) -> torch.Tensor:
+        return (zn.flatten(1) * self.std + self.mean).view_as(zn)
+
+
+class TokenSplitter(nn.Module):
+    """Cuts a (B, C, H, W) latent into (B, T, d) tokens and merges them back.
+
+    `channel` (the paper's multi-group split): flatten channel-major (C, H, W) and cut into T
+    consecutive runs of d, so a token lies inside one channel's map whenever d divides H*W.
+    `spatial` (the ablation): flatten position-major (H, W, C) and cut the same way, so a token holds
+    the channels at one position (d = C), a slice of them (d < C) or several positions (d > C).
+    """
+
+    def __init__(self, latent_shape: tuple[int, int, int], tokens: int, split: str = "channel"):
+        super().__init__()
+        self.latent_shape = tuple(latent_shape)
+        self.tokens = tokens
+        self.dim = math.prod(latent_shape) // tokens
+        self.split_kind = split
+
+    def split(self, z: torch.Tensor) -> torch.Tensor:
+        if self.split_kind == "spatial":
+            z = z.permute(0, 2, 3, 1)
+        return z.reshape(z.shape[0], self.tokens, self.dim)
+
+    def merge(self, tokens: torch.Tensor) -> torch.Tensor:
+        c, h, w = self.latent_shape
+        if self.split_kind == "spatial":
+            return tokens.reshape(-1, h, w, c).permute(0, 3, 1, 2).contiguous()
+        return tokens.reshape(-1, c, h, w)
+
+
+class GroupedQuantizer(nn.Module):
+    """One codebook of K codes of dim d per token position: `codebooks` (T, K, d)."""
+
+    def __init__(self, tokens: int, codes: int, dim: int):
+        super().__init__()
+        self.codebooks = nn.Parameter(torch.randn(tokens, codes, dim))
+
+    @torch.no_grad()
+    def search(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest code (squared L2, ties to the lowest index) of each (B, T, d) token -> (B, T) int64.
+
+        `counts` (T, K) int, when given, is incremented in place with the chosen codes' histogram.
+        """
+        ids, _ = nearest_code(x.transpose(0, 1), self.codebooks.detach(), counts=counts)
+        return ids.t()
+
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) code ids -> (B, T, d) code vectors; differentiable in the codebooks."""
+        positions = torch.arange(self.codebooks.shape[0], device=ids.device)
+        return self.codebooks[positions, ids]
+
+    @torch.no_grad()
+    def init_from_tokens(self, tokens: torch.Tensor) -> None:
+        """Codebooks from a sample of data: `tokens` (K, T, d), one distinct sample per code."""
+        self.codebooks.copy_(tokens.transpose(0, 1))
+
+    @torch.no_grad()
+    def reset_unused(self, counts: torch.Tensor, *, ratio: float, noise: float,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-Activation Reset: move never-chosen codes onto the most-chosen ones plus Gaussian noise.
+
+        Per position at most `ratio` of the K codes move (at least one); the i-th least used dead
+        code lands on the i-th most used code. Returns the moved codes as (positions, code ids).
+        """
+        t, k, d = self.codebooks.shape
+        r = max(int(ratio * k), 1)
+        order = torch.sort(counts, dim=1, descending=True, stable=True).indices
+        n_dead = (counts == 0).sum(dim=1, keepdim=True)
+        moved = torch.arange(r, device=counts.device)[None, :] < n_dead.clamp(max=r)
+        src, dst = order[:, :r], order[:, k - r:].flip(1)
+        rows = torch.arange(t, device=counts.device)[:, None].expand(t, r)
+        rows, src, dst = rows[moved], src[moved], dst[moved]
+        jitter = torch.randn(len(dst), d, device=self.codebooks.device, generator=generator)
+        self.codebooks[rows, dst] = self.codebooks[rows, src] + noise * jitter
+        return rows, dst
+
+
+def usage_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Codebook usage from (T, K) activation counts: % of codes chosen at least once (mean and min
+    over positions) and code perplexity (exp of each position's entropy, averaged over positions)."""
+    counts = counts.double()
+    used = (counts > 0).double().mean(dim=1) * 100
+    p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
+    return {"usage_mean_pct": used.mean().item(), "usage_min_pct": used.min().item(),
+            "perplexity": entropy.exp().mean().item()}
+
+
+class ReVQ(nn.Module):
+    """A ReVQ tokenizer: raw VAE latents <-> (B, T) token ids. Rebuilt from its `ReVQConfig`."""
+
+    def __init__(self, config: ReVQConfig):
+        super().__init__()
+        self.config = config
+        self.preprocessor = Preprocessor(config.latent_shape)
+        self.splitter = TokenSplitter(config.latent_shape, config.tokens, config.split)
+        self.quantizer = GroupedQuantizer(config.tokens, config.codes, config.dim)
+        self.rectifier = build_rectifier(config)
+
+    @property
+    def codebooks(self) -> nn.Parameter:
+        """(T, K, d) codebooks, in normalised latent space."""
+        return self.quantizer.codebooks
+
+    @property
+    def device(self) -> torch.device:
+        return self.codebooks.device
+
+    def _check_latents(self, z: torch.Tensor) -> torch.Tensor:
+        if tuple(z.shape[1:]) != self.config.latent_shape or z.ndim != 4:
+            raise UserError(f"latents of shape {tuple(z.shape)} do not match this model's (B, "
+                            f"{', '.join(map(str, self.config.latent_shape))})")
+        return z.to(self.device, torch.float32)
+
+    def tokenize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw VAE latents (B, C, H, W) -> (B, T) int64 token ids (normalise, split, nearest code)."""
+        zn = self.preprocessor.normalize(self._check_latents(z))
+        return self.quantizer.search(self.splitter.split(zn))
+
+    def dequantize(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> quantized latents (B, C, H, W) in normalised space, before the rectifier."""
+        ids = ids.to(self.device, torch.int64)
+        if ids.ndim != 2 or ids.shape[1] != self.config.tokens:
+            raise UserError(f"token ids of shape {tuple(ids.shape)} do not match this model's (B, {self.config.tokens})")
+        if ids.numel() and (ids.min() < 0 or ids.max() >= self.config.codes):
+            raise UserError(f"token ids must lie in [0, {self.config.codes}): these come from another model")
+        return self.splitter.merge(self.quantizer.lookup(ids))
+
+    def detokenize(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> raw VAE latents (B, C, H, W): codebook lookup, merge, rectifier, un-normalise."""
+        return self.preprocessor.denormalize(self.rectifier(self.dequantize(ids)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Quantize-then-rectify of raw latents: `detokenize(tokenize(z))`."""
+        return self.detokenize(self.tokenize(z))
+
+    def save_pretrained(self, run_dir: str | Path, *, train: dict[str, Any] | None = None) -> None:
+        """Write `config.json` (+ a `train` section when given) and `model.safetensors`, each atomically."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        tmp = run_dir / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, run_dir / WEIGHTS_NAME)
+        config = self.config.to_dict()
+        if train is not None:
+            config["train"] = train
+        tmp = run_dir / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        os.replace(tmp, run_dir / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | Path, device: str | torch.device | None = None) -> "ReVQ":
+        """Load a run dir (config.json + model.safetensors) in eval mode, on `device` (default CPU)."""
+        from revq_pipe.pipeline.device import resolve_device
+
+        config = ReVQConfig.from_dict(read_run_config(run_dir))
+        weights = Path(run_dir) / WEIGHTS_NAME
+        if not weights.is_file():
+            raise UserError(f"{run_dir} has no {WEIGHTS_NAME}: the run has not finished an epoch yet")
+        model = cls(config)
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as err:
+            raise UserError(f"{weights} does not match {run_dir}/{CONFIG_NAME}: {err}") from err
+        if device is not None:
+            model.to(resolve_device(device) if isinstance(device, str) else device)
+        return model.eval()
