@@ -1,0 +1,85 @@
+"""A fitted run as the stages after `fit` see it: the model, the data it was fitted on, its identity.
+
+export-tokens, decode and eval all need the same things from RUN: the ReVQ model, the `data`
+section of its config (which VAE and latent shape the run expects), and a fingerprint
+that names the exact weights (sha256 of model.safetensors) so token stores can say what made them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.store import LatentStore
+
+
+@dataclass
+class Run:
+    """A run directory's model and metadata. `model` is in eval mode on the device it was loaded to."""
+
+    path: Path
+    model: Any  # revq_pipe.pipeline.revq.ReVQ (imported lazily: it pulls in the kernels)
+    sha256: str
+
+    @classmethod
+    def load(cls, run: str | Path, device: torch.device | str = "cpu") -> "Run":
+        """Load RUN/config.json and RUN/model.safetensors; a missing or partial run is a user error."""
+        from revq_pipe.pipeline.revq import ReVQ
+
+        path = Path(run)
+        for name in ("config.json", "model.safetensors"):
+            if not (path / name).is_file():
+                raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
+        model = ReVQ.from_pretrained(path, device=device).eval()
+        return cls(path=path, model=model, sha256=_sha256(path / "model.safetensors"))
+
+    @property
+    def tokens(self) -> int:
+        return self.model.config.tokens
+
+    @property
+    def codes(self) -> int:
+        return self.model.config.codes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.model.config.latent_shape)
+
+    @property
+    def data_attrs(self) -> dict[str, Any]:
+        """The `revq` attrs of the latent store the run was fitted on (vae, image size, ...)."""
+        return dict(self.model.config.data.get("attrs", {}))
+
+    @property
+    def vae(self) -> str | None:
+        return self.data_attrs.get("vae")
+
+    def token_attrs(self) -> dict[str, Any]:
+        """What a token store records about the run that made it."""
+        config = self.model.config
+        return {"run": self.sha256, "preset": config.preset,
+                "tokens": config.tokens, "codes": config.codes, "dim": config.dim,
+                "latent_shape": list(self.latent_shape), "vae": self.vae}
+
+    def check_store(self, store: LatentStore) -> None:
+        """Refuse a latent store made by another VAE or with another latent shape than the run's."""
+        if store.latent_shape != self.latent_shape:
+            raise UserError(f"{store.url} holds latents of shape {list(store.latent_shape)}, but the run was "
+                            f"fitted on {list(self.latent_shape)}")
+        store_vae = store.attrs.get("vae")
+        if self.vae is not None and store_vae is not None and store_vae != self.vae:
+            raise UserError(f"{store.url} was encoded with the VAE {store_vae!r}, but the run was fitted on "
+                            f"latents of {self.vae!r}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

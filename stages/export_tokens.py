@@ -1,0 +1,226 @@
+"""`revq-pipe export-tokens`: every image's token ids, for training generators on them.
+
+Reads a latent store chunk by chunk, tokenizes it with a fitted run (quantization only: the
+rectifier is not needed to find ids), and writes a token store (Zarr), webdataset shards of
+{__key__, tokens.npy, cls}, or both. Both outputs resume where a killed export stopped, and the
+resumed result is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import torch
+import webdataset as wds
+from tqdm.auto import tqdm
+
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.run_dir import Run
+from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.token_store import TokenStore, token_dtype
+
+FORMATS = ("zarr", "wds", "zarr+wds")
+# Samples per webdataset shard: ~1.5 KiB each for T=512 (ids + tar headers), so ~70 MiB shards.
+SHARD_ROWS = 50_000
+SHARD_PATTERN = "tokens-%06d.tar"
+# Shards are written under this suffix and renamed when complete, so a `*.tar` glob never sees a
+# half-written shard and a resumed export knows which shards are done.
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass
+class ExportSummary:
+    """What export-tokens wrote."""
+
+    out: str
+    format: str
+    count: int
+    tokens: int
+    codes: int
+    dtype: str
+    resumed_from: int
+    seconds: float
+    shards: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        lines = [f"{self.count} images -> {self.tokens} tokens each ({self.codes} codes per position, "
+                 f"{self.dtype}) in {self.seconds:.1f} s"]
+        if self.resumed_from:
+            lines.append(f"resumed at image {self.resumed_from}")
+        if "zarr" in self.format:
+            lines.append(f"token store: {self.out}")
+        if self.shards:
+            lines.append(f"webdataset shards: {len(self.shards)} in {Path(self.shards[0]).parent}")
+        return "\n".join(lines)
+
+
+def export_tokens(
+    run: str,
+    store: str,
+    out: str,
+    *,
+    batch_size: int = 1024,
+    device: str = "auto",
+    format: str = "zarr",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ExportSummary:
+    """Tokenize every latent of `store` with the run at `run` and write the ids to `out`.
+
+    format "zarr" writes a token store at `out`; "wds" writes webdataset shards into the folder
+    `out`; "zarr+wds" writes the token store at `out` and the shards into `<out>-wds`.
+    An existing output made from the same run and store is resumed; one made otherwise is refused
+    unless `overwrite`.
+    """
+    if format not in FORMATS:
+        raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if str(out).rstrip("/") == str(store).rstrip("/"):
+        raise UserError("--out must not be the latent store itself")
+    dev = resolve_device(device)
+    run_info = Run.load(run, dev)
+    latents = LatentStore.open(store)
+    run_info.check_store(latents)
+    model = run_info.model
+    attrs = {**run_info.token_attrs(), "store": _absolute(store)}
+    started = time.perf_counter()
+
+    summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
+                            codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
+    if "zarr" in format:
+        tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
+        summary.resumed_from = tokens.rows_done
+        _fill_token_store(tokens, latents, model, dev, batch_size, progress)
+        if format == "zarr+wds":
+            summary.shards = _write_shards(f"{str(out).rstrip('/')}-wds", attrs, len(latents), overwrite,
+                                           lambda start: _rows_from_token_store(tokens, start), progress)
+    else:
+        summary.shards = _write_shards(out, attrs, len(latents), overwrite,
+                                       lambda start: _rows_from_latents(latents, model, dev, batch_size, start),
+                                       progress)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _absolute(url: str) -> str:
+    """Local paths as absolute paths, so a resume from another working directory still matches."""
+    return url if "://" in str(url) else str(Path(url).resolve())
+
+
+def tokenize_latents(model: torch.nn.Module, latents: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N, C, H, W) latents of any float dtype -> (N, T) int64 ids, `batch_size` at a time."""
+    ids = []
+    with torch.inference_mode():
+        for start in range(0, len(latents), batch_size):
+            batch = torch.from_numpy(np.asarray(latents[start:start + batch_size], dtype=np.float32)).to(device)
+            ids.append(model.tokenize(batch).cpu().numpy())
+    return np.concatenate(ids) if ids else np.zeros((0, model.config.tokens), np.int64)
+
+
+def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
+    """The token store to fill: an unfinished one from the same run and store, or a new one."""
+    if not overwrite and _exists(out):
+        existing = TokenStore.open(out, mode="r+")
+        if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
+            raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
+        return existing
+    # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
+    return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,
+                             chunk_size=latents.chunk_size, attrs=attrs, overwrite=overwrite)
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(str(url))
+    return fs.exists(path)
+
+
+def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, device, batch_size: int, progress: bool) -> None:
+    """Tokenize the rows after `rows_done`, one token-store chunk at a time."""
+    with tqdm(total=len(tokens), initial=tokens.rows_done, unit="img", desc="export-tokens",
+              disable=not progress) as bar:
+        while not tokens.complete:
+            start = tokens.rows_done
+            stop = min(start + tokens.chunk_size, len(tokens))
+            ids = tokenize_latents(model, latents.latents[start:stop], device, batch_size)
+            tokens.append(ids, latents.labels[start:stop], latents.keys[start:stop])
+            bar.update(stop - start)
+
+
+Rows = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:
+    for begin in range(start, len(tokens), tokens.chunk_size):
+        end = min(begin + tokens.chunk_size, len(tokens))
+        yield tokens.tokens[begin:end], tokens.labels[begin:end], tokens.keys[begin:end]
+
+
+def _rows_from_latents(latents: LatentStore, model, device, batch_size: int, start: int) -> Rows:
+    dtype = token_dtype(model.config.codes)
+    step = max(latents.chunk_size, batch_size)
+    for begin in range(start, len(latents), step):
+        end = min(begin + step, len(latents))
+        ids = tokenize_latents(model, latents.latents[begin:end], device, batch_size)
+        yield ids.astype(dtype), latents.labels[begin:end], latents.keys[begin:end]
+
+
+def wds_key(key: str) -> str:
+    """A store key as a webdataset __key__: webdataset cuts a sample's key at the first dot of the
+    file name, so the image's extension goes ("cat/001.jpg" -> "cat/001") and other dots become "_"."""
+    stem, _ = posixpath.splitext(str(key))
+    return stem.replace(".", "_")
+
+
+def _write_shards(folder: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
+    """Write `count` samples as shards of SHARD_ROWS into `folder`, after the shards already complete."""
+    if "://" in str(folder):
+        raise UserError("webdataset shards are written to a local folder, not a URL")
+    folder = Path(folder)
+    manifest = folder / "export.json"
+    if folder.exists() and not overwrite:
+        if not manifest.exists() or _read_json(manifest) != attrs:
+            raise UserError(f"{folder} holds other files or tokens of another run or store: "
+                            "pass --overwrite to replace them")
+    elif folder.exists():
+        for stale in [*folder.glob("tokens-*.tar"), *folder.glob(f"tokens-*.tar{PARTIAL_SUFFIX}"), manifest]:
+            stale.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, attrs)
+
+    total_shards = -(-count // SHARD_ROWS)
+    names = [str(folder / (SHARD_PATTERN % i)) for i in range(total_shards)]
+    done = 0
+    while done < total_shards and os.path.exists(names[done]):
+        done += 1
+    start = done * SHARD_ROWS
+    if start < count:
+        writer = wds.ShardWriter(str(folder / (SHARD_PATTERN + PARTIAL_SUFFIX)), maxcount=SHARD_ROWS,
+                                 maxsize=float("inf"), start_shard=done, verbose=0,
+                                 post=lambda name: os.replace(name, name[: -len(PARTIAL_SUFFIX)]),
+                                 mtime=0.0)  # a fixed mtime makes re-runs byte-identical
+        with tqdm(total=count, initial=start, unit="img", desc="webdataset shards", disable=not progress) as bar:
+            for ids, labels, keys in rows_from(start):
+                for row, label, key in zip(ids, labels, keys):
+                    writer.write({"__key__": wds_key(key), "tokens.npy": row, "cls": int(label)})
+                bar.update(len(ids))
+        # Only a finished run closes the last shard: an exception above leaves it `.partial`.
+        writer.close()
+    return names
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1))
