@@ -1,7 +1,98 @@
-"""Shared fixtures: everything here runs on a CPU-only machine."""
+"""Shared fixtures: everything here runs on a CPU-only machine.
+
+For any stage's tests:
+- `tiny_dc_vae_dir`, `tiny_kl_vae_dir`: real diffusers AutoencoderDC / AutoencoderKL models with
+  tiny configs and fixed random weights, saved with `save_pretrained` (pass the path as `--vae`).
+  DC: 4x spatial compression, 4 latent channels -> (4, 8, 8) latents at `TINY_IMAGE_SIZE` = 32.
+  KL: 2x compression, 4 channels, sample_size 32 -> (4, 16, 16) latents at 32 px.
+- `photo_folder`: an ImageFolder tree of `PHOTO_COUNT` real photograph crops (JPEG) in
+  `len(PHOTO_CLASSES)` class folders; `flat_photo_folder`: the same files in one flat folder.
+- `photo_shards`: the same JPEG bytes as webdataset shards (keys `<class>/<file stem>`, `cls` =
+  the class's sorted index), as a brace pattern; `PHOTO_SHARD_SIZE` samples per shard.
+Session-scoped and read-only: copy before changing them.
+"""
 
 import os
 
 # Tests never reach a model hub: anything that would download must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+TINY_IMAGE_SIZE = 32
+PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
+PHOTO_COUNT = 12
+PHOTO_SHARD_SIZE = 5
+
+TINY_DC_CONFIG = dict(
+    in_channels=3, latent_channels=4, attention_head_dim=8,
+    encoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    decoder_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"),
+    encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16),
+    encoder_layers_per_block=(1, 1, 1), decoder_layers_per_block=(1, 1, 1),
+    encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+    downsample_block_type="Conv", upsample_block_type="interpolate",
+)
+TINY_KL_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    norm_num_groups=4, sample_size=TINY_IMAGE_SIZE,
+)
+
+
+def _save_model(model_class, config: dict, path: Path) -> Path:
+    import torch
+
+    torch.manual_seed(0)
+    model_class(**config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dc_vae_dir(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderDC
+
+    return _save_model(AutoencoderDC, TINY_DC_CONFIG, tmp_path_factory.mktemp("vae") / "tiny-dc")
+
+
+@pytest.fixture(scope="session")
+def tiny_kl_vae_dir(tmp_path_factory) -> Path:
+    from diffusers import AutoencoderKL
+
+    return _save_model(AutoencoderKL, TINY_KL_CONFIG, tmp_path_factory.mktemp("vae") / "tiny-kl")
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory) -> Path:
+    from revq_pipe.pipeline.sample_images import photo_crops, write_image_folder
+
+    root = tmp_path_factory.mktemp("photos") / "classes"
+    write_image_folder(root, photo_crops(PHOTO_CLASSES, PHOTO_COUNT, seed=0, min_side=48))
+    return root
+
+
+@pytest.fixture(scope="session")
+def flat_photo_folder(tmp_path_factory, photo_folder) -> Path:
+    root = tmp_path_factory.mktemp("photos") / "flat"
+    root.mkdir()
+    for path in sorted(photo_folder.rglob("*.jpg")):
+        shutil.copy(path, root / path.name)
+    return root
+
+
+@pytest.fixture(scope="session")
+def photo_shards(tmp_path_factory, photo_folder) -> str:
+    import webdataset as wds
+
+    out = tmp_path_factory.mktemp("shards")
+    paths = sorted(photo_folder.rglob("*.jpg"))
+    with wds.ShardWriter(str(out / "photos-%06d.tar"), maxcount=PHOTO_SHARD_SIZE, verbose=0) as sink:
+        for path in paths:
+            label = PHOTO_CLASSES.index(path.parent.name)
+            sink.write({"__key__": f"{path.parent.name}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label)})
+    shards = sorted(out.glob("*.tar"))
+    return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
