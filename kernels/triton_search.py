@@ -143,19 +143,43 @@ def _finalize_kernel(
 
 
 def _cuda_configs() -> list[triton.Config]:
-    """Tile shapes to try on the GPU: per-thread tiles of 16 to 64 pairs, 4 or 8 warps."""
-    shapes = [(32, 128, 4), (64, 64, 4), (64, 128, 4), (128, 64, 4), (64, 256, 8), (128, 128, 8)]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-        for bm, bk, warps in shapes
-        for stages in (2, 3)
-    ]
+    """Tile shapes for the GPU, written as (query rows per thread, warps along M, warps along K).
+
+    Triton's default layout for the (BLOCK_M, BLOCK_K) tile puts the 32 lanes of a warp, then
+    the warps, along K, so with BLOCK_K = 32 * warps_k each thread owns one code column and
+    ``rows`` query rows: its rows' x columns stay in registers for the whole stream (rows * d
+    registers), every code value it loads serves ``rows`` pairs, and the (min, argmin) state is
+    3 registers per row. Warps along M share the code loads through L1.
+    """
+    configs = []
+    for rows in (2, 4, 8, 16, 32):
+        for warps_m, warps_k in ((1, 4), (2, 2), (2, 4), (1, 8)):
+            block = {"BLOCK_M": rows * warps_m, "BLOCK_K": 32 * warps_k}
+            configs.append(triton.Config(block, num_warps=warps_m * warps_k))
+    return configs
+
+
+def _rows_per_thread(config: triton.Config) -> int:
+    return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
+
+
+def _configs_for_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep the tiles whose register-resident query columns (rows * d registers) lie between half
+    and all of min(128, 32 d): no spills (checked in sm_90 builds for d = 1..64), and as many
+    pairs per loaded code value as that allows."""
+    dim = {**named_args, **kwargs}["D"]
+    most = min(128, 32 * dim)
+    return [c for c in configs if most // 2 <= _rows_per_thread(c) * dim <= most]
 
 
 _search = _jit(_search_kernel)
 if not INTERPRETED:
     # Autotuning times configs on the device; the interpreter gets one fixed config instead.
-    _search = triton.autotune(configs=_cuda_configs(), key=["D", "num_queries", "num_codes"])(_search)
+    _search = triton.autotune(
+        configs=_cuda_configs(),
+        key=["D", "num_queries", "num_codes"],
+        prune_configs_by={"early_config_prune": _configs_for_dim},
+    )(_search)
 _finalize = _jit(_finalize_kernel)
 
 
