@@ -99,6 +99,7 @@ def fit(
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
+    codebook_update: str = typer.Option("sparse", "--codebook-update", help="sparse (AdamW on the chosen codes only) or dense (AdamW on all codes, the reference's way)."),
 ):
     """Train the grouped quantizer and the rectifier from a latent store."""
     from revq_pipe.stages.fit import fit as run_fit
@@ -106,7 +107,7 @@ def fit(
     result = run_fit(
         store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier,
-        reset=not no_reset, tokens=tokens, codes=codes,
+        reset=not no_reset, tokens=tokens, codes=codes, codebook_update=codebook_update,
     )
     typer.echo(result.report())
 

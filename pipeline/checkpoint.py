@@ -1,0 +1,45 @@
+"""The run dir's resumable checkpoint and metrics file, both written atomically (temp file + rename).
+
+A crash at any moment leaves either the previous complete file or the new complete one, never a
+half-written one: that is what lets `fit --resume` trust whatever it finds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revq_pipe.pipeline.errors import UserError
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
+    """Write the training state (tensors, numbers, dicts) to RUN/checkpoint.pt atomically."""
+    tmp = run_dir / (CHECKPOINT_NAME + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / CHECKPOINT_NAME)
+
+
+def load_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
+    """The checkpoint in RUN, or None when there is none yet."""
+    path = run_dir / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # a foreign or damaged file: say which, do not guess
+        raise UserError(f"{path} cannot be read as a revq-pipe checkpoint: {err}") from err
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite RUN/metrics.jsonl (one JSON object per completed epoch) from the checkpoint's history,
+    so the file always matches the checkpoint, also after a crash between the two writes."""
+    tmp = run_dir / (METRICS_NAME + ".tmp")
+    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
+    os.replace(tmp, run_dir / METRICS_NAME)

@@ -1,0 +1,114 @@
+"""Latent batches from a latent store, fed from memory: no per-sample Python, no DataLoader workers.
+
+Two modes, chosen once per loader:
+- resident: the whole store is read once onto the device (ImageNet at float16 is about 5 GB) and
+  each epoch is a seeded index permutation; a batch is one `index_select` on the device.
+- streaming: for stores that do not fit, each epoch visits the store's chunks in a seeded random
+  order, reads blocks of chunks in a background thread (prefetch), and shuffles within a block.
+
+The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from revq_pipe.pipeline.store import LatentStore
+
+# Streaming reads about this many bytes of latents per block (whole chunks, at least two).
+STREAM_BLOCK_BYTES = 256 << 20
+# Fraction of free device (or host) memory the resident copy may take.
+RESIDENT_FRACTION = 0.5
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A CPU generator that depends only on (seed, epoch): the data order of that epoch."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on the device (host RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class LatentLoader:
+    """Batches of raw latents (float32, on `device`) from a latent store, one seeded order per epoch."""
+
+    def __init__(self, store: LatentStore, batch_size: int, device: torch.device, *, shuffle: bool = True,
+                 drop_last: bool = True, seed: int = 0, resident: bool | None = None):
+        self.store, self.batch_size, self.device = store, batch_size, device
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.n = len(store)
+        if resident is None:
+            nbytes = self.n * math.prod(store.latent_shape) * store.latents.dtype.itemsize
+            resident = nbytes <= RESIDENT_FRACTION * free_memory(device)
+        self.resident = resident
+        self.data = torch.from_numpy(np.asarray(store.latents[:])).to(device) if resident else None
+
+    def __len__(self) -> int:
+        """Batches per epoch."""
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def epoch(self, epoch: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of one epoch, in the order fixed by (seed, epoch)."""
+        generator = epoch_generator(self.seed, epoch)
+        return self._resident_batches(generator) if self.resident else self._streamed_batches(generator)
+
+    def rows(self, indices: np.ndarray) -> torch.Tensor:
+        """The latents at the given row indices (float32, on the device)."""
+        if self.resident:
+            return self.data[torch.as_tensor(indices, device=self.device)].float()
+        order = np.argsort(indices)
+        picked = np.empty((len(indices), *self.store.latent_shape), self.store.latents.dtype)
+        picked[order] = self.store.latents.get_orthogonal_selection((np.asarray(indices)[order],))
+        return self._to_device(picked)
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.float()
+
+    def _resident_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        order = torch.randperm(self.n, generator=generator) if self.shuffle else torch.arange(self.n)
+        order = order.to(self.device)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield self.data.index_select(0, order[start:start + self.batch_size]).float()
+
+    def _streamed_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
+        chunk = self.store.chunk_size
+        n_chunks = math.ceil(self.n / chunk)
+        chunk_order = torch.randperm(n_chunks, generator=generator).tolist() if self.shuffle else list(range(n_chunks))
+        chunk_bytes = chunk * math.prod(self.store.latent_shape) * self.store.latents.dtype.itemsize
+        per_block = max(2, STREAM_BLOCK_BYTES // max(chunk_bytes, 1))
+        blocks = [chunk_order[i:i + per_block] for i in range(0, n_chunks, per_block)]
+        latents = self.store.latents
+
+        def read(block: list[int]) -> np.ndarray:
+            return np.concatenate([latents[c * chunk:(c + 1) * chunk] for c in block])
+
+        remaining = len(self)
+        carry = np.empty((0, *self.store.latent_shape), latents.dtype)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, blocks[0]) if blocks else None
+            for i in range(len(blocks)):
+                block = pending.result()
+                pending = pool.submit(read, blocks[i + 1]) if i + 1 < len(blocks) else None
+                if self.shuffle:
+                    block = block[torch.randperm(len(block), generator=generator).numpy()]
+                block = np.concatenate([carry, block]) if len(carry) else block
+                full = len(block) // self.batch_size
+                for b in range(min(full, remaining)):
+                    yield self._to_device(block[b * self.batch_size:(b + 1) * self.batch_size])
+                remaining -= min(full, remaining)
+                carry = block[full * self.batch_size:]
+            if remaining and len(carry):  # the last, partial batch (drop_last=False)
+                yield self._to_device(carry)
