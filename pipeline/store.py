@@ -8,6 +8,11 @@
 
 Writes are chunk-aligned along N, so several writers (encode on several GPUs or machines) can
 fill disjoint chunk ranges of one store without locks.
+
+A store that `encode` is still filling has `complete: false` in its attrs (and a `progress`
+record to resume from); `LatentStore.open` refuses it unless asked, so no later stage ever reads
+a half-written store as if it were whole. Stores without the flag (written by other stages) are
+complete.
 """
 
 from __future__ import annotations
@@ -46,12 +51,17 @@ class LatentStore:
         self.url = url
 
     @classmethod
-    def open(cls, url: str, mode: str = "r") -> "LatentStore":
+    def open(cls, url: str, mode: str = "r", *, allow_incomplete: bool = False) -> "LatentStore":
+        """Open an existing store; an unfinished `encode` store is a UserError unless allowed."""
         group = open_zarr_group(url, mode)
         for name in ("latents", "labels", "keys"):
             if name not in group:
                 raise UserError(f"{url} is not a latent store: it has no '{name}' array")
-        return cls(group, str(url))
+        store = cls(group, str(url))
+        if not allow_incomplete and not store.complete:
+            raise UserError(f"{url} is incomplete: `revq-pipe encode` was interrupted while writing it; "
+                            f"run the same encode command again to finish it")
+        return store
 
     @classmethod
     def create(
@@ -65,6 +75,7 @@ class LatentStore:
         attrs: dict[str, Any],
         overwrite: bool = False,
     ) -> "LatentStore":
+        """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive)."""
         if dtype not in LATENT_DTYPES:
             raise UserError(f"latent dtype must be one of {LATENT_DTYPES}, not {dtype!r}")
         group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
@@ -95,7 +106,23 @@ class LatentStore:
         return dict(self.group.attrs.get("revq", {}))
 
     def update_attrs(self, **values: Any) -> None:
+        """Merge `values` into attrs["revq"] (one atomic metadata write on local and object stores)."""
         self.group.attrs["revq"] = {**self.attrs, **values}
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete", True))
+
+    def resize(self, n: int) -> None:
+        """Grow or shrink the per-row arrays to `n` rows (metadata only; chunks past `n` go)."""
+        c, h, w = self.latent_shape
+        self.latents.resize((n, c, h, w))
+        self.labels.resize((n,))
+        self.keys.resize((n,))
+
+    def nbytes_stored(self) -> int:
+        """Bytes the latents take in the store, compressed (with their small metadata)."""
+        return int(self.latents.nbytes_stored())
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

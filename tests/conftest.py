@@ -5,7 +5,7 @@ For any stage's tests:
   tiny configs and fixed random weights, saved with `save_pretrained` (pass the path as `--vae`).
   DC: 4x spatial compression, 4 latent channels -> (4, 8, 8) latents at `TINY_IMAGE_SIZE` = 32.
   KL: 2x compression, 4 channels, sample_size 32 -> (4, 16, 16) latents at 32 px.
-- `photo_folder`: an ImageFolder tree of `PHOTO_COUNT` real photograph crops (JPEG) in
+- `photo_folder`: an ImageFolder tree of `PHOTO_COUNT` real photograph crops (`PHOTO_SIDE` px JPEGs) in
   `len(PHOTO_CLASSES)` class folders; `flat_photo_folder`: the same files in one flat folder.
 - `photo_shards`: the same JPEG bytes as webdataset shards (keys `<class>/<file stem>`, `cls` =
   the class's sorted index), as a brace pattern; `PHOTO_SHARD_SIZE` samples per shard.
@@ -27,6 +27,7 @@ TINY_IMAGE_SIZE = 32
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
 PHOTO_COUNT = 12
 PHOTO_SHARD_SIZE = 5
+PHOTO_SIDE = 80  # crops are resized to this square side: small to decode, not a multiple of 32
 
 TINY_DC_CONFIG = dict(
     in_channels=3, latent_channels=4, attention_head_dim=8,
@@ -71,7 +72,7 @@ def photo_folder(tmp_path_factory) -> Path:
     from revq_pipe.pipeline.sample_images import photo_crops, write_image_folder
 
     root = tmp_path_factory.mktemp("photos") / "classes"
-    write_image_folder(root, photo_crops(PHOTO_CLASSES, PHOTO_COUNT, seed=0, min_side=48))
+    write_image_folder(root, photo_crops(PHOTO_CLASSES, PHOTO_COUNT, seed=0, out_size=PHOTO_SIDE))
     return root
 
 
