@@ -255,3 +255,11 @@ def nearest_code_triton(
         HAS_COUNTS=counts is not None, BLOCK=FINALIZE_BLOCK,
     )
     return indices, dists
+
+
+def autotuned_config() -> str | None:
+    """The tile autotuning chose for the latest CUDA search, for reports (None if none ran)."""
+    config = getattr(_search, "best_config", None)
+    if config is None:
+        return None
+    return f"BLOCK_M={config.kwargs['BLOCK_M']}, BLOCK_K={config.kwargs['BLOCK_K']}, num_warps={config.num_warps}"
