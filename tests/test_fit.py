@@ -1,0 +1,202 @@
+"""`fit` end to end on small stores of clustered latents: learning, reset, resume, reload, CLI errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from revq_pipe.cli import app
+from revq_pipe.pipeline.checkpoint import load_checkpoint
+from revq_pipe.pipeline.revq import ReVQ
+from revq_pipe.pipeline.store import LatentStore, write_latent_store
+from revq_pipe.stages import fit as fit_stage
+from revq_pipe.stages.fit import TrainingStopped, fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny ops on a shared 2-core CI box: one intra-op thread avoids OpenMP contention (several times faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+SHAPE = (8, 4, 4)  # T = 32 tokens of d = 4 with the tiny preset
+
+
+def clustered_latents(n, *, clusters, noise, seed, repeat=1):
+    """Latents around `clusters` fixed centres (shared by every seed); each distinct latent `repeat` times."""
+    centres = np.random.default_rng(123).normal(size=(clusters, *SHAPE))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, clusters, n // repeat)
+    latents = centres[labels] + noise * rng.normal(size=(n // repeat, *SHAPE))
+    return np.repeat(latents.astype(np.float32), repeat, 0), np.repeat(labels, repeat)
+
+
+def make_store(url, n, **kwargs):
+    latents, labels = clustered_latents(n, **kwargs)
+    write_latent_store(str(url), latents, labels, attrs={"vae": "test-vae", "image_size": 32})
+    return str(url)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """32 clusters and only K=8 codes per position: a token alone cannot tell its cluster, the
+    combination of all tokens can - which is exactly what the rectifier learns to use."""
+    root = tmp_path_factory.mktemp("fit")
+    return {"root": root,
+            "train": make_store(root / "train", 1024, clusters=32, noise=0.1, seed=0),
+            "val": make_store(root / "val", 256, clusters=32, noise=0.1, seed=1),
+            "small": make_store(root / "small", 256, clusters=32, noise=0.1, seed=2)}
+
+
+@pytest.fixture(scope="module")
+def vit_run(stores):
+    out = stores["root"] / "vit"
+    result = fit(stores["train"], str(out), preset="tiny", epochs=4, batch_size=32, codes=8, val=stores["val"],
+                 device="cpu", progress=False)
+    return out, result
+
+
+def test_fit_lowers_both_losses_and_the_rectifier_beats_none_on_validation(stores, vit_run):
+    out, result = vit_run
+    first, last = result.history[0], result.history[-1]
+    assert last["codebook_loss"] < first["codebook_loss"]
+    assert last["rectifier_loss"] < 0.5 * first["rectifier_loss"]
+    plain = fit(stores["train"], str(stores["root"] / "plain"), preset="tiny", epochs=4, batch_size=32, codes=8,
+                val=stores["val"], device="cpu", rectifier="none", progress=False)
+    assert last["val_mse"] < 0.6 * plain.history[-1]["val_mse"]
+    assert "validation latent MSE" in result.report()
+
+
+def test_the_run_dir_follows_the_design_and_loads_back_reproducing_the_validation_mse(stores, vit_run):
+    out, result = vit_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    for key in ("codebook_loss", "rectifier_loss", "val_mse", "val_mse_raw", "usage_mean_pct", "usage_min_pct",
+                "perplexity", "epoch_seconds", "samples_per_s"):
+        assert all(np.isfinite(m[key]) for m in lines), key
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["revq"]["vae"] == "test-vae" and config["data"]["count"] == 1024
+    assert config["train"]["epochs"] == 4 and (out / "checkpoint.pt").is_file()
+
+    model = ReVQ.from_pretrained(out)
+    val = LatentStore.open(stores["val"])
+    z = torch.from_numpy(val.latents[:])
+    with torch.no_grad():
+        raw = (model(z) - z).square().mean().item()
+        normalised = (model.preprocessor.normalize(model(z)) - model.preprocessor.normalize(z)).square().mean().item()
+    assert raw == pytest.approx(result.history[-1]["val_mse_raw"], rel=1e-5)
+    assert normalised == pytest.approx(result.history[-1]["val_mse"], rel=1e-4)
+
+
+def test_the_reset_keeps_codes_in_use_when_k_exceeds_the_clusters(tmp_path):
+    # 8 clusters, K=64: the initial sample draws repeated latents, so some codes start as copies that
+    # lose every tie; only the Non-Activation Reset brings them back into use.
+    store = make_store(tmp_path / "store", 512, clusters=8, noise=0.3, seed=0, repeat=8)
+    usage = {}
+    for reset in (True, False):
+        result = fit(store, str(tmp_path / f"run{reset}"), preset="tiny", epochs=6, codes=64, rectifier="none",
+                     reset=reset, device="cpu", progress=False)
+        usage[reset] = result.history[-1]["usage_mean_pct"]
+        assert (result.history[-1]["codes_reset"] > 0) == reset
+    assert usage[True] > 85 and usage[True] > usage[False] + 10
+
+
+def run_kwargs(stores, **overrides):
+    """3 epochs of 4 steps on the small store."""
+    return dict(preset="tiny", epochs=3, batch_size=64, codes=8, device="cpu", progress=False, val=stores["val"],
+                **overrides)
+
+
+def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run(stores, tmp_path, monkeypatch):
+    fit(stores["small"], str(tmp_path / "whole"), **run_kwargs(stores))
+
+    real_step, calls = fit_stage.Trainer.step, {"n": 0}
+
+    def crashing_step(self, z):
+        calls["n"] += 1
+        if calls["n"] == 4 + 2:  # in the middle of epoch 2
+            raise RuntimeError("injected crash")
+        return real_step(self, z)
+
+    monkeypatch.setattr(fit_stage.Trainer, "step", crashing_step)
+    with pytest.raises(RuntimeError, match="injected"):
+        fit(stores["small"], str(tmp_path / "crashed"), **run_kwargs(stores))
+    monkeypatch.setattr(fit_stage.Trainer, "step", real_step)
+    assert load_checkpoint(tmp_path / "crashed", torch.device("cpu"))["epoch"] == 1
+    resumed = fit(stores["small"], str(tmp_path / "crashed"), resume=True, **run_kwargs(stores))
+    assert resumed.started_at_epoch == 1 and resumed.epochs_done == 3
+
+    whole, crashed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "crashed"))
+    assert whole.keys() == crashed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], crashed[key]), key
+    timing = {"epoch_seconds", "samples_per_s"}
+    lines = [[{k: v for k, v in json.loads(line).items() if k not in timing}
+              for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()] for name in ("whole", "crashed")]
+    assert lines[0] == lines[1]
+
+
+def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(stores, tmp_path, monkeypatch):
+    real_step, calls = fit_stage.Trainer.step, {"n": 0}
+
+    def diverging_step(self, z):
+        calls["n"] += 1
+        losses = real_step(self, z)
+        return losses * float("nan") if calls["n"] == 4 + 3 else losses
+
+    monkeypatch.setattr(fit_stage.Trainer, "step", diverging_step)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match=r"epoch 2, step 3: non-finite loss.*epoch 1 is kept"):
+        fit(stores["small"], str(out), **run_kwargs(stores, rectifier="cnn"))
+    assert load_checkpoint(out, torch.device("cpu"))["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    ReVQ.from_pretrained(out)
+
+
+def cli(*args):
+    result = CliRunner().invoke(app, ["fit", *map(str, args)])
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tokens", "33"], "does not divide"),
+    (["--codes", "100000"], "need at least 100000 latents"),
+    (["--preset", "huge"], "unknown preset"),
+    (["--split", "diagonal"], "unknown split"),
+    (["--batch-size", "4096"], "larger than the store"),
+])
+def test_cli_refuses_impossible_configs_with_one_line_and_exit_2(stores, tmp_path, extra, message):
+    code, err = cli(stores["small"], "--out", tmp_path / "run", "--preset", "tiny", "--device", "cpu", *extra)
+    assert code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_store_without_statistics_and_a_mismatched_validation_store(stores, tmp_path):
+    bare = LatentStore.create(str(tmp_path / "bare"), n=16, latent_shape=SHAPE, dtype="float32", chunk_size=16, attrs={})
+    bare.write(0, np.zeros((16, *SHAPE), np.float32), np.zeros(16), [str(i) for i in range(16)])
+    code, err = cli(tmp_path / "bare", "--out", tmp_path / "run", "--preset", "tiny")
+    assert code == 2 and "no mean/std statistics" in err
+    other = str(tmp_path / "other")
+    write_latent_store(other, np.random.default_rng(0).normal(size=(16, 4, 4, 4)).astype(np.float32))
+    code, err = cli(stores["small"], "--out", tmp_path / "run", "--preset", "tiny", "--val", other)
+    assert code == 2 and "validation store" in err
+
+
+def test_cli_trains_then_refuses_to_overwrite_or_to_resume_with_another_config(stores, tmp_path):
+    out = tmp_path / "run"
+    args = [stores["small"], "--out", out, "--preset", "tiny", "--epochs", "1", "--codes", "8", "--device", "cpu"]
+    result = CliRunner().invoke(app, ["fit", *map(str, args)])
+    assert result.exit_code == 0, result.stderr
+    assert "fit: " in result.stdout and "ReVQ.from_pretrained" in result.stdout
+    code, err = cli(*args)
+    assert code == 2 and "--resume" in err
+    code, err = cli(*args[:-4], "--codes", "16", "--device", "cpu", "--resume")
+    assert code == 2 and "different model config" in err and "codes: 8 -> 16" in err
+    code, _ = cli(*args, "--resume")  # the same command again: nothing left to do
+    assert code == 0
