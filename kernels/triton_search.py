@@ -73,17 +73,22 @@ def _search_kernel(
     stride_xg,
     stride_xm,
     stride_xd,
-    stride_cg,
-    stride_ck,
-    stride_cd,
     D: tl.constexpr,
+    ROW: tl.constexpr,
+    VEC: tl.constexpr,
+    CHUNKS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """Grid (query blocks, K splits, groups): merge each query's best code of one split into keys."""
+    """Grid (query blocks, K splits, groups): merge each query's best code of one split into keys.
+
+    codes_ptr is a contiguous (G, K, ROW) codebook whose first D columns are the codes (ROW is
+    D rounded up to the vector width VEC): a block of codes is one contiguous (BLOCK_K, ROW)
+    tile, loaded with VEC-wide vector loads (each thread's code row at once), one block ahead.
+    """
     query_block = tl.program_id(0)
     split = tl.program_id(1)
-    group = tl.program_id(2).to(tl.int64)  # int64: group * stride can pass 2**31 elements
+    group = tl.program_id(2).to(tl.int64)  # int64: group * K * D can pass 2**31 elements
     # Same formula as the host's split count, so the splits tile [0, K) with no empty one.
     codes_per_split = tl.cdiv(tl.cdiv(num_codes, tl.num_programs(1)), BLOCK_K) * BLOCK_K
     first_code = split * codes_per_split
@@ -91,24 +96,41 @@ def _search_kernel(
 
     offs_m = query_block * BLOCK_M + tl.arange(0, BLOCK_M)
     query_rows = x_ptr + group * stride_xg + tl.minimum(offs_m, num_queries - 1) * stride_xm
-    code_base = codes_ptr + group * stride_cg
+    code_base = codes_ptr + group * num_codes * ROW
+    # A block of codes is held as (CHUNKS, BLOCK_K, VEC): VEC floats are one vector load, and
+    # Triton spreads the lanes along the middle (code) axis, so each thread holds its whole
+    # code row and no value crosses threads. CHUNKS is ROW / VEC rounded up to a power of two.
+    chunk = tl.arange(0, CHUNKS)[:, None, None]
+    lane = tl.arange(0, VEC)[None, None, :]
+    row_offsets = chunk * VEC + lane
+    row_valid = row_offsets < ROW  # whole vectors: keeps the loads VEC wide
+    block = tl.arange(0, BLOCK_K)
 
     best_dist = tl.full((BLOCK_M, BLOCK_K), float("inf"), tl.float32)
     best_code = tl.zeros((BLOCK_M, BLOCK_K), tl.int32)
+    offs_k = tl.minimum(first_code + block, last_code)
+    codes = tl.load(code_base + offs_k[None, :, None] * ROW + row_offsets, mask=row_valid, other=0.0)
     for k0 in range(first_code, last_code + 1, BLOCK_K):
-        offs_k = tl.minimum(k0 + tl.arange(0, BLOCK_K), last_code)
-        code_rows = code_base + offs_k * stride_ck
+        # Prefetch the next block (clamped: the last iteration re-reads valid codes, unused)
+        # so its memory latency overlaps this block's arithmetic.
+        next_offs_k = tl.minimum(k0 + BLOCK_K + block, last_code)
+        next_codes = tl.load(code_base + next_offs_k[None, :, None] * ROW + row_offsets, mask=row_valid, other=0.0)
         dist = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for j in tl.static_range(D):
             # The query column is loop-invariant: the compiler keeps it in registers.
             x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
-            c_j = tl.load(code_rows + j * stride_cd).to(tl.float32)
+            # Column j of the codes: with a constant j and the row in one thread this is a
+            # register pick (-0.0 is the additive identity the compiler may drop).
+            picked = tl.where(row_offsets == j, codes.to(tl.float32), -0.0)
+            c_j = tl.sum(tl.sum(picked, axis=2), axis=0)
             diff = x_j[:, None] - c_j[None, :]
             dist += diff * diff
         # Strict <: a slot sees its codes in increasing order, so it keeps the lowest on ties.
         closer = dist < best_dist
         best_dist = tl.where(closer, dist, best_dist)
         best_code = tl.where(closer, offs_k[None, :], best_code)
+        offs_k = next_offs_k
+        codes = next_codes
 
     row_dist = tl.min(best_dist, axis=1)
     row_code = tl.min(tl.where(best_dist == row_dist[:, None], best_code, 2147483647), axis=1)
@@ -143,20 +165,20 @@ def _finalize_kernel(
 
 
 def _cuda_configs() -> list[triton.Config]:
-    """Tile shapes for the GPU, written as (query rows per thread, warps along M, warps along K).
+    """Tile shapes for the GPU: BLOCK_M = query rows per thread, BLOCK_K = 32 lanes x warps.
 
     Triton's default layout for the (BLOCK_M, BLOCK_K) tile puts the 32 lanes of a warp, then
-    the warps, along K, so with BLOCK_K = 32 * warps_k each thread owns one code column and
-    ``rows`` query rows: its rows' x columns stay in registers for the whole stream (rows * d
-    registers), every code value it loads serves ``rows`` pairs, and the (min, argmin) state is
-    3 registers per row. Warps along M share the code loads through L1.
+    the warps, along K, so with BLOCK_K = 32 * num_warps each thread owns one code column and
+    all BLOCK_M query rows: its rows' x columns stay in registers for the whole stream
+    (BLOCK_M * d registers), every code it loads serves BLOCK_M pairs, and the (min, argmin)
+    state is 2 registers per row. Warps along M as well would need each code in two warps,
+    which Triton does through shared memory and barriers (seen in sm_90 builds): avoided.
     """
-    configs = []
-    for rows in (2, 4, 8, 16, 32):
-        for warps_m, warps_k in ((1, 4), (2, 2), (2, 4), (1, 8)):
-            block = {"BLOCK_M": rows * warps_m, "BLOCK_K": 32 * warps_k}
-            configs.append(triton.Config(block, num_warps=warps_m * warps_k))
-    return configs
+    return [
+        triton.Config({"BLOCK_M": rows, "BLOCK_K": 32 * warps}, num_warps=warps)
+        for rows in (2, 4, 8, 16, 32)
+        for warps in (4, 8)
+    ]
 
 
 def _rows_per_thread(config: triton.Config) -> int:
@@ -181,6 +203,23 @@ if not INTERPRETED:
         prune_configs_by={"early_config_prune": _configs_for_dim},
     )(_search)
 _finalize = _jit(_finalize_kernel)
+
+
+def _code_rows(codebooks: torch.Tensor) -> tuple[torch.Tensor, dict[str, int]]:
+    """The codebook as the kernel reads it, and the matching layout constants.
+
+    Rows are read VEC floats at a time (4 for d >= 3) with aligned vector loads, so each code row
+    must start on a VEC boundary: for d not a multiple of VEC (3, 5, 6, 7, ...) the codes are
+    copied once into zero-padded rows of ROW floats; the padding is never read into a distance.
+    Strided codebooks are made contiguous.
+    """
+    dim = codebooks.shape[2]
+    vec = 4 if dim >= 3 else dim
+    row = -(-dim // vec) * vec
+    if row != dim:
+        codebooks = torch.nn.functional.pad(codebooks, (0, row - dim))
+    layout = {"D": dim, "ROW": row, "VEC": vec, "CHUNKS": triton.next_power_of_2(row // vec)}
+    return codebooks.contiguous(), layout
 
 
 def split_count(num_codes: int, block_k: int, base_programs: int, target_programs: int) -> int:
@@ -241,12 +280,13 @@ def nearest_code_triton(
         return query_blocks, splits, groups
 
     keys = torch.full((groups, num_queries), _NO_KEY, dtype=torch.int64, device=x.device)
-    search_args = (x, codebooks, keys, num_queries, num_codes, *x.stride(), *codebooks.stride())
+    codebooks, layout = _code_rows(codebooks)
+    search_args = (x, codebooks, keys, num_queries, num_codes, *x.stride())
     if INTERPRETED:
         block_config = {"BLOCK_M": INTERPRETER_BLOCK_M, "BLOCK_K": INTERPRETER_BLOCK_K}
-        _search[search_grid(block_config)](*search_args, D=dim, **block_config)
+        _search[search_grid(block_config)](*search_args, **layout, **block_config)
     else:
-        _search[search_grid](*search_args, D=dim)
+        _search[search_grid](*search_args, **layout)
 
     total = groups * num_queries
     count_strides = counts.stride() if counts is not None else (0, 0)

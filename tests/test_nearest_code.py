@@ -186,6 +186,8 @@ def _interpreter_cases() -> list[dict]:
              counts=torch.zeros(2, 333, dtype=torch.int32), target_programs=50),
         case(torch.randn(1, 9, 64, generator=gen), torch.randn(1, 70, 64, generator=gen)),
         case(torch.randn(1, 6, 16, generator=gen), torch.randn(1, 90, 16, generator=gen)),
+        case(torch.randn(2, 5, 12, generator=gen), torch.randn(2, 40, 12, generator=gen)),
+        case(torch.randn(1, 5, 6, generator=gen), torch.randn(1, 45, 6, generator=gen)),
         case(torch.randn(16, 2, 12, generator=gen).permute(1, 0, 2)[:, ::2, ::2].to(torch.bfloat16),
              torch.randn(2, 6, 130, generator=gen).transpose(1, 2).to(torch.float16)),
         case(torch.cat([duplicated[:, :6], torch.randn(2, 6, 4, generator=gen)], dim=1), duplicated,
