@@ -16,6 +16,7 @@ import torch
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.vae import VaeSpec
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Run:
     @property
     def data_attrs(self) -> dict[str, Any]:
         """The `revq` attrs of the latent store the run was fitted on (vae, image size, ...)."""
-        return dict(self.model.config.data.get("attrs", {}))
+        return dict(self.model.config.data.get("revq", {}))
 
     @property
     def vae(self) -> str | None:
@@ -75,6 +76,20 @@ class Run:
         if self.vae is not None and store_vae is not None and store_vae != self.vae:
             raise UserError(f"{store.url} was encoded with the VAE {store_vae!r}, but the run was fitted on "
                             f"latents of {self.vae!r}")
+
+    @property
+    def image_size(self) -> int | None:
+        """The square image size the run's latents were encoded at."""
+        return self.data_attrs.get("image_size")
+
+    def check_vae(self, spec: VaeSpec) -> None:
+        """Refuse a VAE whose decoder cannot be the run's: another architecture or latent shape."""
+        recorded = self.data_attrs.get("vae_config_sha256")
+        if recorded is not None and spec.config_sha256() != recorded:
+            raise UserError(f"--vae {spec.name} is not the VAE the run's latents came from ({self.vae})")
+        if self.image_size is not None and spec.latent_shape(self.image_size) != self.latent_shape:
+            raise UserError(f"--vae {spec.name} makes latents of shape {list(spec.latent_shape(self.image_size))} "
+                            f"at {self.image_size} px, but the run's are {list(self.latent_shape)}")
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,142 @@
+"""`revq-pipe decode`: token ids back to VAE latents (a latent store), or on to PNG images.
+
+Each id picks its code, the rectifier maps the quantized latent back toward the VAE's latent, and
+the run's statistics un-normalise it: exactly the model's own quantize-then-rectify, so
+decode(export-tokens(store)) equals model(latents) bit for bit for the same run, device and dtype
+when the model sees the same batches (one token-store chunk, or `batch_size` rows of it: CPU and
+GPU kernels may round the rectifier's sums differently for another batch size).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.pixels import vae_pixels
+from revq_pipe.pipeline.run_dir import Run
+from revq_pipe.pipeline.stats import latent_stats
+from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.vae import resolve_vae
+
+
+@dataclass
+class DecodeSummary:
+    """What decode wrote."""
+
+    out: str
+    count: int
+    kind: str  # "latents" or "images"
+    seconds: float
+
+    def report(self) -> str:
+        what = "latent store" if self.kind == "latents" else "PNG images in"
+        return f"{self.count} images decoded from tokens in {self.seconds:.1f} s -> {what} {self.out}"
+
+
+def decode(
+    run: str,
+    tokens: str,
+    out: str,
+    *,
+    vae: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> DecodeSummary:
+    """Decode the token store `tokens` with the run at `run` into a latent store at `out`, or, with
+    `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    dev = resolve_device(device)
+    run_info = Run.load(run, dev)
+    store = TokenStore.open(tokens)
+    check_tokens_match_run(store, run_info)
+    started = time.perf_counter()
+    if vae is None:
+        _decode_to_latent_store(run_info, store, out, batch_size, dev, overwrite, progress)
+    else:
+        _decode_to_images(run_info, store, out, vae, batch_size, dev, overwrite, progress)
+    return DecodeSummary(out=str(out), count=len(store), kind="latents" if vae is None else "images",
+                         seconds=time.perf_counter() - started)
+
+
+def check_tokens_match_run(store: TokenStore, run: Run) -> None:
+    """Refuse tokens that another run made (their ids index other codebooks) or that are unfinished."""
+    made_by = store.attrs.get("run")
+    if made_by != run.sha256:
+        raise UserError(f"{store.url} was exported by another run ({str(made_by)[:12]}), not by {run.path} "
+                        f"({run.sha256[:12]}): its ids mean nothing to this run's codebooks")
+    if not store.complete:
+        raise UserError(f"{store.url} is unfinished ({store.rows_done} of {len(store)} images): "
+                        "run `revq-pipe export-tokens` again to finish it")
+
+
+def detokenize_ids(model: torch.nn.Module, ids: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
+    """(N, T) token ids of any integer dtype -> (N, C, H, W) float32 latents, `batch_size` at a time."""
+    latents = []
+    with torch.inference_mode():
+        for start in range(0, len(ids), batch_size):
+            batch = torch.from_numpy(np.asarray(ids[start:start + batch_size], dtype=np.int64)).to(device)
+            latents.append(model.detokenize(batch).float().cpu().numpy())
+    return np.concatenate(latents) if latents else np.zeros((0, *model.config.latent_shape), np.float32)
+
+
+def _chunks(store: TokenStore, desc: str, progress: bool):
+    """(start, stop) over the token store's chunks, with a progress bar."""
+    with tqdm(total=len(store), unit="img", desc=desc, disable=not progress) as bar:
+        for start in range(0, len(store), store.chunk_size):
+            stop = min(start + store.chunk_size, len(store))
+            yield start, stop
+            bar.update(stop - start)
+
+
+def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, device, overwrite: bool,
+                            progress: bool) -> None:
+    # Marked incomplete until the statistics are written, so no stage reads a half-written store.
+    attrs = {**run.data_attrs, "count": len(store), "dtype": "float32", "decoded_from": store.url,
+             "run": run.sha256, "complete": False}
+    try:
+        latents = LatentStore.create(out, n=len(store), latent_shape=run.latent_shape, dtype="float32",
+                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite)
+    except FileExistsError as err:  # zarr's mode "w-" on an existing node
+        raise UserError(f"{out} already exists: pass --overwrite to replace it") from err
+    for start, stop in _chunks(store, "decode", progress):
+        decoded = detokenize_ids(run.model, store.tokens[start:stop], device, batch_size)
+        latents.write(start, decoded, store.labels[start:stop], store.keys[start:stop])
+    latents.write_stats(*latent_stats(latents.latents))
+    latents.update_attrs(complete=True)
+
+
+def image_path(folder: Path, key: str) -> Path:
+    """Where the PNG for a store key goes: the key's relative path with a .png extension, kept
+    inside `folder` (no absolute parts, no `..`)."""
+    parts = [part for part in PurePosixPath(str(key)).with_suffix(".png").parts if part not in ("/", "..", ".")]
+    return folder.joinpath(*parts)
+
+
+def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
+                      progress: bool) -> None:
+    spec = resolve_vae(vae)
+    run.check_vae(spec)
+    folder = Path(out)
+    if "://" in str(out):
+        raise UserError("decoded images are written to a local folder, not a URL")
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise UserError(f"{folder} already exists and is not empty: pass --overwrite to write into it")
+    frozen = spec.load(device)
+    for start, stop in _chunks(store, "decode to images", progress):
+        latents = detokenize_ids(run.model, store.tokens[start:stop], device, batch_size)
+        for key, pixels in zip(store.keys[start:stop], vae_pixels(frozen, latents, batch_size)):
+            path = image_path(folder, key)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(path)

@@ -1,0 +1,163 @@
+"""`revq-pipe eval`: how good a run's tokens are, on a latent store (and its source images).
+
+Latent space: MSE between the store's latents and their quantize-then-rectify reconstruction, raw
+and in the run's normalised space (the space training minimises), codebook usage and perplexity.
+Image space (with a VAE and the source images): PSNR and SSIM against the preprocessed originals
+of the VAE's own reconstruction (the ceiling any tokenizer on this VAE can reach) and of the
+reconstruction through the tokens. LPIPS and rFID need pretrained networks this package cannot
+download; they are reported as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from io import StringIO
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.metrics import image_psnr_ssim
+from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.revq import usage_stats
+from revq_pipe.pipeline.run_dir import Run
+from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.sources import open_source
+from revq_pipe.pipeline.vae import VaeSpec, resolve_vae
+
+SKIPPED_PERCEPTUAL = {
+    "lpips": "skipped (no local VGG/AlexNet weights)",
+    "rfid": "skipped (no local Inception weights)",
+}
+
+
+@dataclass
+class EvalReport:
+    """Evaluation numbers of one run on one latent store; `table()` renders them, eval.json holds them."""
+
+    run: str
+    store: str
+    count: int
+    tokens: int
+    codes: int
+    latent_mse: float
+    latent_mse_normalised: float
+    usage_mean_pct: float
+    usage_min_pct: float
+    perplexity: float
+    # PSNR/SSIM of the VAE-only and the through-the-tokens reconstructions, when images were given.
+    image: dict[str, float] | None = None
+    skipped: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The numbers as a small table (plain text, no colour codes)."""
+        table = Table(title=f"ReVQ eval: {self.count} images of {self.store}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("latent MSE (normalised)", f"{self.latent_mse_normalised:.4f}")
+        table.add_row("latent MSE (raw)", f"{self.latent_mse:.4g}")
+        table.add_row("codebook usage (mean / min over positions)",
+                      f"{self.usage_mean_pct:.1f}% / {self.usage_min_pct:.1f}% of {self.codes}")
+        table.add_row("perplexity (mean over positions)", f"{self.perplexity:.1f} of {self.codes}")
+        if self.image:
+            table.add_row("PSNR VAE only / through tokens",
+                          f"{self.image['psnr_vae']:.2f} / {self.image['psnr_tokens']:.2f} dB")
+            table.add_row("SSIM VAE only / through tokens",
+                          f"{self.image['ssim_vae']:.4f} / {self.image['ssim_tokens']:.4f}")
+        for name, reason in self.skipped.items():
+            table.add_row(name.upper(), reason)
+        buffer = StringIO()
+        Console(file=buffer, width=100, color_system=None).print(table)
+        return buffer.getvalue().rstrip()
+
+
+def evaluate(
+    run: str,
+    store: str,
+    *,
+    vae: str | None = None,
+    images: str | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate the run at `run` on the latent store `store`; writes RUN/eval.json.
+
+    With `vae` and `images` (the source `store` was encoded from), also PSNR/SSIM in image space.
+    """
+    if (vae is None) != (images is None):
+        raise UserError("image metrics need both --vae and --images (the images the store was encoded from)")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    dev = resolve_device(device)
+    run_info = Run.load(run, dev)
+    latents = LatentStore.open(store)
+    run_info.check_store(latents)
+    if len(latents) == 0:
+        raise UserError(f"{store} holds no latents to evaluate on")
+    spec = None
+    if vae is not None:  # check the image inputs before any work
+        spec = resolve_vae(vae)
+        run_info.check_vae(spec)
+        open_source(images)
+    started = time.perf_counter()
+
+    model = run_info.model
+    counts = torch.zeros(run_info.tokens, run_info.codes, dtype=torch.int64, device=dev)
+    positions = torch.arange(run_info.tokens, device=dev)
+    normalise = model.preprocessor.normalize
+    squared_error = normalised_squared_error = 0.0
+    with torch.inference_mode(), tqdm(total=len(latents), unit="img", desc="eval", disable=not progress) as bar:
+        for start in range(0, len(latents), batch_size):
+            z = torch.from_numpy(np.asarray(latents.latents[start:start + batch_size], dtype=np.float32)).to(dev)
+            ids = model.tokenize(z)
+            recon = model.detokenize(ids)
+            counts.index_put_((positions.expand_as(ids), ids), torch.ones_like(ids), accumulate=True)
+            squared_error += float(((recon - z) ** 2).sum(dtype=torch.float64))
+            normalised_squared_error += float(((normalise(recon) - normalise(z)) ** 2).sum(dtype=torch.float64))
+            bar.update(len(z))
+    numel = len(latents) * run_info.model.config.latent_numel
+    report = EvalReport(
+        run=str(run), store=str(store), count=len(latents), tokens=run_info.tokens, codes=run_info.codes,
+        latent_mse=squared_error / numel, latent_mse_normalised=normalised_squared_error / numel,
+        **usage_stats(counts), skipped=dict(SKIPPED_PERCEPTUAL),
+    )
+    if spec is not None:
+        report.image = _image_metrics(run_info, latents, spec, images, batch_size, dev, progress)
+    report.seconds = time.perf_counter() - started
+    (run_info.path / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+    return report
+
+
+def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, batch_size: int, device,
+                   progress: bool) -> dict[str, float]:
+    """Mean PSNR/SSIM against the originals of the VAE-only and the through-the-tokens reconstructions."""
+    image_size = latents.attrs.get("image_size") or spec.default_image_size
+    frozen = spec.load(device)
+    scores: dict[str, list[np.ndarray]] = {name: [] for name in ("psnr_vae", "ssim_vae", "psnr_tokens", "ssim_tokens")}
+    row = 0
+    with tqdm(total=len(latents), unit="img", desc="eval images", disable=not progress) as bar:
+        for originals in original_pixels(images, latents.keys[:], image_size):
+            z = np.asarray(latents.latents[row:row + len(originals)], dtype=np.float32)
+            row += len(originals)
+            with torch.inference_mode():
+                rectified = torch.cat([run.model(torch.from_numpy(z[i:i + batch_size]).to(device)).cpu()
+                                       for i in range(0, len(z), batch_size)])
+            reference = originals / 255.0
+            for name, latent in (("vae", z), ("tokens", rectified)):
+                psnr, ssim = image_psnr_ssim(reference, vae_pixels(frozen, latent, batch_size) / 255.0)
+                scores[f"psnr_{name}"].append(psnr)
+                scores[f"ssim_{name}"].append(ssim)
+            bar.update(len(originals))
+    return {name: float(np.concatenate(values).mean()) for name, values in scores.items()}
