@@ -142,7 +142,7 @@ def resolve_vae(spec: str | None) -> VaeSpec:
 
 
 def _resolve_default() -> VaeSpec:
-    cached = _cached_hub_spec(DEFAULT_VAE_ID)
+    cached = cached_hub_spec(DEFAULT_VAE_ID)
     if cached is not None:
         return cached
     if _hub_offline():
@@ -173,7 +173,7 @@ def _resolve_local(directory: Path, name: str) -> VaeSpec:
 
 
 def _resolve_hub(repo_id: str, probe_timeout: float = 10.0) -> VaeSpec:
-    cached = _cached_hub_spec(repo_id)
+    cached = cached_hub_spec(repo_id)
     if cached is not None:
         return cached
     if _hub_offline():
@@ -195,7 +195,7 @@ def _resolve_hub(repo_id: str, probe_timeout: float = 10.0) -> VaeSpec:
     raise UserError(f"Hugging Face model {repo_id} has no config.json (nor vae/config.json)")
 
 
-def _cached_hub_spec(repo_id: str) -> VaeSpec | None:
+def cached_hub_spec(repo_id: str) -> VaeSpec | None:
     """The spec of a hub model whose config and weights are all in the local cache, else None."""
     from huggingface_hub import try_to_load_from_cache
 

@@ -223,7 +223,7 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     workers = min(job.workers, len(units))
     loader = DataLoader(
         BlockDataset(units, job.image_size, job.batch_size), batch_size=None, num_workers=workers,
-        pin_memory=job.device.type == "cuda", prefetch_factor=4 if workers else None,
+        pin_memory=job.device.type == "cuda",
     )
     writer = ChunkWriter(job, parts=sorted({unit.part for unit in units}))
     bar = _progress_bar(job)

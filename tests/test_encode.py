@@ -234,3 +234,15 @@ def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_d
     assert "using the embedded VAE" in result.output
     attrs = LatentStore.open(str(tmp_path / "b.zarr")).attrs
     assert attrs["vae"] == "revq-pipe-embedded" and attrs["image_size"] == TINY_IMAGE_SIZE
+
+
+def test_bench_encode_runs_end_to_end_on_the_cpu():
+    from conftest import TINY_DC_CONFIG
+    from revq_pipe.stages.bench_encode import bench_encode
+
+    result = bench_encode("cpu", images=6, batch_size=3, vae_config=TINY_DC_CONFIG)
+    names = [row.name for row in result.rows]
+    assert names[0].startswith("reference: encoder alone, fp32") and names[-1].startswith("end to end")
+    assert result.rows[-1].images == 6 and all(row.rate > 0 for row in result.rows)
+    report = result.report()
+    assert "img/s" in report and "1.00x" in report and "random weights" in report
