@@ -1,0 +1,136 @@
+"""eval (latent and image metrics, eval.json) and decode through a real VAE to PNG images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import PHOTO_COUNT, TINY_IMAGE_SIZE
+from revq_pipe.cli import app
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.metrics import image_psnr_ssim
+from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.revq import ReVQ
+from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.stages.decode import decode
+from revq_pipe.stages.encode import encode
+from revq_pipe.stages.evaluate import evaluate
+from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.stages.fit import fit
+
+CODES = 8  # fit samples its first codebooks from the store's 12 latents
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, photo_folder, tiny_dc_vae_dir):
+    """Photos encoded with a tiny AutoencoderDC, and a tiny-preset run fitted on them."""
+    root = tmp_path_factory.mktemp("eval")
+    store = str(root / "latents.zarr")
+    encode(str(photo_folder), store, vae=str(tiny_dc_vae_dir), image_size=TINY_IMAGE_SIZE, device="cpu",
+           dtype="float32", workers=0, progress=False)
+    fit(store, str(root / "run"), preset="tiny", codes=CODES, epochs=2, batch_size=4, device="cpu", progress=False)
+    return {"store": store, "run": root / "run", "vae": str(tiny_dc_vae_dir), "images": str(photo_folder)}
+
+
+def test_eval_latent_metrics_and_eval_json(pipeline):
+    report = evaluate(str(pipeline["run"]), pipeline["store"], device="cpu", progress=False)
+
+    model = ReVQ.from_pretrained(pipeline["run"], device="cpu")
+    z = torch.from_numpy(LatentStore.open(pipeline["store"]).latents[:])
+    with torch.inference_mode():
+        ids, recon = model.tokenize(z), model(z)
+    assert report.count == PHOTO_COUNT
+    assert report.latent_mse == pytest.approx(float(((recon - z) ** 2).mean()), rel=1e-5)
+    normalise = model.preprocessor.normalize
+    assert report.latent_mse_normalised == pytest.approx(float(((normalise(recon) - normalise(z)) ** 2).mean()), rel=1e-5)
+    used = [len(set(ids[:, t].tolist())) / CODES * 100 for t in range(model.config.tokens)]
+    assert report.usage_mean_pct == pytest.approx(np.mean(used))
+    assert report.usage_min_pct == pytest.approx(min(used))
+    assert 1 <= report.perplexity <= CODES
+    assert report.image is None
+
+    saved = json.loads((pipeline["run"] / "eval.json").read_text())
+    assert saved["latent_mse"] == report.latent_mse and saved["count"] == PHOTO_COUNT
+    assert set(saved["skipped"]) == {"lpips", "rfid"}
+    table = report.table()
+    assert "latent MSE" in table and "LPIPS" in table and "skipped" in table
+
+
+def test_eval_image_metrics_match_the_reconstructions(pipeline):
+    report = evaluate(str(pipeline["run"]), pipeline["store"], vae=pipeline["vae"], images=pipeline["images"],
+                      batch_size=5, device="cpu", progress=False)
+
+    store = LatentStore.open(pipeline["store"])
+    originals = np.concatenate(list(original_pixels(pipeline["images"], store.keys[:], TINY_IMAGE_SIZE))) / 255.0
+    vae = resolve_vae(pipeline["vae"]).load(torch.device("cpu"))
+    model = ReVQ.from_pretrained(pipeline["run"], device="cpu")
+    z = store.latents[:]
+    with torch.inference_mode():
+        recon = torch.cat([model(torch.from_numpy(z[i:i + 5])) for i in range(0, len(z), 5)])
+    psnr_vae, ssim_vae = image_psnr_ssim(originals, vae_pixels(vae, z, 5) / 255.0)
+    psnr_tokens, ssim_tokens = image_psnr_ssim(originals, vae_pixels(vae, recon, 5) / 255.0)
+    assert report.image == pytest.approx({"psnr_vae": psnr_vae.mean(), "ssim_vae": ssim_vae.mean(),
+                                          "psnr_tokens": psnr_tokens.mean(), "ssim_tokens": ssim_tokens.mean()})
+    assert "PSNR" in report.table()
+    assert json.loads((pipeline["run"] / "eval.json").read_text())["image"] == report.image
+
+
+def test_original_pixels_follow_the_store_order_and_skip_missing(pipeline):
+    keys = LatentStore.open(pipeline["store"]).keys[:]
+    wanted = list(keys[1::2])  # as if encode had skipped every other image
+    blocks = list(original_pixels(pipeline["images"], wanted, TINY_IMAGE_SIZE))
+    pixels = np.concatenate(blocks)
+    assert pixels.shape == (len(wanted), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3) and pixels.dtype == np.uint8
+    with Image.open(f"{pipeline['images']}/{wanted[0]}") as first:
+        from revq_pipe.pipeline.sources import preprocess
+
+        np.testing.assert_array_equal(pixels[0], preprocess(first, TINY_IMAGE_SIZE).permute(1, 2, 0).numpy())
+    with pytest.raises(UserError, match="does not hold"):
+        list(original_pixels(pipeline["images"], ["nowhere/missing.jpg"], TINY_IMAGE_SIZE))
+
+
+def test_decode_with_vae_writes_one_png_per_key(pipeline, tmp_path):
+    tokens, images = str(tmp_path / "tokens.zarr"), tmp_path / "images"
+    export_tokens(str(pipeline["run"]), pipeline["store"], tokens, device="cpu", progress=False)
+    summary = decode(str(pipeline["run"]), tokens, str(images), vae=pipeline["vae"], device="cpu", progress=False)
+    assert summary.kind == "images" and summary.count == PHOTO_COUNT
+
+    store = LatentStore.open(pipeline["store"])
+    pngs = sorted(images.rglob("*.png"))
+    assert sorted(str(p.relative_to(images)) for p in pngs) == sorted(
+        k.rsplit(".", 1)[0] + ".png" for k in store.keys[:])
+    vae = resolve_vae(pipeline["vae"]).load(torch.device("cpu"))
+    model = ReVQ.from_pretrained(pipeline["run"], device="cpu")
+    with torch.inference_mode():  # the 12 images are one token-store chunk: one batch, as decode ran it
+        expected = vae_pixels(vae, model(torch.from_numpy(store.latents[:])), PHOTO_COUNT)
+    for key, pixels in zip(store.keys[:], expected):
+        np.testing.assert_array_equal(np.asarray(Image.open(images / (str(key).rsplit(".", 1)[0] + ".png"))), pixels)
+
+    with pytest.raises(UserError, match="--overwrite"):
+        decode(str(pipeline["run"]), tokens, str(images), vae=pipeline["vae"], device="cpu", progress=False)
+
+
+def test_vae_of_another_architecture_is_refused(pipeline, tiny_kl_vae_dir):
+    with pytest.raises(UserError, match="not the VAE"):
+        evaluate(str(pipeline["run"]), pipeline["store"], vae=str(tiny_kl_vae_dir), images=pipeline["images"],
+                 device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (["--vae", "{vae}"], "both --vae and --images"),
+    (["--images", "{images}"], "both --vae and --images"),
+    (["--vae", "{vae}", "--images", "{run}/missing"], "source not found"),
+    (["--batch-size", "0"], "batch-size"),
+])
+def test_eval_bad_usage_exits_2(pipeline, extra, reason):
+    args = ["eval", str(pipeline["run"]), pipeline["store"], "--device", "cpu",
+            *[a.format(**pipeline) for a in extra]]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert reason in result.output
