@@ -1,36 +1,83 @@
-"""Lazy AdamW for the codebooks: each step updates only the codes that were chosen.
+"""Sparse AdamW for the codebooks: each step reads and writes only the codes that were chosen.
 
 A step of ReVQ training chooses B*T codes out of T*K (at bs 128 on 256T_NC=262144: 32,768 of 67
 million), and only those receive gradient from `mse(tokens, quantized)`. Dense AdamW still reads and
 writes all T*K*d parameters and both moment buffers every step (and autograd first materialises a
-dense, mostly zero gradient), which on the largest preset costs more than the search itself. This
-optimizer takes the per-token gradients directly, sums duplicates per code, clips by the global norm
-(the same number `clip_grad_norm_` would compute on the dense gradient), and applies the AdamW
-update (no weight decay: the recipe uses none for codebooks) to the chosen rows only.
+dense, mostly zero gradient): on that preset more time than the whole step budget allows.
 
-Difference from dense AdamW: a code's moments change only on steps that choose it, so stale momentum
-no longer moves codes nobody chose (this is the "lazy Adam" of sparse embeddings). When every code is
-chosen at every step the two are the same update (tests check this).
+What dense AdamW does to a code between two steps that choose it is fixed by the code's moments:
+with zero gradient, m and v decay geometrically and the code keeps moving along m. This optimizer
+applies those zero-gradient steps in closed form, when they matter:
+- when a code is chosen again after k steps, first the k - 1 zero-gradient updates it missed (its
+  momentum tail, summed over at most `window` steps, after which a tail term is below 1e-4 of the
+  first), then the usual AdamW update;
+- at the end of each epoch `flush` applies every code's pending tail, which leaves codebook and
+  moments equal to dense AdamW's (to fp32 rounding), before the reset, validation and checkpoint.
+So the updates are dense AdamW's, and a code chosen at every step follows exactly dense AdamW's
+path. The one difference: between two choices a code waits where it was last updated instead of
+drifting along its momentum, and the nearest-code search sees it there.
 
-No host synchronisation: duplicates are resolved by sorting the row ids and summing per segment,
-and every duplicate then writes the same value, so the step is a fixed sequence of kernels.
+Gradients arrive per token; duplicates are summed per code after a sort, clipped by the global norm
+(the number `clip_grad_norm_` computes on the dense gradient), and every duplicate then writes the
+same value, so a step has no host synchronisation. There is no weight decay: the recipe uses none
+for codebooks.
 """
 
 from __future__ import annotations
 
 import torch
 
+# Rows per chunk for the whole-codebook passes at epoch boundaries (bounds temporary memory).
+FLUSH_CHUNK = 1 << 15
 
-class LazyAdamW:
-    """AdamW over the rows (codes) of a (T, K, d) codebook that received gradient this step."""
+
+def momentum_tail(m: torch.Tensor, v: torch.Tensor, last: torch.Tensor, first_j: torch.Tensor,
+                  last_j: torch.Tensor, *, lr: torch.Tensor, beta1: float, beta2: float, eps: float,
+                  window: int) -> torch.Tensor:
+    """Sum of dense AdamW's zero-gradient updates j = first_j..last_j (per row, j <= window) after step `last`.
+
+    m, v (N, d): the moments right after step `last` (N,); returns the (N, d) displacement to subtract.
+    The j-th term is lr/bc1 * beta1^j m / (beta2^(j/2) sqrt(v) / sqrt(bc2) + eps) at step last + j.
+    """
+    j = torch.arange(1, window + 1, device=m.device, dtype=torch.float32)
+    steps = last.to(torch.float32)[:, None] + j
+    step_size = lr * beta1 ** j / (1 - torch.pow(beta1, steps))
+    v_scale = beta2 ** (j / 2) / torch.sqrt(1 - torch.pow(beta2, steps))
+    in_range = (j >= first_j[:, None]) & (j <= last_j[:, None])
+    step_size = torch.where(in_range, step_size, torch.zeros((), device=m.device))
+    terms = step_size[:, :, None] * m[:, None, :] / (v_scale[:, :, None] * v.sqrt()[:, None, :] + eps)
+    return terms.sum(dim=1)
+
+
+class SparseAdamW:
+    """AdamW over the codes of a (T, K, d) codebook, touching only the chosen codes each step."""
 
     def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, max_grad_norm: float = 1.0):
+                 eps: float = 1e-8, max_grad_norm: float = 1.0, window: int = 100):
         self.codebooks = codebooks
-        self.lr, self.betas, self.eps, self.max_grad_norm = lr, betas, eps, max_grad_norm
+        self.lr, self.betas, self.eps, self.max_grad_norm, self.window = lr, betas, eps, max_grad_norm, window
+        t, k, _ = codebooks.shape
+        # Moments as of each code's last update (`last_step`), not decayed since.
         self.exp_avg = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
         self.exp_avg_sq = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
+        self.last_step = torch.zeros(t * k, dtype=torch.int64, device=codebooks.device)
         self.steps = 0
+        self._tail = momentum_tail
+        if codebooks.device.type == "cuda":
+            # One fused reduction instead of (N, window, d) temporaries.
+            self._tail = torch.compile(momentum_tail, dynamic=True)
+
+    def _catch_up(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
+                  missed: torch.Tensor) -> None:
+        """Apply, in place, the `missed` (N,) zero-gradient AdamW steps that followed step `last`."""
+        beta1, beta2 = self.betas
+        # lr as a tensor: a new value each epoch must not recompile the compiled tail.
+        lr = torch.tensor(self.lr, device=p.device)
+        p -= self._tail(m, v, last, torch.ones_like(missed), missed, lr=lr, beta1=beta1, beta2=beta2,
+                        eps=self.eps, window=self.window)
+        missed = missed.to(torch.float32)[:, None]
+        m.mul_(beta1 ** missed)
+        v.mul_(beta2 ** missed)
 
     @torch.no_grad()
     def step(self, ids: torch.Tensor, token_grads: torch.Tensor) -> torch.Tensor:
@@ -48,33 +95,48 @@ class LazyAdamW:
         segment = torch.cumsum(starts, 0) - 1
         per_code = torch.zeros_like(grads).index_add_(0, segment, grads)
         norm = torch.linalg.vector_norm(per_code)
-        scale = (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
-        g = per_code[segment] * scale
+        g = per_code[segment] * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
         self.steps += 1
         beta1, beta2 = self.betas
-        bias1 = 1 - beta1 ** self.steps
-        bias2_sqrt = (1 - beta2 ** self.steps) ** 0.5
         params = self.codebooks.view(-1, d)
         m_all, v_all = self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d)
-        m = m_all[rows].mul_(beta1).add_(g, alpha=1 - beta1)
-        v = v_all[rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        update = (m / bias1) / (v.sqrt() / bias2_sqrt + self.eps)
-        p = params[rows].add_(update, alpha=-self.lr)
+        p, m, v, last = params[rows], m_all[rows], v_all[rows], self.last_step[rows]
+        self._catch_up(p, m, v, last, self.steps - 1 - last)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias1 = 1 - beta1 ** self.steps
+        bias2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        p -= (self.lr / bias1) * m / (v.sqrt() / bias2_sqrt + self.eps)
         # Duplicated rows carry identical values, so whichever write lands last is the same.
         m_all[rows], v_all[rows], params[rows] = m, v, p
+        self.last_step[rows] = self.steps
         return norm
 
     @torch.no_grad()
+    def flush(self) -> None:
+        """Apply every code's pending zero-gradient steps: codebook and moments become dense AdamW's."""
+        d = self.codebooks.shape[-1]
+        params, m_all, v_all = self.codebooks.view(-1, d), self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d)
+        for start in range(0, len(params), FLUSH_CHUNK):
+            rows = slice(start, start + FLUSH_CHUNK)
+            last = self.last_step[rows]
+            self._catch_up(params[rows], m_all[rows], v_all[rows], last, self.steps - last)
+            last.fill_(self.steps)
+
+    @torch.no_grad()
     def forget(self, positions: torch.Tensor, codes: torch.Tensor) -> None:
-        """Zero the moments of codes that were moved (reset): their history belongs to another place."""
+        """Zero the moments of codes that were moved (reset): their history belongs to another place.
+        Call after `flush`, when no zero-gradient steps are pending."""
         self.exp_avg[positions, codes] = 0
         self.exp_avg_sq[positions, codes] = 0
 
     def state_dict(self) -> dict:
-        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "steps": self.steps}
+        return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "last_step": self.last_step,
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.last_step.copy_(state["last_step"])
         self.steps = int(state["steps"])

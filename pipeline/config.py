@@ -117,8 +117,8 @@ class TrainConfig:
     reset_ratio: float = 0.2
     reset_noise: float = 0.1
     seed: int = 0
-    # "sparse": lazy AdamW touching only the chosen codes' rows; "dense": torch AdamW over all codes
-    # (the reference code's update, where stale momentum keeps moving unchosen codes).
+    # "sparse": AdamW that touches only the chosen codes each step (dense AdamW's updates, with each
+    # code's momentum tail applied at once; see codebook_optim.py); "dense": torch AdamW over all codes.
     codebook_update: str = "sparse"
 
     def __post_init__(self) -> None:

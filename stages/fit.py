@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint, write_metrics
-from revq_pipe.pipeline.codebook_optim import LazyAdamW
+from revq_pipe.pipeline.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
@@ -52,7 +52,7 @@ class Trainer:
         self.cuda = device.type == "cuda"
         codebooks = model.codebooks
         if train.codebook_update == "sparse":
-            self.codebook_opt = LazyAdamW(codebooks, lr=train.lr, max_grad_norm=train.grad_clip)
+            self.codebook_opt = SparseAdamW(codebooks, lr=train.lr, max_grad_norm=train.grad_clip)
         else:
             self.codebook_opt = torch.optim.AdamW([codebooks], lr=train.lr, weight_decay=0.0,
                                                   fused=True if self.cuda else None)
@@ -72,7 +72,7 @@ class Trainer:
     def set_epoch(self, epoch: int) -> None:
         """Learning rates of an epoch (exponential decay to `final_lr_fraction` over the run)."""
         lr = self.train.lr_at(epoch)
-        if isinstance(self.codebook_opt, LazyAdamW):
+        if isinstance(self.codebook_opt, SparseAdamW):
             self.codebook_opt.lr = lr
         else:
             self.codebook_opt.param_groups[0]["lr"] = lr
@@ -86,7 +86,7 @@ class Trainer:
         zn = model.preprocessor.normalize(z)
         tokens = model.splitter.split(zn)
         ids = model.quantizer.search(tokens, self.counts)
-        if isinstance(self.codebook_opt, LazyAdamW):
+        if isinstance(self.codebook_opt, SparseAdamW):
             with torch.no_grad():
                 quantized = model.quantizer.lookup(ids)
                 codebook_loss = F.mse_loss(quantized, tokens)
@@ -113,6 +113,8 @@ class Trainer:
 
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """Usage of this epoch's codes, then the Non-Activation Reset (when enabled)."""
+        if isinstance(self.codebook_opt, SparseAdamW):
+            self.codebook_opt.flush()  # codebooks and moments as dense AdamW has them now
         stats = usage_stats(self.counts)
         moved = 0
         if self.train.reset:
@@ -126,7 +128,7 @@ class Trainer:
     def _forget(self, positions: torch.Tensor, codes: torch.Tensor) -> None:
         # Moments of a moved code describe its old place; dense AdamW's would have decayed to ~0
         # over an epoch without gradient anyway.
-        if isinstance(self.codebook_opt, LazyAdamW):
+        if isinstance(self.codebook_opt, SparseAdamW):
             self.codebook_opt.forget(positions, codes)
         elif self.codebook_opt.state:
             state = self.codebook_opt.state[self.model.codebooks]

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock
 from safetensors.torch import load_file
 
-from revq_pipe.pipeline.codebook_optim import LazyAdamW
+from revq_pipe.pipeline.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
@@ -169,34 +169,63 @@ def test_reset_moves_only_dead_codes_onto_the_most_used_ones_and_at_most_the_rat
         assert min((after[0, code] - s).norm() for s in sources) < 0.6
 
 
-def test_lazy_adamw_equals_torch_adamw_when_every_code_gets_gradient_and_leaves_others_alone():
+def dense_and_sparse_codebooks(t=3, k=5, d=2):
     torch.manual_seed(0)
-    t, k, d, b = 3, 4, 2, 8
     dense = torch.nn.Parameter(torch.randn(t, k, d))
-    lazy = torch.nn.Parameter(dense.detach().clone())
-    adamw = torch.optim.AdamW([dense], lr=0.05, weight_decay=0.0)
-    lazy_opt = LazyAdamW(lazy, lr=0.05, max_grad_norm=1.0)
+    sparse = torch.nn.Parameter(dense.detach().clone())
+    return dense, sparse, torch.optim.AdamW([dense], lr=0.05, weight_decay=0.0), SparseAdamW(sparse, lr=0.05)
+
+
+def dense_step(dense, adamw, ids, x):
+    positions = torch.arange(dense.shape[0])
+    torch.nn.functional.mse_loss(dense[positions, ids], x).backward()
+    norm = torch.nn.utils.clip_grad_norm_([dense], 1.0)
+    adamw.step()
+    adamw.zero_grad()
+    return norm
+
+
+def sparse_step(sparse, opt, ids, x):
+    with torch.no_grad():
+        q = sparse[torch.arange(sparse.shape[0]), ids]
+    return opt.step(ids, (q - x) * (2.0 / x.numel()))
+
+
+def test_sparse_adamw_is_dense_adamw_when_every_code_gets_gradient_every_step():
+    dense, sparse, adamw, opt = dense_and_sparse_codebooks()
     for step in range(6):
-        ids = torch.arange(b)[:, None].expand(b, t) % k  # every code of every position, with duplicates
-        x = torch.randn(b, t, d) * (10 if step == 2 else 1)  # one step large enough to be clipped
-        positions = torch.arange(t)
-        loss = torch.nn.functional.mse_loss(dense[positions, ids], x)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_([dense], 1.0)
-        adamw.step()
-        adamw.zero_grad()
-        with torch.no_grad():
-            q = lazy[positions, ids]
-        lazy_norm = lazy_opt.step(ids, (q - x) * (2.0 / x.numel()))
-        assert lazy_norm.item() == pytest.approx(norm.item(), rel=1e-5)
-        assert torch.allclose(lazy, dense, atol=1e-6)
-    # codes that no token chose do not move and keep their moments
-    before = lazy.detach().clone()
-    m_before = lazy_opt.exp_avg.clone()
-    ids = torch.zeros(b, t, dtype=torch.int64)
-    lazy_opt.step(ids, torch.randn(b, t, d))
-    assert torch.equal(lazy[:, 1:], before[:, 1:]) and not torch.equal(lazy[:, 0], before[:, 0])
-    assert torch.equal(lazy_opt.exp_avg[:, 1:], m_before[:, 1:])
+        ids = torch.arange(10)[:, None].expand(10, 3) % 5  # every code of every position, with duplicates
+        x = torch.randn(10, 3, 2) * (10 if step == 2 else 1)  # one step large enough to be clipped
+        norm = dense_step(dense, adamw, ids, x)
+        assert sparse_step(sparse, opt, ids, x).item() == pytest.approx(norm.item(), rel=1e-5)
+        assert torch.allclose(sparse, dense, atol=1e-6)
+
+
+def test_sparse_adamw_touches_only_chosen_codes_and_its_flush_lands_where_dense_adamw_is():
+    # Gradients given directly (not from the codes' positions), so both optimizers see the same ones.
+    dense, sparse, adamw, opt = dense_and_sparse_codebooks()
+    generator = torch.Generator().manual_seed(1)
+    positions = torch.arange(3)
+    for epoch, lr in enumerate([0.05, 0.02]):
+        opt.lr = adamw.param_groups[0]["lr"] = lr
+        for step in range(15):
+            # few codes per step: some chosen often, some rarely, code 4 never
+            ids = torch.randint(0, 4 if step % 4 else 2, (2, 3), generator=generator)
+            token_grads = torch.randn(2, 3, 2, generator=generator) * 0.3
+            dense.grad = torch.zeros_like(dense).index_put_((positions.expand(2, 3), ids), token_grads, accumulate=True)
+            torch.nn.utils.clip_grad_norm_([dense], 1.0)
+            adamw.step()
+            chosen = torch.zeros(3, 5, dtype=torch.bool)
+            chosen[positions, ids] = True
+            before, m_before = sparse.detach().clone(), opt.exp_avg.clone()
+            opt.step(ids, token_grads)
+            assert torch.equal(sparse[~chosen], before[~chosen])
+            assert torch.equal(opt.exp_avg[~chosen], m_before[~chosen])
+        opt.flush()
+        state = adamw.state[dense]
+        assert torch.allclose(sparse, dense, atol=1e-6, rtol=1e-5)
+        assert torch.allclose(opt.exp_avg, state["exp_avg"], atol=1e-9, rtol=1e-5)
+        assert torch.allclose(opt.exp_avg_sq, state["exp_avg_sq"], atol=1e-12, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
