@@ -159,7 +159,8 @@ class BlockBuilder:
 
     def build(self, last: bool) -> Block:
         images = torch.stack(self.images) if self.images else _no_images(self.image_size)
-        return Block(self.part, self.start, self.count, last, images, self.indices, self.keys, self.labels, self.skipped)
+        return Block(self.part, self.start, self.count, last, images, self.indices, self.keys, self.labels,
+                     self.skipped)
 
 
 # --------------------------------------------------------------------------- work units
@@ -326,7 +327,8 @@ class ImageFolderSource:
         """One unit per block, from the block holding `cursor` on."""
         first = cursor.index // block_size * block_size
         starts = range(first, len(self.entries), block_size)
-        return [FolderBlockUnit(str(self.root), self.entries[s : s + block_size], s, s + block_size >= len(self.entries))
+        n = len(self.entries)
+        return [FolderBlockUnit(str(self.root), self.entries[s : s + block_size], s, s + block_size >= n)
                 for s in starts] or [FolderBlockUnit(str(self.root), [], len(self.entries), True)]
 
 
@@ -365,7 +367,8 @@ class WebDatasetSource:
     def units(self, cursor: Cursor, block_size: int) -> list[ShardUnit]:
         """One unit per shard from the cursor's shard on; that one starts at its cursor block."""
         first = cursor.index // block_size * block_size
-        return [ShardUnit(p, self.urls[p], first if p == cursor.part else 0) for p in range(cursor.part, len(self.urls))]
+        return [ShardUnit(p, self.urls[p], first if p == cursor.part else 0)
+                for p in range(cursor.part, len(self.urls))]
 
 
 ImageSource = ImageFolderSource | WebDatasetSource

@@ -205,7 +205,8 @@ def cached_hub_spec(repo_id: str) -> VaeSpec | None:
         if isinstance(config_path, str) and any(
             isinstance(try_to_load_from_cache(repo_id, f"{prefix}{w}"), str) for w in WEIGHT_FILES
         ):
-            return _spec_from_config(repo_id, repo_id, subfolder, _read_config(Path(config_path)), local_files_only=True)
+            config = _read_config(Path(config_path))
+            return _spec_from_config(repo_id, repo_id, subfolder, config, local_files_only=True)
     return None
 
 

@@ -37,8 +37,8 @@ DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
     in_channels=3,
     latent_channels=32,
     attention_head_dim=32,
-    encoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"),
-    decoder_block_types=("ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock", "EfficientViTBlock", "EfficientViTBlock"),
+    encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
     encoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
     decoder_block_out_channels=(128, 256, 512, 512, 1024, 1024),
     encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
@@ -86,10 +86,10 @@ class BenchEncodeResult:
         """A table of images/s, each row against the reference setting's."""
         reference = self.rows[0].rate
         lines = [f"bench encode: {self.weights} at {IMAGE_SIZE} px on {self.device}, {self.date}; "
-                 f"{self.images} JPEGs ({JPEG_SIDE} px) in {self.shards} webdataset shards, {self.workers} workers",
+                 f"{self.images} JPEGs ({JPEG_SIDE} px) in {self.shards} webdataset shard(s), {self.workers} worker(s)",
                  f"  {'measurement':<58} {'images':>7} {'s':>8} {'img/s':>9} {'vs ref':>7}"]
         for row in self.rows:
-            lines.append(f"  {row.name:<58} {row.images:>7} {row.seconds:>8.2f} {row.rate:>9.1f} "
+            lines.append(f"  {row.name:<58} {row.images:>7} {row.seconds:>8.2f} {row.rate:>9.4g} "
                          f"{row.rate / reference:>6.2f}x")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
@@ -122,7 +122,8 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         vae.module.to(memory_format=torch.contiguous_format)
     else:
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
-                            "(e.g. --images 8 --batch-size 4); bf16 rows are measured on CUDA only")
+                            "(--images 4 --batch-size 4 takes about 2 minutes on 2 cores); "
+                            "bf16 rows are measured on CUDA only")
 
     with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
         pattern = _write_shards(Path(tmp) / "shards", photos, images, batch_size)
@@ -213,4 +214,5 @@ def _synchronize(device: torch.device) -> None:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()} x{threads} threads (torch {torch.__version__})"

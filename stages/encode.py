@@ -14,9 +14,11 @@ Resume: after each full chunk is written, the writer commits `progress` in the s
 leaves at most one chunk written but not committed; the next run with the same settings reopens
 the store, restarts at the block holding the committed source position, drops the rows it
 already has, and rewrites the uncommitted chunk. Every image is encoded in the same block (GPU
-batch) either way, so the finished store is identical to one from an uninterrupted run. A
-settings fingerprint (VAE, image size, dtype, compute precision, source listing) refuses
-resuming into a store made with other settings unless --overwrite.
+batch) either way, so the finished store is identical to one from an uninterrupted run (given
+the same --batch-size; another one resumes just as correctly, but GPU kernels may round the
+latents after the resume point differently in the last bits). A settings fingerprint (VAE,
+image size, dtype, compute precision, source listing) refuses resuming into a store made with
+other settings unless --overwrite.
 
 Scale-out (several GPUs or machines) attaches at `ChunkWriter`: every chunk is one
 `LatentStore.write` of whole chunks, so writers never share a chunk object. What one process

@@ -48,12 +48,13 @@ def test_flat_folder_gives_unknown_labels(flat_photo_folder):
 
 def test_folder_scan_is_recursive_case_insensitive_and_skips_hidden(tmp_path):
     image = Image.new("RGB", (8, 8), "red")
+    formats = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}
     for rel in ("b/deep/x.JPG", "b/y.PnG", "a/z.webp", "a/w.bmp", "a/.hidden.jpg", ".cache/q.jpg", "a/notes.txt"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         if rel.endswith(".txt"):
             (tmp_path / rel).write_text("not an image")
         else:
-            image.save(tmp_path / rel, format={"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP"}[rel.rsplit(".", 1)[1].lower()])
+            image.save(tmp_path / rel, format=formats[rel.rsplit(".", 1)[1].lower()])
     source = open_source(str(tmp_path))
     assert source.entries == [("a/w.bmp", 0), ("a/z.webp", 0), ("b/y.PnG", 1), ("b/deep/x.JPG", 1)]
 
