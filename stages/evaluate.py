@@ -4,8 +4,8 @@ Latent space: MSE between the store's latents and their quantize-then-rectify re
 and in the run's normalised space (the space training minimises), codebook usage and perplexity.
 Image space (with a VAE and the source images): PSNR and SSIM against the preprocessed originals
 of the VAE's own reconstruction (the ceiling any tokenizer on this VAE can reach) and of the
-reconstruction through the tokens. LPIPS and rFID need pretrained networks this package cannot
-download; they are reported as skipped.
+reconstruction through the tokens; LPIPS and rFID of the latter too when their pretrained networks
+are on this machine (they are reported as skipped otherwise, with the reason).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.metrics import image_psnr_ssim
+from revq_pipe.pipeline.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
 from revq_pipe.pipeline.revq import usage_stats
 from revq_pipe.pipeline.run_dir import Run
@@ -32,10 +33,7 @@ from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.sources import open_source
 from revq_pipe.pipeline.vae import VaeSpec, resolve_vae
 
-SKIPPED_PERCEPTUAL = {
-    "lpips": "skipped (no local VGG/AlexNet weights)",
-    "rfid": "skipped (no local Inception weights)",
-}
+NO_IMAGES = "skipped (needs --vae and --images)"
 
 
 @dataclass
@@ -52,7 +50,8 @@ class EvalReport:
     usage_mean_pct: float
     usage_min_pct: float
     perplexity: float
-    # PSNR/SSIM of the VAE-only and the through-the-tokens reconstructions, when images were given.
+    # PSNR/SSIM of the VAE-only and the through-the-tokens reconstructions (and LPIPS/rFID of the
+    # latter where they could run), when images were given.
     image: dict[str, float] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
@@ -75,6 +74,9 @@ class EvalReport:
                           f"{self.image['psnr_vae']:.2f} / {self.image['psnr_tokens']:.2f} dB")
             table.add_row("SSIM VAE only / through tokens",
                           f"{self.image['ssim_vae']:.4f} / {self.image['ssim_tokens']:.4f}")
+            for name in ("lpips", "rfid"):
+                if name in self.image:
+                    table.add_row(f"{name.upper()} through tokens", f"{self.image[name]:.4f}")
         for name, reason in self.skipped.items():
             table.add_row(name.upper(), reason)
         buffer = StringIO()
@@ -131,20 +133,22 @@ def evaluate(
     report = EvalReport(
         run=str(run), store=str(store), count=len(latents), tokens=run_info.tokens, codes=run_info.codes,
         latent_mse=squared_error / numel, latent_mse_normalised=normalised_squared_error / numel,
-        **usage_stats(counts), skipped=dict(SKIPPED_PERCEPTUAL),
+        **usage_stats(counts), skipped={"lpips": NO_IMAGES, "rfid": NO_IMAGES},
     )
     if spec is not None:
-        report.image = _image_metrics(run_info, latents, spec, images, batch_size, dev, progress)
+        report.image, report.skipped = _image_metrics(run_info, latents, spec, images, batch_size, dev, progress)
     report.seconds = time.perf_counter() - started
     (run_info.path / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
     return report
 
 
 def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, batch_size: int, device,
-                   progress: bool) -> dict[str, float]:
-    """Mean PSNR/SSIM against the originals of the VAE-only and the through-the-tokens reconstructions."""
+                   progress: bool) -> tuple[dict[str, float], dict[str, str]]:
+    """Mean PSNR/SSIM against the originals of the VAE-only and the through-the-tokens reconstructions,
+    LPIPS/rFID of the latter where possible; and the metrics that were skipped, with why."""
     image_size = latents.attrs.get("image_size") or spec.default_image_size
     frozen = spec.load(device)
+    perceptual = PerceptualMetrics(device)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in ("psnr_vae", "ssim_vae", "psnr_tokens", "ssim_tokens")}
     row = 0
     with tqdm(total=len(latents), unit="img", desc="eval images", disable=not progress) as bar:
@@ -154,10 +158,12 @@ def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, b
             with torch.inference_mode():
                 rectified = torch.cat([run.model(torch.from_numpy(z[i:i + batch_size]).to(device)).cpu()
                                        for i in range(0, len(z), batch_size)])
-            reference = originals / 255.0
             for name, latent in (("vae", z), ("tokens", rectified)):
-                psnr, ssim = image_psnr_ssim(reference, vae_pixels(frozen, latent, batch_size) / 255.0)
+                pixels = vae_pixels(frozen, latent, batch_size)
+                psnr, ssim = image_psnr_ssim(originals / 255.0, pixels / 255.0)
                 scores[f"psnr_{name}"].append(psnr)
                 scores[f"ssim_{name}"].append(ssim)
+            perceptual.update(originals, pixels)  # the through-the-tokens images
             bar.update(len(originals))
-    return {name: float(np.concatenate(values).mean()) for name, values in scores.items()}
+    means = {name: float(np.concatenate(values).mean()) for name, values in scores.items()}
+    return {**means, **perceptual.result()}, perceptual.skipped

@@ -75,8 +75,12 @@ def test_eval_image_metrics_match_the_reconstructions(pipeline):
         recon = torch.cat([model(torch.from_numpy(z[i:i + 5])) for i in range(0, len(z), 5)])
     psnr_vae, ssim_vae = image_psnr_ssim(originals, vae_pixels(vae, z, 5) / 255.0)
     psnr_tokens, ssim_tokens = image_psnr_ssim(originals, vae_pixels(vae, recon, 5) / 255.0)
-    assert report.image == pytest.approx({"psnr_vae": psnr_vae.mean(), "ssim_vae": ssim_vae.mean(),
-                                          "psnr_tokens": psnr_tokens.mean(), "ssim_tokens": ssim_tokens.mean()})
+    expected = {"psnr_vae": psnr_vae.mean(), "ssim_vae": ssim_vae.mean(),
+                "psnr_tokens": psnr_tokens.mean(), "ssim_tokens": ssim_tokens.mean()}
+    assert {name: report.image[name] for name in expected} == pytest.approx(expected)
+    for name in ("lpips", "rfid"):  # each either ran (its weights are cached here) or says why not
+        assert (name in report.image) != (name in report.skipped)
+        assert name in report.image or report.skipped[name].startswith("skipped (")
     assert "PSNR" in report.table()
     assert json.loads((pipeline["run"] / "eval.json").read_text())["image"] == report.image
 
