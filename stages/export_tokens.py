@@ -54,7 +54,9 @@ class ExportSummary:
     def report(self) -> str:
         lines = [f"{self.count} images -> {self.tokens} tokens each ({self.codes} codes per position, "
                  f"{self.dtype}) in {self.seconds:.1f} s"]
-        if self.resumed_from:
+        if self.resumed_from >= self.count:
+            lines.append("the token store was already complete: nothing to do")
+        elif self.resumed_from:
             lines.append(f"resumed at image {self.resumed_from}")
         if "zarr" in self.format:
             lines.append(f"token store: {self.out}")
@@ -85,7 +87,7 @@ def export_tokens(
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if str(out).rstrip("/") == str(store).rstrip("/"):
+    if _absolute(out).rstrip("/") == _absolute(store).rstrip("/"):
         raise UserError("--out must not be the latent store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
