@@ -135,6 +135,8 @@ def resolve_vae(spec: str | None) -> VaeSpec:
     if path.exists():
         if not path.is_dir():
             raise UserError(f"--vae {spec} is a file, not a diffusers VAE directory")
+        if path.resolve() == EMBEDDED_VAE_DIR.resolve():
+            return _embedded_spec()  # one name wherever the package is installed
         return _resolve_local(path.resolve(), name=str(path.resolve()))
     if spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
         raise UserError(f"VAE directory not found: {spec} (and it is not a Hugging Face model id owner/name)")
@@ -155,9 +157,14 @@ def _resolve_default() -> VaeSpec:
     if not (EMBEDDED_VAE_DIR / "config.json").is_file():
         raise UserError(f"no VAE available offline: {DEFAULT_VAE_ID} cannot be used ({reason}) and the "
                         f"embedded VAE is not installed; pass --vae DIR with a diffusers VAE directory")
+    spec = _embedded_spec()
+    spec.note = f"using the embedded VAE ({EMBEDDED_IMAGE_SIZE} px): {DEFAULT_VAE_ID} is not at hand ({reason})"
+    return spec
+
+
+def _embedded_spec() -> VaeSpec:
     spec = _resolve_local(EMBEDDED_VAE_DIR, name=EMBEDDED_VAE_NAME)
     spec.default_image_size = EMBEDDED_IMAGE_SIZE
-    spec.note = f"using the embedded VAE ({EMBEDDED_IMAGE_SIZE} px): {DEFAULT_VAE_ID} is not at hand ({reason})"
     return spec
 
 
@@ -165,10 +172,11 @@ def _resolve_local(directory: Path, name: str) -> VaeSpec:
     for subfolder in (None, "vae"):
         config_path = directory / subfolder / "config.json" if subfolder else directory / "config.json"
         if config_path.is_file():
+            spec = _spec_from_config(name, str(directory), subfolder, _read_config(config_path), local_files_only=True)
             if not any((config_path.parent / w).is_file() for w in WEIGHT_FILES):
                 raise UserError(f"{config_path.parent} has a config.json but no diffusers weights "
                                 f"({' or '.join(WEIGHT_FILES)})")
-            return _spec_from_config(name, str(directory), subfolder, _read_config(config_path), local_files_only=True)
+            return spec
     raise UserError(f"{directory} is not a diffusers VAE directory: no config.json (or vae/config.json) in it")
 
 

@@ -246,3 +246,39 @@ def test_bench_encode_runs_end_to_end_on_the_cpu():
     assert result.rows[-1].images == 6 and all(row.rate > 0 for row in result.rows)
     report = result.report()
     assert "img/s" in report and "1.00x" in report and "random weights" in report
+
+
+def test_the_embedded_vae_has_one_name_by_path_too(tiny_dc_vae_dir, monkeypatch):
+    from revq_pipe.pipeline import vae as vae_module
+
+    monkeypatch.setattr(vae_module, "EMBEDDED_VAE_DIR", tiny_dc_vae_dir)
+    monkeypatch.setattr(vae_module, "EMBEDDED_IMAGE_SIZE", TINY_IMAGE_SIZE)
+    spec = vae_module.resolve_vae(str(tiny_dc_vae_dir))
+    assert spec.name == "revq-pipe-embedded" and spec.default_image_size == TINY_IMAGE_SIZE and spec.note is None
+
+
+def test_vae_resolution_errors(tmp_path, tiny_dc_vae_dir, monkeypatch):
+    import json
+
+    import huggingface_hub.constants
+
+    from revq_pipe.pipeline.vae import resolve_vae
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError, match="not in the Hugging Face cache, and the hub is offline"):
+        resolve_vae("someone/some-vae")
+    with pytest.raises(UserError, match="neither|not found"):
+        resolve_vae("not a model id")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    with pytest.raises(UserError, match="UNet2DModel, not a VAE"):
+        resolve_vae(str(tmp_path / "unet"))
+    (tmp_path / "bare").mkdir()
+    shutil.copy(tiny_dc_vae_dir / "config.json", tmp_path / "bare" / "config.json")
+    with pytest.raises(UserError, match="no diffusers weights"):
+        resolve_vae(str(tmp_path / "bare"))
+    (tmp_path / "pipeline" / "vae").mkdir(parents=True)
+    for item in tiny_dc_vae_dir.iterdir():
+        shutil.copy(item, tmp_path / "pipeline" / "vae" / item.name)
+    spec = resolve_vae(str(tmp_path / "pipeline"))  # a pipeline folder with a vae/ subfolder
+    assert spec.subfolder == "vae" and spec.class_name == "AutoencoderDC" and spec.latent_shape(32) == (4, 8, 8)
