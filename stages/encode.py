@@ -209,6 +209,7 @@ def prepare_encode(
         "preprocessing": PREPROCESSING,
         "source": image_source.fingerprint(),
     }
+    settings["settings_sha256"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     job = EncodeJob(
         source=image_source, out=str(out), vae=spec, image_size=size, latent_shape=latent_shape, dtype=dtype,
         device=torch_device, batch_size=batch_size, workers=_default_workers(workers), settings=settings,
@@ -395,7 +396,8 @@ class ChunkWriter:
         store.write_stats(mean, std)
         attrs = store.attrs
         attrs.pop("progress", None)
-        store.group.attrs["revq"] = {**attrs, "complete": True, "count": self.rows, **_skipped_attrs(self.skipped)}
+        store.group.attrs["revq"] = {**attrs, "complete": True, "count": self.rows,
+                                     "source_count": self.rows + len(self.skipped), **_skipped_attrs(self.skipped)}
         return store
 
     def _store(self) -> LatentStore:
@@ -471,9 +473,10 @@ def _check_existing(job: EncodeJob, overwrite: bool) -> None:
     if overwrite:
         return
     old = existing.attrs
-    changed = [k for k in job.settings if old.get(k) != job.settings[k]]
-    if changed:
-        details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(job.settings[k])} now" for k in changed[:3])
+    if old.get("settings_sha256") != job.settings["settings_sha256"]:
+        changed = [k for k in job.settings if k != "settings_sha256" and old.get(k) != job.settings[k]]
+        details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(job.settings[k])} now"
+                            for k in changed[:3]) or "no settings fingerprint there"
         raise UserError(f"{out} was made with other settings ({details}): pass --overwrite to replace it, "
                         f"or choose another --out")
     job.existing = existing

@@ -189,3 +189,17 @@ def test_folder_blocks_partition_the_files(photo_folder):
     assert [b.last for b in blocks] == [False, False, True]
     assert [k for b in blocks for k in b.keys] == [rel for rel, _ in source.entries]
     assert Path(photo_folder, blocks[0].keys[0]).is_file()
+
+
+def test_fsspec_urls_are_read_through_fsspec(photo_shards):
+    import fsspec
+
+    local = open_source(photo_shards)
+    memory = fsspec.filesystem("memory")
+    for i, path in enumerate(local.urls):
+        memory.pipe(f"/revq-test/shard-{i}.tar", Path(path).read_bytes())
+    remote = open_source(f"memory://revq-test/shard-{{0..{len(local.urls) - 1}}}.tar")
+    assert isinstance(remote, WebDatasetSource) and len(remote.urls) == len(local.urls)
+    assert [k for b in blocks_of(remote) for k in b.keys] == [k for b in blocks_of(local) for k in b.keys]
+    file_url = open_source("file://" + local.urls[0])
+    assert file_url.urls == local.urls[:1]
