@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk for the whole-codebook passes at epoch boundaries (bounds temporary memory).
-FLUSH_CHUNK = 1 << 15
+from revq_pipe.pipeline.config import use_compile
+
+# Rows per chunk of the epoch-end flush over the whole codebook: eager torch holds (rows, window, d)
+# temporaries (100 MB at d=8 on the CPU); compiled on CUDA it holds none, so chunks can be larger.
+FLUSH_CHUNK = {"cpu": 1 << 15, "cuda": 1 << 18}
 
 
 def momentum_tail(m: torch.Tensor, v: torch.Tensor, last: torch.Tensor, first_j: torch.Tensor,
@@ -55,25 +58,33 @@ class SparseAdamW:
     def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, max_grad_norm: float = 1.0, window: int = 100):
         self.codebooks = codebooks
-        self.lr, self.betas, self.eps, self.max_grad_norm, self.window = lr, betas, eps, max_grad_norm, window
+        self.betas, self.eps, self.max_grad_norm, self.window = betas, eps, max_grad_norm, window
+        self.lr = lr
         t, k, _ = codebooks.shape
         # Moments as of each code's last update (`last_step`), not decayed since.
         self.exp_avg = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
         self.exp_avg_sq = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
         self.last_step = torch.zeros(t * k, dtype=torch.int64, device=codebooks.device)
         self.steps = 0
-        self._tail = momentum_tail
-        if codebooks.device.type == "cuda":
-            # One fused reduction instead of (N, window, d) temporaries.
-            self._tail = torch.compile(momentum_tail, dynamic=True)
+        # Compiled: one fused reduction instead of (N, window, d) temporaries.
+        self._tail = torch.compile(momentum_tail, dynamic=True) if use_compile(codebooks.device) else momentum_tail
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        # Kept as a device tensor too: creating it per step would sync with the GPU, and a new float
+        # each epoch would make the compiled tail recompile.
+        self._lr = value
+        self._lr_tensor = torch.tensor(value, dtype=torch.float32, device=self.codebooks.device)
 
     def _catch_up(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                   missed: torch.Tensor) -> None:
         """Apply, in place, the `missed` (N,) zero-gradient AdamW steps that followed step `last`."""
         beta1, beta2 = self.betas
-        # lr as a tensor: a new value each epoch must not recompile the compiled tail.
-        lr = torch.tensor(self.lr, device=p.device)
-        p -= self._tail(m, v, last, torch.ones_like(missed), missed, lr=lr, beta1=beta1, beta2=beta2,
+        p -= self._tail(m, v, last, torch.ones_like(missed), missed, lr=self._lr_tensor, beta1=beta1, beta2=beta2,
                         eps=self.eps, window=self.window)
         missed = missed.to(torch.float32)[:, None]
         m.mul_(beta1 ** missed)
@@ -118,8 +129,9 @@ class SparseAdamW:
         """Apply every code's pending zero-gradient steps: codebook and moments become dense AdamW's."""
         d = self.codebooks.shape[-1]
         params, m_all, v_all = self.codebooks.view(-1, d), self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d)
-        for start in range(0, len(params), FLUSH_CHUNK):
-            rows = slice(start, start + FLUSH_CHUNK)
+        chunk = FLUSH_CHUNK.get(params.device.type, FLUSH_CHUNK["cpu"])
+        for start in range(0, len(params), chunk):
+            rows = slice(start, start + chunk)
             last = self.last_step[rows]
             self._catch_up(params[rows], m_all[rows], v_all[rows], last, self.steps - last)
             last.fill_(self.steps)

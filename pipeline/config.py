@@ -12,11 +12,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from revq_pipe.pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("channel", "spatial")
 RECTIFIERS = ("vit", "cnn", "mlp", "none")
@@ -31,6 +35,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "256T_NC=262144": dict(dim=8, codes=262144, rectifier_width=512, rectifier_layers=4, batch_size=128, epochs=100),
     "tiny": dict(dim=4, codes=128, rectifier_width=64, rectifier_layers=2, batch_size=64, epochs=20),
 }
+
+
+def use_compile(device: torch.device) -> bool:
+    """torch.compile on CUDA only (CPU stays eager and bit-reproducible); REVQ_COMPILE=0 turns it off."""
+    return device.type == "cuda" and os.environ.get("REVQ_COMPILE", "1") != "0"
 
 
 def _preset(name: str) -> dict[str, Any]:

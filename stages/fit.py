@@ -11,7 +11,6 @@ it: data, epochs, validation, checkpoints, metrics.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +24,8 @@ from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint, write_metrics
 from revq_pipe.pipeline.codebook_optim import SparseAdamW
-from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.config import (ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config,
+                                       use_compile)
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
@@ -35,8 +35,6 @@ from revq_pipe.pipeline.store import LatentStore
 # Losses are read back to the host (one device sync) every this many steps, for the progress bar
 # and the non-finite check; in between the GPU runs ahead.
 SYNC_EVERY = 25
-# torch.compile of the rectifier on CUDA; REVQ_COMPILE=0 turns it off (e.g. to debug).
-COMPILE_ON_CUDA = os.environ.get("REVQ_COMPILE", "1") != "0"
 
 
 class TrainingStopped(UserError):
@@ -65,7 +63,7 @@ class Trainer:
         # Bf16 autocast and compilation pay off on the GPU only (DESIGN.md: the rectifier is bound by
         # memory traffic of small ops); the CPU path stays eager fp32 and bit-reproducible.
         self.rectify = model.rectifier
-        if self.cuda and COMPILE_ON_CUDA and self.rectifier_params:
+        if use_compile(device) and self.rectifier_params:
             self.rectify = torch.compile(model.rectifier)
         self.counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int32, device=device)
 
