@@ -209,11 +209,12 @@ def bench_fit(
     preset: str = typer.Option("512T_NC=16384", "--preset"),
     device: str = DeviceOpt,
     steps: int = typer.Option(20, "--steps", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the preset's."),
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
     from revq_pipe.stages.bench_fit import bench_fit as run_bench
 
-    typer.echo(run_bench(preset, device=device, steps=steps).report())
+    typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size).report())
 
 
 if __name__ == "__main__":

@@ -138,11 +138,13 @@ def _check_memory(tokens: int, codes: int, dim: int, device: torch.device) -> No
                         f"{device} has {free / 2**30:.1f} GiB free")
 
 
-def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 20) -> BenchFitResult:
-    """Time `steps` training steps of this project and of the reference style on random latents."""
+def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 20,
+              batch_size: int | None = None) -> BenchFitResult:
+    """Time `steps` training steps of this project and of the reference style on random latents
+    (at the preset's batch size unless `batch_size` is given)."""
     dev = resolve_device(device)
     config = resolve_model_config(preset, DCAE_F32C32_LATENT)
-    train = resolve_train_config(preset)
+    train = resolve_train_config(preset, batch_size=batch_size)
     b = train.batch_size
     _check_memory(config.tokens, config.codes, config.dim, dev)
 

@@ -159,6 +159,15 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_c
     ReVQ.from_pretrained(out)
 
 
+def test_bench_fit_runs_both_steps_on_the_cpu_and_they_agree_on_the_first_step():
+    result = CliRunner().invoke(app, ["bench", "fit", "--preset", "tiny", "--device", "cpu", "--steps", "1",
+                                      "--batch-size", "2"])
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "this project" in out and "reference style" in out and "100 ep. h" in out
+    assert "-> agree" in out
+
+
 def cli(*args):
     result = CliRunner().invoke(app, ["fit", *map(str, args)])
     return result.exit_code, result.stderr
