@@ -12,10 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -147,15 +149,18 @@ def _resolve_default() -> VaeSpec:
     cached = cached_hub_spec(DEFAULT_VAE_ID)
     if cached is not None:
         return cached
+    unreachable = None if _hub_offline() else _hub_unreachable()
     if _hub_offline():
-        reason = "the Hugging Face hub is offline (HF_HUB_OFFLINE) and the model is not cached"
+        reason = "it is not cached and the hub is offline (HF_HUB_OFFLINE)"
+    elif unreachable:
+        reason = f"it is not cached and the hub cannot be reached: {unreachable}"
     else:
         try:
-            return _resolve_hub(DEFAULT_VAE_ID, probe_timeout=HUB_PROBE_TIMEOUT_S)
+            return _resolve_hub(DEFAULT_VAE_ID)
         except UserError as err:
             reason = str(err)
     if not (EMBEDDED_VAE_DIR / "config.json").is_file():
-        raise UserError(f"no VAE available offline: {DEFAULT_VAE_ID} cannot be used ({reason}) and the "
+        raise UserError(f"no VAE available offline: {DEFAULT_VAE_ID} cannot be used ({reason}), and the "
                         f"embedded VAE is not installed; pass --vae DIR with a diffusers VAE directory")
     spec = _embedded_spec()
     spec.note = f"using the embedded VAE ({EMBEDDED_IMAGE_SIZE} px): {DEFAULT_VAE_ID} is not at hand ({reason})"
@@ -180,27 +185,48 @@ def _resolve_local(directory: Path, name: str) -> VaeSpec:
     raise UserError(f"{directory} is not a diffusers VAE directory: no config.json (or vae/config.json) in it")
 
 
-def _resolve_hub(repo_id: str, probe_timeout: float = 10.0) -> VaeSpec:
+def _resolve_hub(repo_id: str) -> VaeSpec:
     cached = cached_hub_spec(repo_id)
     if cached is not None:
         return cached
     if _hub_offline():
         raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, "
                         f"and the hub is offline (HF_HUB_OFFLINE)")
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, and "
+                        f"the hub cannot be reached ({unreachable})")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     for subfolder in (None, "vae"):
         try:
-            config_path = hf_hub_download(repo_id, "config.json", subfolder=subfolder, etag_timeout=probe_timeout)
+            config_path = hf_hub_download(repo_id, "config.json", subfolder=subfolder,
+                                          etag_timeout=HUB_PROBE_TIMEOUT_S)
         except RepositoryNotFoundError as err:
             raise UserError(f"no Hugging Face model {repo_id} (or it is private)") from err
+        except LocalEntryNotFoundError as err:  # the download failed, not a missing file
+            raise UserError(f"cannot download {repo_id} from the Hugging Face hub: {err}") from err
         except EntryNotFoundError:
             continue
         except Exception as err:  # noqa: BLE001 - network failures come in many types
             raise UserError(f"cannot reach the Hugging Face hub for {repo_id}: {type(err).__name__}") from err
         return _spec_from_config(repo_id, repo_id, subfolder, _read_config(Path(config_path)), local_files_only=False)
     raise UserError(f"Hugging Face model {repo_id} has no config.json (nor vae/config.json)")
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, or None. One TCP connect with a short timeout: the hub
+    client's own retries would otherwise spend half a minute per file on a machine offline."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        return f"{url.hostname}: {err.strerror or type(err).__name__}"
+    return None
 
 
 def cached_hub_spec(repo_id: str) -> VaeSpec | None:

@@ -78,7 +78,6 @@ class EncodeSummary:
     skipped: list[tuple[str, str]]
     stored_bytes: int
     seconds: float
-    notes: list[str] = field(default_factory=list)
     already_complete: bool = False
 
     @property
@@ -95,24 +94,20 @@ class EncodeSummary:
 
     def report(self) -> str:
         shape = "x".join(map(str, self.latent_shape))
-        lines = [*self.notes]
         if self.already_complete:
-            lines.append(f"{self.store} is already complete: {self.count} latents ({shape}, {self.dtype}) "
-                         f"from {self.source}; nothing to do (--overwrite re-encodes).")
-            return "\n".join(lines)
+            return (f"{self.store} is already complete: {self.count} latents ({shape}, {self.dtype}) "
+                    f"from {self.source}; nothing to do (--overwrite re-encodes).")
         resumed = f" (resumed after {self.resumed_rows} stored rows)" if self.resumed_rows else ""
         skipped = f"{len(self.skipped)} skipped"
         if self.skipped:
             shown = "; ".join(f"{key}: {reason}" for key, reason in self.skipped[:5])
             more = f"; and {len(self.skipped) - 5} more (all in the store's attrs)" if len(self.skipped) > 5 else ""
             skipped += f" ({shown}{more})"
-        lines.append(
-            f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px "
-            f"({self.compute}){resumed}: {self.count} latents of {shape} {self.dtype} in {self.store}, {skipped}. "
-            f"Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
-            f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
-            f"{self.images_per_second:.1f} images/s.")
-        return "\n".join(lines)
+        return (f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px "
+                f"({self.compute}){resumed}: {self.count} latents of {shape} {self.dtype} in {self.store}, "
+                f"{skipped}. Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
+                f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
+                f"{self.images_per_second:.1f} images/s.")
 
 
 @dataclass
@@ -493,12 +488,11 @@ def _summary(job: EncodeJob, store: LatentStore, *, encoded: int, seconds: float
              already_complete: bool = False) -> EncodeSummary:
     attrs = store.attrs
     skipped = list(zip(attrs.get("skipped_keys", []), attrs.get("skipped_reasons", [])))
-    notes = [job.vae.note] if job.vae.note else []
     return EncodeSummary(
         store=job.out, source=job.source.describe(), vae=job.vae.name, image_size=job.image_size,
         latent_shape=job.latent_shape, dtype=job.dtype, compute=job.settings["compute"], count=len(store),
         encoded=encoded, resumed_rows=job.rows, skipped=skipped, stored_bytes=store.nbytes_stored(),
-        seconds=seconds, notes=notes, already_complete=already_complete,
+        seconds=seconds, already_complete=already_complete,
     )
 
 

@@ -218,7 +218,8 @@ def test_other_settings_need_overwrite(photo_folder, tiny_dc_vae_dir, tmp_path):
     assert LatentStore.open(str(tmp_path / "s.zarr")).latent_shape == (4, 16, 16)
 
 
-def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_dc_vae_dir, tmp_path, monkeypatch):
+def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_dc_vae_dir, tmp_path, monkeypatch,
+                                                            caplog):
     import huggingface_hub.constants
 
     from revq_pipe.pipeline import vae as vae_module
@@ -231,7 +232,7 @@ def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_d
     monkeypatch.setattr(vae_module, "EMBEDDED_IMAGE_SIZE", TINY_IMAGE_SIZE)
     result = cli("encode", photo_folder, "--out", tmp_path / "b.zarr", "--workers", 0)
     assert result.exit_code == 0, result.output
-    assert "using the embedded VAE" in result.output
+    assert "using the embedded VAE" in caplog.text  # one warning line (stderr outside pytest)
     attrs = LatentStore.open(str(tmp_path / "b.zarr")).attrs
     assert attrs["vae"] == "revq-pipe-embedded" and attrs["image_size"] == TINY_IMAGE_SIZE
 
@@ -282,3 +283,20 @@ def test_vae_resolution_errors(tmp_path, tiny_dc_vae_dir, monkeypatch):
         shutil.copy(item, tmp_path / "pipeline" / "vae" / item.name)
     spec = resolve_vae(str(tmp_path / "pipeline"))  # a pipeline folder with a vae/ subfolder
     assert spec.subfolder == "vae" and spec.class_name == "AutoencoderDC" and spec.latent_shape(32) == (4, 8, 8)
+
+
+def test_unreachable_hub_fails_fast_and_the_default_falls_back(tiny_dc_vae_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from revq_pipe.pipeline import vae as vae_module
+
+    # Not offline, but the hub's address does not resolve (the .invalid domain never does).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.revq-test.invalid")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(UserError, match="hub cannot be reached"):
+        vae_module.resolve_vae("someone/some-vae")
+    monkeypatch.setattr(vae_module, "EMBEDDED_VAE_DIR", tiny_dc_vae_dir)
+    spec = vae_module.resolve_vae(None)
+    assert spec.name == "revq-pipe-embedded" and "cannot be reached" in spec.note
