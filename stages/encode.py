@@ -211,6 +211,7 @@ def prepare_encode(
         chunk_size=chunk_size or _default_chunk_size(latent_shape, dtype), existing=None,
         replace_existing=False, progress=progress,
     )
+    _refuse_out_inside_source(job)
     _check_existing(job, overwrite)
     return job
 
@@ -439,6 +440,15 @@ class BlockOrder:
             else:
                 self.next_start += block.size
         return ready
+
+
+def _refuse_out_inside_source(job: EncodeJob) -> None:
+    """A store inside an ImageFolder tree would become a class folder on the next scan."""
+    root = getattr(job.source, "root", None)
+    if root is None or "://" in job.out:
+        return
+    if Path(job.out).resolve().is_relative_to(root):
+        raise UserError(f"--out {job.out} is inside SOURCE {root}: put the store outside the image folder")
 
 
 def _check_existing(job: EncodeJob, overwrite: bool) -> None:

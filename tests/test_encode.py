@@ -203,6 +203,7 @@ def test_bad_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, tmp_path
         (tmp_path / "fakes" / f"{i}.jpg").write_bytes(b"not a jpeg")
     assert_user_error(cli("encode", tmp_path / "fakes", *out, *vae), "no decodable images")
     assert not (tmp_path / "s.zarr").exists()  # nothing half-written
+    assert_user_error(cli("encode", photo_folder, "--out", photo_folder / "s.zarr", *vae), "inside SOURCE")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "keep.txt").write_text("mine")
     assert_user_error(cli("encode", photo_folder, "--out", tmp_path / "notes", *vae, "--overwrite"), "not a Zarr store")
