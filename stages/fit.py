@@ -283,6 +283,8 @@ def fit(
                             f"the training store {train_store.latent_shape}")
 
     run_dir = Path(out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--out {out} is a file, not a run directory")
     checkpoint = load_checkpoint(run_dir, dev) if resume else None
     if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
         raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -306,6 +308,9 @@ def fit(
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint["trainer"])
         history, start_epoch = list(checkpoint["metrics"]), checkpoint["epoch"]
+        # A crash between the checkpoint and the files written after it leaves those one epoch behind.
+        write_metrics(run_dir, history)
+        model.save_pretrained(run_dir, train=train.to_dict())
         say(f"  resuming after epoch {start_epoch}")
     else:
         _init_codebooks(model, loader, train.seed)
@@ -317,19 +322,21 @@ def fit(
         trainer.set_epoch(epoch)
         losses = torch.zeros(len(loader), 2, device=dev)
         checked = 0
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{train.epochs}", disable=not progress,
-                   leave=False, file=sys.stderr)
-        for step, z in enumerate(loader.epoch(epoch)):
-            try:
-                losses[step] = trainer.step(z)
-            except ValueError as err:  # the search refuses NaN/inf inputs or codebooks
-                raise TrainingStopped(_stop_message(epoch, step, str(err), len(history), out)) from None
-            if step + 1 - checked >= SYNC_EVERY or step + 1 == len(loader):
-                _check_finite(losses, checked, step + 1, epoch, len(history), out)
-                checked = step + 1
-                bar.update(step + 1 - bar.n)
-                bar.set_postfix(codebook=f"{losses[step, 0].item():.4f}", rectifier=f"{losses[step, 1].item():.4f}")
-        bar.close()
+        with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{train.epochs}", disable=not progress,
+                  leave=False, file=sys.stderr) as bar:
+            for step, z in enumerate(loader.epoch(epoch)):
+                try:
+                    losses[step] = trainer.step(z)
+                except ValueError as err:
+                    if "NaN or inf" not in str(err):  # the search refuses non-finite inputs or codebooks
+                        raise
+                    raise TrainingStopped(_stop_message(epoch, step, str(err), len(history), out)) from None
+                if step + 1 - checked >= SYNC_EVERY or step + 1 == len(loader):
+                    _check_finite(losses, checked, step + 1, epoch, len(history), out)
+                    checked = step + 1
+                    bar.update(step + 1 - bar.n)
+                    bar.set_postfix(codebook=f"{losses[step, 0].item():.4f}",
+                                    rectifier=f"{losses[step, 1].item():.4f}")
         train_seconds = time.perf_counter() - epoch_started
 
         metrics = {"epoch": epoch + 1, "codebook_loss": losses[:, 0].mean().item(),

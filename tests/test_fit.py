@@ -159,6 +159,21 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_c
     ReVQ.from_pretrained(out)
 
 
+def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, monkeypatch):
+    real_step, calls = fit_stage.SparseAdamW.step, {"n": 0}
+
+    def poisoning_step(self, ids, grads):
+        calls["n"] += 1
+        norm = real_step(self, ids, grads)
+        if calls["n"] == 4 + 1:
+            self.codebooks.data[0, 0, 0] = float("inf")
+        return norm
+
+    monkeypatch.setattr(fit_stage.SparseAdamW, "step", poisoning_step)
+    with pytest.raises(TrainingStopped, match=r"epoch 2, step 2: codebooks contains NaN or inf"):
+        fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none"))
+
+
 def test_bench_fit_runs_both_steps_on_the_cpu_and_they_agree_on_the_first_step():
     result = CliRunner().invoke(app, ["bench", "fit", "--preset", "tiny", "--device", "cpu", "--steps", "1",
                                       "--batch-size", "2"])
