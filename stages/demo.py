@@ -47,7 +47,7 @@ class DemoSize:
     batch_size: int
 
 
-FULL = DemoSize(train_images=1024, eval_images=64, epochs=20, codes=128, batch_size=64)
+FULL = DemoSize(train_images=512, eval_images=64, epochs=10, codes=128, batch_size=64)
 QUICK = DemoSize(train_images=64, eval_images=16, epochs=2, codes=32, batch_size=32)
 
 
@@ -73,9 +73,9 @@ class DemoResult:
         table.add_column("through ReVQ tokens", justify="right")
         table.add_row("PSNR (dB)", f"{e.image['psnr_vae']:.2f}", f"{e.image['psnr_tokens']:.2f}")
         table.add_row("SSIM", f"{e.image['ssim_vae']:.4f}", f"{e.image['ssim_tokens']:.4f}")
-        table.add_row("latent MSE (normalised)", "0", f"{e.latent_mse_normalised:.4f}")
-        table.add_row("codebook usage", "", f"{e.usage_mean_pct:.1f}% of {e.codes} codes")
-        table.add_row("tokens per image", "", f"{e.tokens} ids from {e.codes} codes each")
+        table.add_row("latent MSE (normalised)", "-", f"{e.latent_mse_normalised:.4f}")
+        table.add_row("codebook usage", "-", f"{e.usage_mean_pct:.1f}% of {e.codes} codes")
+        table.add_row("tokens per image", "-", f"{e.tokens}, {e.codes} codes each")
         buffer = StringIO()
         Console(file=buffer, width=100, color_system=None).print(table)
         return buffer.getvalue().rstrip()
