@@ -57,6 +57,8 @@ def decode(
     `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    if str(out).rstrip("/") == str(tokens).rstrip("/"):
+        raise UserError("--out must not be the token store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     store = TokenStore.open(tokens)
