@@ -4,13 +4,15 @@ Every group ``g`` has its own codebook; query ``x[g, m]`` is compared with the `
 ``codebooks[g]`` only. The answer is the exact fp32 argmin of the squared L2 distance, ties to
 the lowest code index, as fp32 brute force gives it.
 
-Formula. Distances are summed directly, ``sum_j (x_j - c_j)^2``, in fp32, one dimension after the
-other. The expanded form ``|x|^2 - 2 x.c + |c|^2`` is cheaper (a matrix product) but cancels: when
-queries and codes sit far from the origin compared with their spread (latents are only
-standardised per dimension, codes drift in training), the small distance is the difference of two
-large numbers and fp32 loses it, which changes argmins. The direct sum has no cancellation: each
-term is a non-negative square, so every distance carries a relative error of at most ~d ulp and
-the argmin matches brute force except between codes whose distances differ by less than that.
+Formula. The distance that decides is summed directly, ``sum_j (x_j - c_j)^2``, in fp32, one
+dimension after the other. The expanded form ``|x|^2 - 2 x.c + |c|^2`` is cheaper (a matrix
+product) but cancels: when queries and codes sit far from the origin compared with their spread
+(latents are only standardised per dimension, codes drift in training), the small distance is the
+difference of two large numbers and fp32 loses it, which changes argmins. The direct sum has no
+cancellation: each term is a non-negative square, so every distance carries a relative error of at
+most ~d ulp. The Triton path does use the expanded score, but only to screen: with a proven bound
+on its rounding it keeps the codes that could be the argmin, re-scores them with the direct sum,
+and re-runs the direct search for any query it cannot settle that way (search_kernels.py).
 """
 
 from __future__ import annotations
@@ -150,8 +152,10 @@ def nearest_code(
         x: (G, M, d) queries, float32/bfloat16/float16, any strides.
         codebooks: (G, K, d) codes, same device; compared in fp32.
         code_sqnorms: optional (G, K) squared code norms. Accepted (and shape-checked) so callers
-            that keep them for the expanded formula can pass them, but not read: the search uses
-            the direct sum of squared differences, which needs no norms (see the module doc).
+            that keep them can pass them, but not read: the Triton screen computes each code's
+            norm from the code block it already holds (d FMAs per code, shared by all queries of
+            the block), which costs less than reading them and cannot go stale; the CPU path
+            needs none.
         counts: optional (G, K) int32/int64 tensor; ``counts[g, k]`` is increased by the number of
             queries of group g whose nearest code is k (equal to a per-group torch.bincount).
             On CUDA this is fused into the search's final reduction.
@@ -163,8 +167,9 @@ def nearest_code(
     Raises:
         ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks.
 
-    Dispatch: CUDA tensors run the Triton kernel; CPU tensors run `nearest_code_torch`, or the
-    Triton kernel through Triton's interpreter when TRITON_INTERPRET=1 (slow; for tests).
+    Dispatch: CUDA tensors run the Triton kernels (`nearest_code_triton`); CPU tensors run
+    `nearest_code_torch`, or the Triton kernels through Triton's interpreter when
+    TRITON_INTERPRET=1 was set before triton was imported (slow; for tests).
     """
     check_search_inputs(x, codebooks, code_sqnorms, counts)
     if implementation_for(x) == "triton":

@@ -1,16 +1,18 @@
 """`revq-pipe bench search`: the nearest-code search beside the reference way, on the same inputs.
 
-One process, one set of random standardised inputs (like preprocessed latents and codes), four
+One process, one set of random standardised inputs (like preprocessed latents and codes), these
 measurements:
-- this project's `nearest_code` (the Triton kernel on CUDA; the bounded torch path on CPU);
+- this project's `nearest_code` (on CUDA the Triton screen + exact re-run; on CPU the bounded
+  torch path), and on CUDA also the Triton exact kernel alone on every pair;
 - the paper's public code's way: ``torch.vmap(cdist + min, chunk_size=2)`` over groups;
 - ``baddbmm`` (|c|^2 - 2 x.c) + ``argmin``, in chunks of groups so the distance block fits;
 - an fp32 SGEMM, to measure the device's FP32 FMA rate.
 
 Speeds are Gpairs/s with pairs = G*M*K. The FMA bound is SGEMM FLOP/s over 2(d+2) FLOP per pair
 (d multiply-adds, the code norm and the comparison: DESIGN.md's ~2,500 Gpairs/s at d=8 on an
-H100). The exact direct formula the kernel uses costs about 2d+3.5 FP32 instructions per pair in
-its sm_90 build, so its own ceiling (printed too) is SGEMM FLOP/s / 2 / (2d+3.5).
+H100). In their sm_90 builds the screen costs about d+5.5 and the exact kernel about 2d+3.5
+FP32-pipe instructions per pair; at one instruction per FMA slot those are their own ceilings,
+printed too.
 
 Agreement: on up to EXACT_CHECK_GROUPS groups, the answer is compared with the exact torch path
 (identical indices, distances within 1e-5). The two baselines use the expanded formula and may
@@ -112,7 +114,8 @@ class BenchSearchResult:
         """A table of Gpairs/s with the speed-up over the reference way and the FMA-bound fraction."""
         d = self.shape.dim
         fma_bound = self.sgemm_flops / (2 * (d + 2)) / 1e9
-        direct_bound = self.sgemm_flops / 2 / (2 * d + 3.5) / 1e9
+        screen_bound = self.sgemm_flops / 2 / (d + 5.5) / 1e9
+        exact_bound = self.sgemm_flops / 2 / (2 * d + 3.5) / 1e9
         reference = self.gpairs(REFERENCE)
         lines = [
             f"bench search: {self.shape.label} (G={self.shape.groups}, M={self.shape.queries}, "
@@ -122,12 +125,16 @@ class BenchSearchResult:
         for timing in self.timings:
             rate = self.gpairs(timing.name)
             lines.append(
-                f"  {timing.name:<34} {timing.seconds * 1e3:>10.3f} {rate:>10.2f} {rate / reference:>7.2f}x "
+                f"  {timing.name:<34} {timing.seconds * 1e3:>10.4g} {rate:>10.4g} {rate / reference:>7.3g}x "
                 f"{rate / fma_bound:>12.1%}"
             )
+        sgemm_line = (
+            f"  fp32 SGEMM: {self.sgemm_flops / 1e12:.3g} TFLOP/s -> FMA bound {fma_bound:.4g} Gpairs/s (2(d+2) FLOP/pair)"
+        )
+        if self.implementation.startswith("Triton"):
+            sgemm_line += f"; Triton kernels' instruction bounds: screen {screen_bound:.4g}, exact {exact_bound:.4g} Gpairs/s"
         lines += [
-            f"  fp32 SGEMM: {self.sgemm_flops / 1e12:.2f} TFLOP/s -> FMA bound {fma_bound:.1f} Gpairs/s "
-            f"(2(d+2) FLOP/pair); exact direct formula's issue bound {direct_bound:.1f} Gpairs/s (2d+3.5 instr/pair)",
+            sgemm_line,
             f"  nearest_code ran: {self.implementation}",
             f"  exact check: {self.exact_check}",
             *[f"  {line}" for line in self.agreement],
@@ -137,6 +144,7 @@ class BenchSearchResult:
 
 
 OURS = "nearest_code (this project)"
+OURS_EXACT = "Triton exact kernel alone"
 REFERENCE = "reference: vmap(cdist+min, chunk=2)"
 BADDBMM = "baddbmm + argmin"
 
@@ -252,25 +260,39 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     def ours() -> None:
         outputs[OURS] = nearest_code(x, codebooks, code_sqnorms=code_sqnorms)[0]
 
+    def ours_exact() -> None:
+        from revq_pipe.kernels.triton_search import nearest_code_triton
+
+        outputs[OURS_EXACT] = nearest_code_triton(x, codebooks, method="exact")[0]
+
     def reference() -> None:
         outputs[REFERENCE] = reference_search(x, codebooks)
 
     def baddbmm() -> None:
         outputs[BADDBMM] = baddbmm_search(x, codebooks, code_sqnorms)
 
-    timings = [Timing(name, _median_seconds(run, dev)) for name, run in ((OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm))]
+    methods = [(OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm)]
+    if implementation_for(x) == "triton":
+        methods.insert(1, (OURS_EXACT, ours_exact))
+    timings = [Timing(name, _median_seconds(run, dev)) for name, run in methods]
     sgemm = _sgemm_flops(dev)
 
     checked = min(spec.groups, EXACT_CHECK_GROUPS)
     exact_indices, exact_dists = nearest_code_torch(x[:checked], codebooks[:checked])
-    our_dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[OURS][:checked])
-    exact_ok = torch.equal(outputs[OURS][:checked], exact_indices) and torch.allclose(our_dists, exact_dists, rtol=1e-5, atol=0.0)
+    exact_ok = True
+    for name in (OURS, OURS_EXACT):
+        if name in outputs:
+            dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
+            exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
+            exact_ok &= torch.allclose(dists, exact_dists, rtol=1e-5, atol=0.0)
     exact_check = (
         f"{'identical' if exact_ok else 'DIFFERENT'} indices to the exact torch path on {checked} groups "
         f"({checked * spec.queries} queries)"
     )
     agreement, all_agree = [], exact_ok
-    for name in (REFERENCE, BADDBMM):
+    for name in (OURS_EXACT, REFERENCE, BADDBMM):
+        if name not in outputs:
+            continue
         line, ok = compare_with_baseline(name, x, codebooks, outputs[OURS], outputs[name])
         agreement.append(line)
         all_agree = all_agree and ok
@@ -280,7 +302,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     if implementation == "triton":
         from revq_pipe.kernels.triton_search import autotuned_config
 
-        implementation = f"Triton kernel, {autotuned_config() or 'interpreted'}"
+        implementation = f"Triton kernels ({autotuned_config() or 'interpreted'})"
     else:
         implementation = "bounded torch path (CPU)"
     return BenchSearchResult(

@@ -6,8 +6,9 @@ process itself, and every other test, stay compiled/eager.
 
 Usage: python interpreter_runner.py CASES_IN RESULTS_OUT
 CASES_IN is a torch.save'd list of dicts with x, codebooks, counts (or None) and target_programs;
-RESULTS_OUT receives a list of dicts with the kernel's indices, sq_dists and counts, plus which
-implementation the public `nearest_code` picked in this environment and its own answer.
+RESULTS_OUT receives, per case, a dict per method ("screen", "exact") with the kernels' indices,
+sq_dists and counts, plus which implementation the public `nearest_code` picked in this
+environment and its own answer.
 """
 
 import sys
@@ -18,26 +19,22 @@ import torch
 def main(cases_path: str, results_path: str) -> None:
     """Search every saved case with the interpreted Triton kernels and save the answers."""
     from revq_pipe.kernels.nearest_code import implementation_for, nearest_code
-    from revq_pipe.kernels.triton_search import INTERPRETED, nearest_code_triton
+    from revq_pipe.kernels.triton_search import INTERPRETED, METHODS, nearest_code_triton
 
     if not INTERPRETED:
         raise SystemExit("triton was not imported under TRITON_INTERPRET=1")
     results = []
     for case in torch.load(cases_path):
-        counts = case["counts"]
-        indices, sq_dists = nearest_code_triton(
-            case["x"], case["codebooks"], counts=counts, target_programs=case["target_programs"]
-        )
-        public_indices, _ = nearest_code(case["x"], case["codebooks"])
-        results.append(
-            {
-                "indices": indices,
-                "sq_dists": sq_dists,
-                "counts": counts,
-                "implementation": implementation_for(case["x"]),
-                "public_indices": public_indices,
-            }
-        )
+        result = {}
+        for method in METHODS:
+            counts = None if case["counts"] is None else case["counts"].clone()
+            indices, sq_dists = nearest_code_triton(
+                case["x"], case["codebooks"], counts=counts, method=method, target_programs=case["target_programs"]
+            )
+            result[method] = {"indices": indices, "sq_dists": sq_dists, "counts": counts}
+        result["implementation"] = implementation_for(case["x"])
+        result["public_indices"] = nearest_code(case["x"], case["codebooks"])[0]
+        results.append(result)
     torch.save(results, results_path)
 
 
