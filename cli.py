@@ -99,7 +99,7 @@ def fit(
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
-    codebook_update: str = typer.Option("sparse", "--codebook-update", help="sparse (AdamW on the chosen codes only) or dense (AdamW on all codes, the reference's way)."),
+    codebook_update: str = typer.Option("auto", "--codebook-update", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
 ):
     """Train the grouped quantizer and the rectifier from a latent store."""
     from revq_pipe.stages.fit import fit as run_fit
@@ -210,11 +210,13 @@ def bench_fit(
     device: str = DeviceOpt,
     steps: int = typer.Option(20, "--steps", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the preset's."),
+    codebook_update: str = typer.Option("auto", "--codebook-update", help="This project's codebook update: auto, sparse or dense."),
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
     from revq_pipe.stages.bench_fit import bench_fit as run_bench
 
-    typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size).report())
+    typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size,
+                         codebook_update=codebook_update).report())
 
 
 if __name__ == "__main__":

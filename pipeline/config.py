@@ -136,7 +136,7 @@ class TrainConfig:
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"learning rate must be a positive number, not {self.lr}")
         if self.codebook_update not in CODEBOOK_UPDATES:
-            raise UserError(f"unknown codebook update {self.codebook_update!r}: use {' or '.join(CODEBOOK_UPDATES)}")
+            raise UserError(f"unknown codebook update {self.codebook_update!r}: use auto, {' or '.join(CODEBOOK_UPDATES)}")
         if not 0 < self.reset_ratio <= 1:
             raise UserError(f"reset ratio must be in (0, 1], not {self.reset_ratio}")
 
@@ -194,10 +194,18 @@ def resolve_train_config(
     lr: float | None = None,
     seed: int = 0,
     reset: bool = True,
-    codebook_update: str = "sparse",
+    codebook_update: str = "auto",
+    device: torch.device | None = None,
 ) -> TrainConfig:
-    """The training config for a preset, with the user's overrides."""
+    """The training config for a preset, with the user's overrides.
+
+    `codebook_update` "auto" picks "sparse" on CUDA, where codebooks are large and its momentum tails
+    run compiled, and "dense" on the CPU, where the small codebooks of CPU runs make dense AdamW the
+    cheaper of the two (they train the same: see codebook_optim.py).
+    """
     p = _preset(preset)
+    if codebook_update == "auto":
+        codebook_update = "sparse" if device is not None and device.type == "cuda" else "dense"
     return TrainConfig(
         epochs=epochs if epochs is not None else p["epochs"],
         batch_size=batch_size if batch_size is not None else p["batch_size"],

@@ -73,6 +73,7 @@ class ReferenceStep:
 class BenchFitResult:
     preset: str
     device: str
+    codebook_update: str
     batch_size: int
     tokens: int
     codes: int
@@ -90,7 +91,8 @@ class BenchFitResult:
 
     def report(self) -> str:
         lines = [f"bench fit: {self.preset} (T={self.tokens}, K={self.codes}, d={self.dim}), batch {self.batch_size}, "
-                 f"latents {DCAE_F32C32_LATENT}, {self.steps} timed steps on {self.device}",
+                 f"latents {DCAE_F32C32_LATENT}, {self.steps} timed steps on {self.device}; "
+                 f"this project's codebook update: {self.codebook_update} AdamW",
                  f"  {'step':<34}{'ms/step':>10}{'samples/s':>12}{'100 ep. h':>11}{'peak GiB':>10}"]
         for name in self.ms:
             peak = f"{self.peak_gib[name]:.1f}" if name in self.peak_gib else "-"
@@ -139,12 +141,12 @@ def _check_memory(tokens: int, codes: int, dim: int, device: torch.device) -> No
 
 
 def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 20,
-              batch_size: int | None = None) -> BenchFitResult:
+              batch_size: int | None = None, codebook_update: str = "auto") -> BenchFitResult:
     """Time `steps` training steps of this project and of the reference style on random latents
     (at the preset's batch size unless `batch_size` is given)."""
     dev = resolve_device(device)
     config = resolve_model_config(preset, DCAE_F32C32_LATENT)
-    train = resolve_train_config(preset, batch_size=batch_size)
+    train = resolve_train_config(preset, batch_size=batch_size, codebook_update=codebook_update, device=dev)
     b = train.batch_size
     _check_memory(config.tokens, config.codes, config.dim, dev)
 
@@ -165,5 +167,5 @@ def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 
         if dev.type == "cuda":
             peak[name] = peak_gib
     return BenchFitResult(preset=preset, device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
-                          batch_size=b, tokens=config.tokens, codes=config.codes, dim=config.dim, steps=steps,
+                          codebook_update=train.codebook_update, batch_size=b, tokens=config.tokens, codes=config.codes, dim=config.dim, steps=steps,
                           ms=ms, first_losses=first, peak_gib=peak)

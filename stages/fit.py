@@ -252,7 +252,7 @@ def fit(
     reset: bool = True,
     tokens: int | None = None,
     codes: int | None = None,
-    codebook_update: str = "sparse",
+    codebook_update: str = "auto",
     progress: bool = True,
 ) -> FitResult:
     """Train a ReVQ tokenizer on the latent store `store` into the run dir `out`.
@@ -268,7 +268,7 @@ def fit(
     model_config = resolve_model_config(preset, train_store.latent_shape, tokens=tokens, codes=codes,
                                         split=split, rectifier=rectifier, data=data)
     train = resolve_train_config(preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, reset=reset,
-                                 codebook_update=codebook_update)
+                                 codebook_update=codebook_update, device=dev)
     n = len(train_store)
     if model_config.codes > n:
         raise UserError(f"K={model_config.codes} codes per position need at least {model_config.codes} latents "

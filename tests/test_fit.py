@@ -94,14 +94,15 @@ def test_the_run_dir_follows_the_design_and_loads_back_reproducing_the_validatio
     assert normalised == pytest.approx(result.history[-1]["val_mse"], rel=1e-4)
 
 
-def test_the_reset_keeps_codes_in_use_when_k_exceeds_the_clusters(tmp_path):
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_the_reset_keeps_codes_in_use_when_k_exceeds_the_clusters(tmp_path, update):
     # 8 clusters, K=64: the initial sample draws repeated latents, so some codes start as copies that
     # lose every tie; only the Non-Activation Reset brings them back into use.
     store = make_store(tmp_path / "store", 512, clusters=8, noise=0.3, seed=0, repeat=8)
     usage = {}
     for reset in (True, False):
         result = fit(store, str(tmp_path / f"run{reset}"), preset="tiny", epochs=6, codes=64, rectifier="none",
-                     reset=reset, device="cpu", progress=False)
+                     reset=reset, device="cpu", progress=False, codebook_update=update)
         usage[reset] = result.history[-1]["usage_mean_pct"]
         assert (result.history[-1]["codes_reset"] > 0) == reset
     assert usage[True] > 85 and usage[True] > usage[False] + 10
@@ -113,8 +114,10 @@ def run_kwargs(stores, **overrides):
                 **overrides)
 
 
-def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run(stores, tmp_path, monkeypatch):
-    fit(stores["small"], str(tmp_path / "whole"), **run_kwargs(stores))
+@pytest.mark.parametrize("update", ["sparse", "dense"])
+def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run(stores, tmp_path, monkeypatch, update):
+    kwargs = run_kwargs(stores, codebook_update=update)
+    fit(stores["small"], str(tmp_path / "whole"), **kwargs)
 
     real_step, calls = fit_stage.Trainer.step, {"n": 0}
 
@@ -126,10 +129,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run
 
     monkeypatch.setattr(fit_stage.Trainer, "step", crashing_step)
     with pytest.raises(RuntimeError, match="injected"):
-        fit(stores["small"], str(tmp_path / "crashed"), **run_kwargs(stores))
+        fit(stores["small"], str(tmp_path / "crashed"), **kwargs)
     monkeypatch.setattr(fit_stage.Trainer, "step", real_step)
     assert load_checkpoint(tmp_path / "crashed", torch.device("cpu"))["epoch"] == 1
-    resumed = fit(stores["small"], str(tmp_path / "crashed"), resume=True, **run_kwargs(stores))
+    resumed = fit(stores["small"], str(tmp_path / "crashed"), resume=True, **kwargs)
     assert resumed.started_at_epoch == 1 and resumed.epochs_done == 3
 
     whole, crashed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "crashed"))
@@ -171,7 +174,7 @@ def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, 
 
     monkeypatch.setattr(fit_stage.SparseAdamW, "step", poisoning_step)
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 2: codebooks contains NaN or inf"):
-        fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none"))
+        fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none", codebook_update="sparse"))
 
 
 def test_bench_fit_runs_both_steps_on_the_cpu_and_they_agree_on_the_first_step():
