@@ -114,7 +114,7 @@ def exact_search_kernel(
         flagged = tl.load(flags_ptr + key_offs, mask=row_valid, other=0)
         row_valid = row_valid & (flagged != 0)
         last_code = tl.where(tl.max(flagged, axis=0) != 0, last_code, first_code - 1)
-    query_rows = x_ptr + group * stride_xg + tl.minimum(offs_m, num_queries - 1) * stride_xm
+    query_rows = x_ptr + group * stride_xg + tl.minimum(offs_m, num_queries - 1).to(tl.int64) * stride_xm
     code_base = codes_ptr + group * num_codes * ROW
     block = tl.arange(0, BLOCK_K)
 
@@ -169,7 +169,7 @@ def screen_kernel(
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = offs_m < num_queries
     key_offs = group * num_queries + offs_m
-    query_rows = x_ptr + group * stride_xg + tl.minimum(offs_m, num_queries - 1) * stride_xm
+    query_rows = x_ptr + group * stride_xg + tl.minimum(offs_m, num_queries - 1).to(tl.int64) * stride_xm
     code_base = codes_ptr + group * num_codes * ROW
     block = tl.arange(0, BLOCK_K)
 

@@ -61,6 +61,7 @@ def _cuda_configs() -> list[triton.Config]:
 
 
 def _rows_per_thread(config: triton.Config) -> int:
+    """Query rows each thread holds: the tile's elements over the CTA's threads."""
     return config.kwargs["BLOCK_M"] * config.kwargs["BLOCK_K"] // (32 * config.num_warps)
 
 
@@ -79,7 +80,8 @@ def _fits_registers(rows: int, dim: int) -> bool:
 
 def _configs_for_dim(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """The tiles with the most rows per thread that fit the registers, and half that many
-    (more warps per multiprocessor to hide memory latency): 4 configs to time."""
+    (more warps per multiprocessor to hide memory latency), each with 4 and 8 warps: at most
+    4 configs to time."""
     dim = {**named_args, **kwargs}["D"]
     fitting = [c for c in configs if _fits_registers(_rows_per_thread(c), dim)]
     most = max(_rows_per_thread(c) for c in fitting)
@@ -158,8 +160,8 @@ def nearest_code_triton(
         raise ValueError(f"the Triton search supports d up to {MAX_DIM}, got d={dim}")
     if groups > MAX_GROUPS:
         raise ValueError(f"the Triton search supports up to {MAX_GROUPS} groups, got {groups}")
-    if num_codes >= 2**31:
-        raise ValueError(f"the Triton search indexes codes with int32, got K={num_codes}")
+    if num_codes * _row_layout(dim)[1] >= 2**31:
+        raise ValueError(f"the Triton search offsets codes within a group with int32: K*d={num_codes * dim} is too many")
     if x.device.type != "cuda" and not INTERPRETED:
         raise RuntimeError(
             "the Triton search runs on CPU tensors only under Triton's interpreter: set "
