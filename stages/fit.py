@@ -32,9 +32,9 @@ from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import ReVQ, usage_stats
 from revq_pipe.pipeline.store import LatentStore
 
-# Losses are read back to the host (one device sync) every this many steps, for the progress bar
-# and the non-finite check; in between the GPU runs ahead.
-SYNC_EVERY = 25
+# On CUDA, losses are read back to the host (one device sync) every this many steps, for the
+# progress bar and the non-finite check; in between the GPU runs ahead. On the CPU, every step.
+SYNC_EVERY_CUDA = 25
 
 
 class TrainingStopped(UserError):
@@ -317,6 +317,7 @@ def fit(
         history, start_epoch = [], 0
     say(f"  {n} latents, {len(loader)} steps per epoch, data {'on the device' if loader.resident else 'streamed'}")
 
+    sync_every = SYNC_EVERY_CUDA if dev.type == "cuda" else 1
     for epoch in range(start_epoch, train.epochs):
         epoch_started = time.perf_counter()
         trainer.set_epoch(epoch)
@@ -331,7 +332,7 @@ def fit(
                     if "NaN or inf" not in str(err):  # the search refuses non-finite inputs or codebooks
                         raise
                     raise TrainingStopped(_stop_message(epoch, step, str(err), len(history), out)) from None
-                if step + 1 - checked >= SYNC_EVERY or step + 1 == len(loader):
+                if step + 1 - checked >= sync_every or step + 1 == len(loader):
                     _check_finite(losses, checked, step + 1, epoch, len(history), out)
                     checked = step + 1
                     bar.update(step + 1 - bar.n)
