@@ -122,9 +122,13 @@ def test_resume_after_injected_failure_gives_identical_token_store(fitted, tmp_p
         with pytest.raises(RuntimeError, match="injected"):
             export_tokens(str(run), store.url, resumed, device="cpu", progress=False)
     assert TokenStore.open(resumed).rows_done == CHUNK  # the first chunk survived, the second did not
+    with pytest.raises(UserError, match="unfinished"):
+        decode(str(run), resumed, str(tmp_path / "decoded.zarr"), device="cpu", progress=False)
 
     summary = export_tokens(str(run), store.url, resumed, device="cpu", progress=False)
     assert summary.resumed_from == CHUNK
+    again = export_tokens(str(run), store.url, resumed, device="cpu", progress=False)
+    assert "already complete" in again.report()
     a, b = TokenStore.open(clean), TokenStore.open(resumed)
     for name in ("tokens", "labels", "keys"):
         np.testing.assert_array_equal(getattr(a, name)[:], getattr(b, name)[:])
