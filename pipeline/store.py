@@ -47,21 +47,72 @@ def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
         raise UserError(f"{url} is not a Zarr v3 group: {err}") from err
 
 
-class LatentStore:
-    """A latent store opened for reading or writing. The arrays are zarr arrays (lazy)."""
+class RowStore:
+    """What the latent and token stores share: a Zarr group whose per-row arrays (the data array
+    named by DATA, `labels`, `keys`) are chunked alike along N, and attrs["revq"]."""
+
+    DATA = ""  # the per-row data array: "latents" or "tokens"
+    KIND = ""  # how messages name the store: "latent" or "token"
 
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
         self.url = url
 
     @classmethod
+    def _open_group(cls, url: str, mode: str) -> zarr.Group:
+        group = open_zarr_group(url, mode)
+        for name in (cls.DATA, "labels", "keys"):
+            if name not in group:
+                raise UserError(f"{url} is not a {cls.KIND} store: it has no '{name}' array")
+        return group
+
+    @classmethod
+    def _create_group(cls, url: str, *, n: int, row_shape: tuple[int, ...], dtype: Any, chunk_size: int,
+                      compressor: BloscCodec, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
+        """A group for `n` rows: the data array, labels (-1) and keys, all chunked alike along N."""
+        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
+        group.create_array(cls.DATA, shape=(n, *row_shape), chunks=(chunk_size, *row_shape), dtype=dtype,
+                           compressors=compressor, fill_value=0)
+        group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
+                           compressors=SMALL_COMPRESSOR, fill_value=-1)
+        group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
+        group.attrs["revq"] = attrs
+        return group
+
+    @property
+    def labels(self) -> zarr.Array:
+        return self.group["labels"]
+
+    @property
+    def keys(self) -> zarr.Array:
+        return self.group["keys"]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs.get("revq", {}))
+
+    def update_attrs(self, **values: Any) -> None:
+        """Merge `values` into attrs["revq"] (one atomic metadata write on local and object stores)."""
+        self.group.attrs["revq"] = {**self.attrs, **values}
+
+    @property
+    def chunk_size(self) -> int:
+        return self.group[self.DATA].chunks[0]
+
+    def __len__(self) -> int:
+        return self.group[self.DATA].shape[0]
+
+
+class LatentStore(RowStore):
+    """A latent store opened for reading or writing. The arrays are zarr arrays (lazy)."""
+
+    DATA = "latents"
+    KIND = "latent"
+
+    @classmethod
     def open(cls, url: str, mode: str = "r", *, allow_incomplete: bool = False) -> "LatentStore":
         """Open an existing store; an unfinished `encode` store is a UserError unless allowed."""
-        group = open_zarr_group(url, mode)
-        for name in ("latents", "labels", "keys"):
-            if name not in group:
-                raise UserError(f"{url} is not a latent store: it has no '{name}' array")
-        store = cls(group, str(url))
+        store = cls(cls._open_group(url, mode), str(url))
         if not allow_incomplete and not store.complete:
             raise UserError(f"{url} is incomplete: `revq-pipe encode` was interrupted while writing it; "
                             f"run the same encode command again to finish it")
@@ -82,36 +133,14 @@ class LatentStore:
         """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive)."""
         if dtype not in LATENT_DTYPES:
             raise UserError(f"latent dtype must be one of {LATENT_DTYPES}, not {dtype!r}")
-        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
-        c, h, w = latent_shape
-        group.create_array("latents", shape=(n, c, h, w), chunks=(chunk_size, c, h, w), dtype=dtype,
-                           compressors=LATENT_COMPRESSOR, fill_value=0)
-        group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
-                           compressors=SMALL_COMPRESSOR, fill_value=-1)
-        group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
-        group.attrs["revq"] = {"format_version": FORMAT_VERSION, "latent_shape": list(latent_shape),
-                               "dtype": dtype, **attrs}
+        attrs = {"format_version": FORMAT_VERSION, "latent_shape": list(latent_shape), "dtype": dtype, **attrs}
+        group = cls._create_group(url, n=n, row_shape=tuple(latent_shape), dtype=dtype, chunk_size=chunk_size,
+                                  compressor=LATENT_COMPRESSOR, attrs=attrs, overwrite=overwrite)
         return cls(group, str(url))
 
     @property
     def latents(self) -> zarr.Array:
         return self.group["latents"]
-
-    @property
-    def labels(self) -> zarr.Array:
-        return self.group["labels"]
-
-    @property
-    def keys(self) -> zarr.Array:
-        return self.group["keys"]
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("revq", {}))
-
-    def update_attrs(self, **values: Any) -> None:
-        """Merge `values` into attrs["revq"] (one atomic metadata write on local and object stores)."""
-        self.group.attrs["revq"] = {**self.attrs, **values}
 
     @property
     def complete(self) -> bool:
@@ -131,13 +160,6 @@ class LatentStore:
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return tuple(self.latents.shape[1:])
-
-    @property
-    def chunk_size(self) -> int:
-        return self.latents.chunks[0]
-
-    def __len__(self) -> int:
-        return self.latents.shape[0]
 
     def _stat(self, name: str) -> np.ndarray | None:
         return self.group[name][:] if name in self.group else None

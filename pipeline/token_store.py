@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.store import SMALL_COMPRESSOR, open_zarr_group
+from revq_pipe.pipeline.store import SMALL_COMPRESSOR, RowStore
 
 TOKEN_FORMAT_VERSION = 1
 # 4096 rows of T=512 uint16 ids is 4 MiB before compression: large enough for fast reads along N,
@@ -37,21 +37,16 @@ def token_dtype(codes: int) -> np.dtype:
     raise UserError(f"{codes} codes per position do not fit in uint32 token ids")
 
 
-class TokenStore:
+class TokenStore(RowStore):
     """A token store opened for reading or writing. The arrays are zarr arrays (lazy)."""
 
-    def __init__(self, group: zarr.Group, url: str):
-        self.group = group
-        self.url = url
+    DATA = "tokens"
+    KIND = "token"
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> "TokenStore":
         """Open an existing token store; anything else at `url` is a user error."""
-        group = open_zarr_group(url, mode)
-        for name in ("tokens", "labels", "keys"):
-            if name not in group:
-                raise UserError(f"{url} is not a token store: it has no '{name}' array")
-        return cls(group, str(url))
+        return cls(cls._open_group(url, mode), str(url))
 
     @classmethod
     def create(
@@ -68,38 +63,15 @@ class TokenStore:
         """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes."""
         dtype = token_dtype(codes)
         chunk_size = max(1, min(chunk_size, n))
-        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
-        group.create_array("tokens", shape=(n, tokens), chunks=(chunk_size, tokens), dtype=dtype,
-                           compressors=SMALL_COMPRESSOR, fill_value=0)
-        group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
-                           compressors=SMALL_COMPRESSOR, fill_value=-1)
-        group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
-        group.attrs["revq"] = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes,
-                               "count": n, **attrs, "rows_done": 0}
+        attrs = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes, "count": n,
+                 **attrs, "rows_done": 0}
+        group = cls._create_group(url, n=n, row_shape=(tokens,), dtype=dtype, chunk_size=chunk_size,
+                                  compressor=SMALL_COMPRESSOR, attrs=attrs, overwrite=overwrite)
         return cls(group, str(url))
 
     @property
     def tokens(self) -> zarr.Array:
         return self.group["tokens"]
-
-    @property
-    def labels(self) -> zarr.Array:
-        return self.group["labels"]
-
-    @property
-    def keys(self) -> zarr.Array:
-        return self.group["keys"]
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("revq", {}))
-
-    def update_attrs(self, **values: Any) -> None:
-        self.group.attrs["revq"] = {**self.attrs, **values}
-
-    @property
-    def chunk_size(self) -> int:
-        return self.tokens.chunks[0]
 
     @property
     def rows_done(self) -> int:
@@ -109,9 +81,6 @@ class TokenStore:
     @property
     def complete(self) -> bool:
         return self.rows_done >= len(self)
-
-    def __len__(self) -> int:
-        return self.tokens.shape[0]
 
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
         """Write the next whole chunk (or the last, shorter one) at `rows_done`, then move it on."""

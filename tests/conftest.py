@@ -22,6 +22,7 @@ import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TINY_IMAGE_SIZE = 32
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
@@ -97,3 +98,13 @@ def photo_shards(tmp_path_factory, photo_folder) -> str:
             sink.write({"__key__": f"{path.parent.name}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label)})
     shards = sorted(out.glob("*.tar"))
     return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """The tests run tiny ops on a 2-core CI box: one intra-op thread avoids OpenMP contention,
+    which made the training tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

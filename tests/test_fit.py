@@ -16,13 +16,6 @@ from revq_pipe.stages import fit as fit_stage
 from revq_pipe.stages.fit import TrainingStopped, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core CI box: one intra-op thread avoids OpenMP contention (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 SHAPE = (8, 4, 4)  # T = 32 tokens of d = 4 with the tiny preset

@@ -17,13 +17,6 @@ from revq_pipe.pipeline.store import write_latent_store
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny ops on a shared 2-core CI box: one intra-op thread avoids OpenMP contention (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def hand_made_latent(c, h, w):
     return torch.arange(c * h * w, dtype=torch.float32).reshape(1, c, h, w)

@@ -8,12 +8,6 @@ from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.stages.fit import Trainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def points(n, generator):
