@@ -127,6 +127,88 @@ def nearest_code_torch(
     return best_index, best_dist
 
 
+def nearest_code_screened_torch(
+    x: torch.Tensor,
+    codebooks: torch.Tensor,
+    *,
+    counts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact grouped nearest-code search screened by a matrix product: the CPU path of `nearest_code`.
+
+    The direct sum of `nearest_code_torch` costs three elementwise passes per dimension over every
+    query-code pair; a BLAS product does the work of all d dimensions at once. So, block by
+    block: the expanded score ``|c|^2 - 2 x.c`` by `torch.baddbmm`, keeping per query the lowest
+    score, its code and the second-lowest score. The score's rounding has the bound the Triton
+    screen uses (search_kernels.py), which holds for any summation order, so the lowest-score code
+    is the exact fp32 argmin whenever the second-lowest score lies beyond the bound: that code's
+    distance is then summed directly, exactly as `nearest_code_torch` sums it. Queries the screen
+    cannot settle (near ties, duplicate codes, cancellation far from the origin, overflow) are
+    searched again by `nearest_code_torch`. Same memory bound: one block of ``MAX_BLOCK_PAIRS``
+    scores at a time. Falls back to the direct path when fp32 matmuls may run in reduced precision
+    (`torch.set_float32_matmul_precision` other than "highest"), where the bound does not hold.
+    """
+    groups, num_queries, dim = x.shape
+    num_codes = codebooks.shape[1]
+    if num_codes < 2 or groups * num_queries == 0 or torch.get_float32_matmul_precision() != "highest":
+        return nearest_code_torch(x, codebooks, counts=counts)
+    queries = x.to(torch.float32)
+    codes = codebooks.to(torch.float32)
+    code_sqnorms = (codes * codes).sum(dim=2)
+    best = torch.full((groups, num_queries), float("inf"), dtype=torch.float32, device=x.device)
+    second = torch.full_like(best, float("inf"))
+    best_index = torch.zeros((groups, num_queries), dtype=torch.int64, device=x.device)
+
+    code_block = max(2, min(num_codes, CODE_BLOCK))
+    query_block = min(num_queries, max(1, MAX_BLOCK_PAIRS // code_block))
+    group_block = min(groups, max(1, MAX_BLOCK_PAIRS // (code_block * query_block)))
+    for g0 in range(0, groups, group_block):
+        g1 = min(g0 + group_block, groups)
+        for k0 in range(0, num_codes, code_block):
+            # A last block of one code would leave topk(2) short: it joins the previous block.
+            k1 = num_codes if num_codes - (k0 + code_block) < 2 else k0 + code_block
+            block_codes_t = codes[g0:g1, k0:k1].transpose(1, 2)
+            for m0 in range(0, num_queries, query_block):
+                m1 = min(m0 + query_block, num_queries)
+                scores = torch.baddbmm(code_sqnorms[g0:g1, None, k0:k1], queries[g0:g1, m0:m1], block_codes_t,
+                                       alpha=-2.0)
+                low2, low2_index = scores.topk(2, dim=2, largest=False, sorted=True)
+                block_best, block_second = low2[..., 0], low2[..., 1]
+                run_best, run_second = best[g0:g1, m0:m1], second[g0:g1, m0:m1]
+                # Second-lowest of the union of two sorted pairs, from the old running best.
+                run_second.copy_(torch.minimum(torch.maximum(run_best, block_best),
+                                               torch.minimum(run_second, block_second)))
+                closer = block_best < run_best
+                chosen = best_index[g0:g1, m0:m1]
+                chosen.copy_(torch.where(closer, low2_index[..., 0] + k0, chosen))
+                run_best.copy_(torch.minimum(run_best, block_best))
+            if k1 == num_codes:
+                break
+
+    unit_roundoff = 2.0**-24
+    x_sqnorms = (queries * queries).sum(dim=2)
+    largest_code_sqnorm = code_sqnorms.amax(dim=1, keepdim=True)
+    error = 2.5 * (dim + 2) * unit_roundoff * (largest_code_sqnorm + torch.sqrt(x_sqnorms * largest_code_sqnorm))
+    nearest_bound = (x_sqnorms + best + error).clamp_min(0.0)
+    threshold = best + 2.0 * error + 2.2 * (dim + 3) * unit_roundoff * nearest_bound
+    # NaN or inf bounds (overflow) compare False: those queries are not settled.
+    settled = second > threshold
+
+    chosen_codes = torch.gather(codes, 1, best_index[..., None].expand(-1, -1, dim))
+    sq_dists = None
+    for j in range(dim):  # the direct sum, in the order and arithmetic of nearest_code_torch
+        term = queries[..., j] - chosen_codes[..., j]
+        term.mul_(term)
+        sq_dists = term if sq_dists is None else sq_dists.add_(term)
+    for group in torch.nonzero(~settled.all(dim=1)).flatten().tolist():
+        rows = torch.nonzero(~settled[group]).flatten()
+        exact_index, exact_dist = nearest_code_torch(queries[group:group + 1, rows], codes[group:group + 1])
+        best_index[group, rows] = exact_index[0]
+        sq_dists[group, rows] = exact_dist[0]
+    if counts is not None:
+        counts.scatter_add_(1, best_index, torch.ones_like(best_index, dtype=counts.dtype))
+    return best_index, sq_dists
+
+
 def uses_interpreter(x: torch.Tensor) -> bool:
     """True when CPU tensors should run the Triton kernel through Triton's interpreter."""
     return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -168,7 +250,7 @@ def nearest_code(
         ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks.
 
     Dispatch: CUDA tensors run the Triton kernels (`nearest_code_triton`); CPU tensors run
-    `nearest_code_torch`, or the Triton kernels through Triton's interpreter when
+    `nearest_code_screened_torch`, or the Triton kernels through Triton's interpreter when
     TRITON_INTERPRET=1 was set before triton was imported (slow; for tests).
     """
     check_search_inputs(x, codebooks, code_sqnorms, counts)
@@ -176,4 +258,4 @@ def nearest_code(
         from revq_pipe.kernels.triton_search import nearest_code_triton
 
         return nearest_code_triton(x, codebooks, counts=counts)
-    return nearest_code_torch(x, codebooks, counts=counts)
+    return nearest_code_screened_torch(x, codebooks, counts=counts)

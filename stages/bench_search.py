@@ -304,7 +304,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
 
         implementation = f"Triton kernels ({autotuned_config() or 'interpreted'})"
     else:
-        implementation = "bounded torch path (CPU)"
+        implementation = "matmul-screened exact torch path (CPU)"
     return BenchSearchResult(
         shape=spec,
         device=device_name,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from revq_pipe.kernels import nearest_code
-from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_torch
+from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_screened_torch, nearest_code_torch
 
 RUNNER = Path(__file__).with_name("interpreter_runner.py")
 
@@ -157,6 +157,30 @@ def test_bad_counts_and_norms_raise_value_error():
         nearest_code(x, codebooks, counts=torch.zeros(2, 4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"code_sqnorms must have shape \(G, K\)"):
         nearest_code(x, codebooks, code_sqnorms=torch.zeros(5, 2))
+
+
+@pytest.mark.parametrize("offset,duplicates", [(0.0, False), (0.0, True), (300.0, False)])
+def test_screened_cpu_path_equals_the_direct_path_bit_for_bit(small_torch_blocks, offset, duplicates):
+    """The matmul screen settles most queries and sends the rest (duplicate codes, cancellation far
+    from the origin) back to the direct search: indices and distances are the direct path's."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 37, 8, generator=gen) + offset
+    codebooks = torch.randn(4, 70, 8, generator=gen) + offset
+    if duplicates:
+        codebooks[:, 40] = codebooks[:, 9]
+        x[:, :5] = codebooks[:, 9:10]
+    screened = nearest_code_screened_torch(x, codebooks)
+    direct = nearest_code_torch(x, codebooks)
+    assert torch.equal(screened[0], direct[0]) and torch.equal(screened[1], direct[1])
+
+
+def test_screen_is_skipped_when_matmuls_may_run_in_reduced_precision(monkeypatch):
+    gen = torch.Generator().manual_seed(12)
+    x, codebooks = torch.randn(2, 9, 4, generator=gen), torch.randn(2, 33, 4, generator=gen)
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "medium")
+    monkeypatch.setattr(torch, "baddbmm", None)  # the screen's product must not run at all
+    indices, sq_dists = nearest_code(x, codebooks)
+    assert_matches_brute_force(x, codebooks, indices, sq_dists)
 
 
 def test_cpu_runs_the_torch_path_unless_interpreting(monkeypatch):
