@@ -37,6 +37,8 @@ def check_search_inputs(
     codebooks: torch.Tensor,
     code_sqnorms: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    *,
+    check_finite: bool = True,
 ) -> None:
     """Raise ValueError with the offending tensor's name unless the inputs form a valid search."""
     for name, tensor in (("x", x), ("codebooks", codebooks)):
@@ -73,7 +75,7 @@ def check_search_inputs(
             raise ValueError(f"counts is on {counts.device} but x is on {x.device}")
     # One reduction per tensor (one device sync each on CUDA): NaN or inf would make every
     # comparison meaningless and the returned codes arbitrary.
-    for name, tensor in (("x", x), ("codebooks", codebooks)):
+    for name, tensor in (("x", x), ("codebooks", codebooks)) if check_finite else ():
         if tensor.numel() and not bool(torch.isfinite(tensor).all()):
             raise ValueError(f"{name} contains NaN or inf")
 
@@ -227,6 +229,7 @@ def nearest_code(
     *,
     code_sqnorms: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest code of every query in its own group's codebook.
 
@@ -241,19 +244,22 @@ def nearest_code(
         counts: optional (G, K) int32/int64 tensor; ``counts[g, k]`` is increased by the number of
             queries of group g whose nearest code is k (equal to a per-group torch.bincount).
             On CUDA this is fused into the search's final reduction.
+        check_finite: refuse NaN/inf in x and codebooks (one reduction each, which on CUDA is a
+            device sync per tensor). A training loop that checks its losses for non-finite values
+            anyway can turn it off to keep the GPU running ahead of the host.
 
     Returns:
         indices (G, M) int64 and sq_dists (G, M) float32: the argmin (lowest index among equal
         distances) and its squared L2 distance.
 
     Raises:
-        ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks.
+        ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks (when checked).
 
     Dispatch: CUDA tensors run the Triton kernels (`nearest_code_triton`); CPU tensors run
     `nearest_code_screened_torch`, or the Triton kernels through Triton's interpreter when
     TRITON_INTERPRET=1 was set before triton was imported (slow; for tests).
     """
-    check_search_inputs(x, codebooks, code_sqnorms, counts)
+    check_search_inputs(x, codebooks, code_sqnorms, counts, check_finite=check_finite)
     if implementation_for(x) == "triton":
         from revq_pipe.kernels.triton_search import nearest_code_triton
 

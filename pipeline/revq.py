@@ -93,12 +93,14 @@ class GroupedQuantizer(nn.Module):
         self.codebooks = nn.Parameter(torch.randn(tokens, codes, dim))
 
     @torch.no_grad()
-    def search(self, x: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    def search(self, x: torch.Tensor, counts: torch.Tensor | None = None, *, check_finite: bool = True) -> torch.Tensor:
         """Nearest code (squared L2, ties to the lowest index) of each (B, T, d) token -> (B, T) int64.
 
         `counts` (T, K) int, when given, is incremented in place with the chosen codes' histogram.
+        `check_finite=False` skips the search's NaN/inf check (a device sync per call on CUDA).
         """
-        ids, _ = nearest_code(x.transpose(0, 1), self.codebooks.detach(), counts=counts)
+        ids, _ = nearest_code(x.transpose(0, 1), self.codebooks.detach(), counts=counts,
+                              check_finite=check_finite)
         return ids.t()
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,9 @@ class Trainer:
         model, clip = self.model, self.train.grad_clip
         zn = model.preprocessor.normalize(z)
         tokens = model.splitter.split(zn)
-        ids = model.quantizer.search(tokens, self.counts)
+        # On CUDA the search's NaN/inf check would sync every step; the loss check every
+        # SYNC_EVERY_CUDA steps catches non-finite values instead.
+        ids = model.quantizer.search(tokens, self.counts, check_finite=not self.cuda)
         if isinstance(self.codebook_opt, SparseAdamW):
             with torch.no_grad():
                 quantized = model.quantizer.lookup(ids)

@@ -265,3 +265,12 @@ def test_public_api_runs_the_kernel_when_interpreting(interpreted_runs, case_ind
     assert results[case_index]["implementation"] == "triton"
     torch_indices, _ = nearest_code_torch(cases[case_index]["x"], cases[case_index]["codebooks"])
     assert torch.equal(results[case_index]["public_indices"], torch_indices)
+
+
+def test_finite_check_can_be_turned_off_for_training_loops():
+    x, codebooks = torch.randn(2, 4, 3), torch.randn(2, 5, 3)
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x contains NaN or inf"):
+        nearest_code(x, codebooks)
+    indices, _ = nearest_code(x, codebooks, check_finite=False)  # no sync, no error: the caller checks losses
+    assert indices.shape == (2, 4)
