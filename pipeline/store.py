@@ -17,6 +17,7 @@ complete.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,12 @@ FORMAT_VERSION = 1
 LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 LATENT_DTYPES = ("float16", "float32")
+
+
+def absolute_url(url: str) -> str:
+    """Local paths made absolute (URLs as they are), so records and comparisons of store locations
+    hold from any working directory."""
+    return str(url) if "://" in str(url) else str(Path(url).resolve())
 
 
 def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:

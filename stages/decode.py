@@ -23,7 +23,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.stats import latent_stats
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.store import LatentStore, absolute_url
 from revq_pipe.pipeline.token_store import TokenStore
 from revq_pipe.pipeline.vae import resolve_vae
 
@@ -57,7 +57,7 @@ def decode(
     `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if str(out).rstrip("/") == str(tokens).rstrip("/"):
+    if absolute_url(out).rstrip("/") == absolute_url(tokens).rstrip("/"):
         raise UserError("--out must not be the token store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)

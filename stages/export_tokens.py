@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.store import LatentStore, absolute_url
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
 
 FORMATS = ("zarr", "wds", "zarr+wds")
@@ -87,14 +87,14 @@ def export_tokens(
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if _absolute(out).rstrip("/") == _absolute(store).rstrip("/"):
+    if absolute_url(out).rstrip("/") == absolute_url(store).rstrip("/"):
         raise UserError("--out must not be the latent store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
     run_info.check_store(latents)
     model = run_info.model
-    attrs = {**run_info.token_attrs(), "store": _absolute(store)}
+    attrs = {**run_info.token_attrs(), "store": absolute_url(store)}
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
@@ -112,11 +112,6 @@ def export_tokens(
                                        progress)
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _absolute(url: str) -> str:
-    """Local paths as absolute paths, so a resume from another working directory still matches."""
-    return url if "://" in str(url) else str(Path(url).resolve())
 
 
 def tokenize_latents(model: torch.nn.Module, latents: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:

@@ -30,7 +30,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import ReVQ, usage_stats
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.store import LatentStore, absolute_url
 
 # On CUDA, losses are read back to the host (one device sync) every this many steps, for the
 # progress bar and the non-finite check; in between the GPU runs ahead. On the CPU, every step.
@@ -200,7 +200,7 @@ class FitResult:
 
 
 def _store_description(store: LatentStore) -> dict[str, Any]:
-    url = store.url if "://" in store.url else str(Path(store.url).resolve())
+    url = absolute_url(store.url)
     return {"url": url, "count": len(store), "revq": store.attrs}
 
 
