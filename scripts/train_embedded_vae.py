@@ -5,6 +5,10 @@
 The model is trained at EMBEDDED_IMAGE_SIZE on random square crops (random place and scale, random
 horizontal flips) of the bundled photographs in TRAIN_PHOTOS and GRAY_PHOTOS (grey ones as RGB, for
 texture variety). HOLDOUT_PHOTOS are never seen in training: the reported PSNR/SSIM come from them.
+The seven colour photos cover few hues, so crops are augmented (--augment, the default): colour crops
+get hue rotation, channel permutation, saturation/brightness/contrast jitter and rare inversion; grey
+crops get random duotone tints; a few crops are smoothed (see jitter_colours, tint_grey, TrainingCrops).
+Without it the model learns the photos' palette: dark-blue or teal flat areas came back grey/purple.
 Images are RGB scaled to [-1, 1], the range DC-AE uses. Loss: L1 + MSE on pixels; AdamW with a
 linear warm-up and a cosine decay.
 
@@ -54,6 +58,8 @@ ARCHITECTURE = dict(
 
 # Colour photos are what users encode; the grey ones add textures (grass, gravel, brick, coins).
 GRAY_FRACTION = 0.25
+# Augmentation (--augment on): colour jitter of colour crops, duotone tint of grey crops, smooth crops.
+COLOUR_JITTER_P, GREY_TINT_P, SMOOTH_P = 0.8, 0.5, 0.05
 # Crop sides are drawn uniformly between the model's size and the photo's short side, then resized.
 MIN_CROP_SIDE = EMBEDDED_IMAGE_SIZE
 # Held-out evaluation: photo_crops() of HOLDOUT_PHOTOS with its default min_side, resized to size.
@@ -78,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--resume", action="store_true", help="continue from --work-dir/checkpoint.pt")
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="colour jitter, grey tints and smooth crops (see TrainingCrops); --no-augment for plain crops")
     parser.add_argument("--save-dtype", choices=("float32", "float16"), default="float32")
     return parser.parse_args(argv)
 
@@ -98,12 +106,54 @@ def to_uint8(batch: torch.Tensor) -> np.ndarray:
     return batch.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def jitter_colours(image: Image.Image, rng: np.random.Generator, p: float | None = None) -> Image.Image:
+    """Colour augmentation of one RGB crop: the bundled colour photos cover few hues (almost no flat
+    blue or teal areas), so hues are rotated and channels permuted to teach colour, not a palette.
+
+    With COLOUR_JITTER_P: hue rotation (uniform over the circle, p=0.5), RGB channel permutation
+    (uniform over the 6 orders, p=0.5), saturation x loguniform[0.5, 1.6], brightness x [0.75, 1.25],
+    contrast x [0.75, 1.25], inversion p=0.05. Otherwise the crop is left as it is.
+    """
+    if rng.random() >= (COLOUR_JITTER_P if p is None else p):
+        return image
+    if rng.random() < 0.5:
+        hsv = np.asarray(image.convert("HSV")).copy()
+        hsv[..., 0] = (hsv[..., 0].astype(np.int32) + int(rng.integers(256))) % 256
+        image = Image.fromarray(hsv, "HSV").convert("RGB")
+    array = np.asarray(image, dtype=np.float32)
+    if rng.random() < 0.5:
+        array = array[..., rng.permutation(3)]
+    grey = array @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    saturation = float(np.exp(rng.uniform(np.log(0.5), np.log(1.6))))
+    array = grey[..., None] + saturation * (array - grey[..., None])
+    array = array * rng.uniform(0.75, 1.25)
+    mean = array.mean()
+    array = mean + rng.uniform(0.75, 1.25) * (array - mean)
+    if rng.random() < 0.05:
+        array = 255.0 - array
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+
+
+def tint_grey(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Duotone of a grey crop: black -> one random colour, white -> another (p=GREY_TINT_P). The grey
+    photos' flat areas (the moon's sky, the camera's background) then come in every hue."""
+    if rng.random() >= GREY_TINT_P:
+        return image
+    dark, light = rng.uniform(0, 110, 3), rng.uniform(145, 255, 3)
+    if rng.random() < 0.5:
+        dark, light = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None] / 255.0
+    array = dark + grey * (light - dark)
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8), "RGB")
+
+
 class TrainingCrops:
     """Random training crops of the bundled photos, reproducible per (seed, step)."""
 
-    def __init__(self, image_size: int, seed: int):
+    def __init__(self, image_size: int, seed: int, augment: bool = True):
         self.image_size = image_size
         self.seed = seed
+        self.augment = augment
         self.color = [load_photo(name) for name in TRAIN_PHOTOS]
         self.gray = [load_photo(name) for name in GRAY_PHOTOS]
 
@@ -111,7 +161,8 @@ class TrainingCrops:
         rng = np.random.default_rng([self.seed, step])
         images = []
         for _ in range(batch_size):
-            pool = self.gray if rng.random() < GRAY_FRACTION else self.color
+            is_gray = rng.random() < GRAY_FRACTION
+            pool = self.gray if is_gray else self.color
             photo = pool[int(rng.integers(len(pool)))]
             width, height = photo.size
             side = int(rng.integers(MIN_CROP_SIDE, min(width, height) + 1))
@@ -120,8 +171,24 @@ class TrainingCrops:
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             # reducing_gap: a fast box pre-reduction for the large crops; the result is the same to the eye.
-            images.append(crop.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, reducing_gap=3.0))
+            crop = crop.resize((self.image_size, self.image_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            if self.augment:
+                # Drawn after the crop, so the crops themselves are those of an unaugmented run.
+                if rng.random() < SMOOTH_P:
+                    # A smooth crop: the picture through a 8-16 px bottleneck, for flat areas and gradients.
+                    small = int(rng.integers(8, 17))
+                    crop = crop.resize((small, small), Image.Resampling.BOX).resize(
+                        (self.image_size, self.image_size), Image.Resampling.BICUBIC)
+                crop = tint_grey(crop, rng) if is_gray else jitter_colours(crop, rng)
+            images.append(crop)
         return to_tensor(images)
+
+
+def colour_shifted(images: torch.Tensor, seed: int) -> torch.Tensor:
+    """The images with every colour jitter applied (hue, channel order, saturation...), fixed by seed."""
+    rng = np.random.default_rng(seed)
+    pil = [Image.fromarray(array) for array in to_uint8(images)]
+    return to_tensor([jitter_colours(image, rng, p=1.0) for image in pil])
 
 
 def fixed_crops(names: tuple[str, ...], count: int, seed: int, image_size: int) -> torch.Tensor:
@@ -203,8 +270,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parameters = sum(p.numel() for p in model.parameters())
     print(f"AutoencoderDC with {parameters / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}", flush=True)
-    crops = TrainingCrops(EMBEDDED_IMAGE_SIZE, args.seed)
+    crops = TrainingCrops(EMBEDDED_IMAGE_SIZE, args.seed, augment=args.augment)
     validation = fixed_crops(TRAIN_PHOTOS, VALIDATION_CROPS, VALIDATION_SEED, EMBEDDED_IMAGE_SIZE)
+    # The same crops with their colours shifted: how well colours generalise, still without the holdout.
+    validation_shifted = colour_shifted(validation, VALIDATION_SEED)
 
     started = time.time()
     window_loss, window_started = 0.0, time.time()
@@ -222,9 +291,11 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.log_every == 0 or step == args.steps:
             seconds_per_step = (time.time() - window_started) / args.log_every
             quality = reconstruction_quality(model, validation)
+            shifted = reconstruction_quality(model, validation_shifted)
             print(f"step {step}/{args.steps} loss {window_loss / args.log_every:.4f} "
                   f"lr {scheduler.get_last_lr()[0]:.2e} {seconds_per_step:.2f} s/step "
                   f"train-photo val PSNR {quality['psnr_db']:.2f} dB SSIM {quality['ssim']:.3f} "
+                  f"colour-shifted {shifted['psnr_db']:.2f} dB "
                   f"elapsed {(train_seconds + time.time() - started) / 60:.1f} min", flush=True)
             window_loss, window_started = 0.0, time.time()
         if step % args.checkpoint_every == 0 or step == args.steps:
@@ -232,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
                             train_seconds + time.time() - started)
 
     train_seconds += time.time() - started
+    final_validation = reconstruction_quality(model, validation)
+    final_shifted = reconstruction_quality(model, validation_shifted)
     statistics = latent_statistics(model, fixed_crops(TRAIN_PHOTOS, STATISTICS_CROPS, STATISTICS_SEED, EMBEDDED_IMAGE_SIZE))
     # DC-AE's convention: scaling_factor is the inverse RMS of the latents, for diffusion-style consumers.
     model.register_to_config(scaling_factor=round(1.0 / statistics["rms"], 5))
@@ -262,11 +335,24 @@ def main(argv: list[str] | None = None) -> None:
             "crops": f"square, side uniform in [{MIN_CROP_SIDE}, short side], uniform place, "
                      f"horizontal flip p=0.5, bicubic resize to {EMBEDDED_IMAGE_SIZE}; "
                      "generator numpy default_rng([seed, step])",
+            "augmentation": (
+                "none" if not args.augment else
+                f"colour crops, p={COLOUR_JITTER_P}: hue rotation uniform over the circle (p=0.5, PIL HSV), "
+                "RGB channel permutation uniform over the 6 orders (p=0.5), saturation x loguniform[0.5, 1.6], "
+                "brightness x U[0.75, 1.25], contrast x U[0.75, 1.25] about the mean, inversion p=0.05; "
+                f"grey crops, p={GREY_TINT_P}: duotone tint (black -> random dark colour, white -> random light "
+                "colour; half the time both colours fully random); any crop, "
+                f"p={SMOOTH_P}: smoothed through a box-downsample to 8-16 px and a bicubic upsample; "
+                "drawn from the same per-step generator, after the crop"),
             "holdout_photos": list(HOLDOUT_PHOTOS),
             # sample_images.photo_crops(holdout_photos, count, seed=seed, out_size=size): tests re-measure it.
             "holdout_crops": {"count": EVAL_CROPS, "seed": EVAL_SEED, "size": EMBEDDED_IMAGE_SIZE},
         },
         "holdout": holdout,
+        # Measured at the end on fresh crops of the training photos (what the training log follows).
+        "train_photo_validation": {"crops": f"photo_crops(TRAIN_PHOTOS, {VALIDATION_CROPS}, seed={VALIDATION_SEED})",
+                                   "psnr_db": final_validation["psnr_db"], "ssim": final_validation["ssim"],
+                                   "colour_shifted_psnr_db": final_shifted["psnr_db"]},
         "latent_statistics": {"crops": f"photo_crops(TRAIN_PHOTOS, {STATISTICS_CROPS}, seed={STATISTICS_SEED})",
                               **statistics},
         "train_minutes": round(train_seconds / 60, 1),

@@ -11,9 +11,10 @@ from skimage.metrics import peak_signal_noise_ratio
 from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_LATENT_SHAPE, EMBEDDED_VAE_DIR
 from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
 
-# The shipped model measures 23.1 dB on the test's 8 held-out crops (22.2 dB on the record's 64);
-# the same architecture with random weights gives 8-9 dB.
-MIN_HOLDOUT_PSNR_DB = 20.0
+# The shipped model measures 27.5 dB on the test's 8 held-out crops (29.6 dB on the record's 64);
+# the same architecture with random weights gives 8-9 dB, and the earlier model trained without
+# colour augmentation 23.1 dB, so the threshold also catches a return to a palette-bound model.
+MIN_HOLDOUT_PSNR_DB = 25.0
 
 
 def as_model_input(crops) -> torch.Tensor:
