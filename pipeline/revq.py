@@ -16,7 +16,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -143,6 +143,25 @@ def usage_stats(counts: torch.Tensor) -> dict[str, float]:
     entropy = -(p * p.clamp_min(1e-30).log()).sum(dim=1)
     return {"usage_mean_pct": used.mean().item(), "usage_min_pct": used.min().item(),
             "perplexity": entropy.exp().mean().item()}
+
+
+@torch.no_grad()
+def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Quantize-then-rectify quality over batches of raw latents: the latent MSE in the model's
+    normalised space (the one training minimises) and raw, plus code usage and perplexity
+    (`usage_stats`). fit's per-epoch validation and `revq-pipe eval` both report these numbers."""
+    counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int64, device=model.device)
+    squared_errors = torch.zeros(2, dtype=torch.float64, device=model.device)
+    numel = 0
+    for z in batches:
+        zn = model.preprocessor.normalize(z)
+        ids = model.quantizer.search(model.splitter.split(zn), counts)
+        rectified = model.rectifier(model.splitter.merge(model.quantizer.lookup(ids)))
+        squared_errors[0] += (rectified - zn).square().sum(dtype=torch.float64)
+        squared_errors[1] += (model.preprocessor.denormalize(rectified) - z).square().sum(dtype=torch.float64)
+        numel += z.numel()
+    normalised, raw = (squared_errors / max(numel, 1)).tolist()
+    return {"latent_mse_normalised": normalised, "latent_mse": raw, **usage_stats(counts)}
 
 
 class ReVQ(nn.Module):

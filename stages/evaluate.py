@@ -27,7 +27,8 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.metrics import image_psnr_ssim
 from revq_pipe.pipeline.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
-from revq_pipe.pipeline.revq import usage_stats
+from revq_pipe.pipeline.loader import LatentLoader
+from revq_pipe.pipeline.revq import latent_metrics
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.sources import open_source
@@ -115,26 +116,16 @@ def evaluate(
         open_source(images)
     started = time.perf_counter()
 
-    model = run_info.model
-    counts = torch.zeros(run_info.tokens, run_info.codes, dtype=torch.int64, device=dev)
-    positions = torch.arange(run_info.tokens, device=dev)
-    normalise = model.preprocessor.normalize
-    squared_error = normalised_squared_error = 0.0
-    with torch.inference_mode(), tqdm(total=len(latents), unit="img", desc="eval", disable=not progress) as bar:
-        for start in range(0, len(latents), batch_size):
-            z = torch.from_numpy(np.asarray(latents.latents[start:start + batch_size], dtype=np.float32)).to(dev)
-            ids = model.tokenize(z)
-            recon = model.detokenize(ids)
-            counts.index_put_((positions.expand_as(ids), ids), torch.ones_like(ids), accumulate=True)
-            squared_error += float(((recon - z) ** 2).sum(dtype=torch.float64))
-            normalised_squared_error += float(((normalise(recon) - normalise(z)) ** 2).sum(dtype=torch.float64))
-            bar.update(len(z))
-    numel = len(latents) * run_info.model.config.latent_numel
-    report = EvalReport(
-        run=str(run), store=str(store), count=len(latents), tokens=run_info.tokens, codes=run_info.codes,
-        latent_mse=squared_error / numel, latent_mse_normalised=normalised_squared_error / numel,
-        **usage_stats(counts), skipped={"lpips": NO_IMAGES, "rfid": NO_IMAGES},
-    )
+    loader = LatentLoader(latents, batch_size, dev, shuffle=False, drop_last=False)
+    with tqdm(total=len(latents), unit="img", desc="eval", disable=not progress) as bar:
+        def batches():
+            for z in loader.epoch():
+                yield z
+                bar.update(len(z))
+
+        metrics = latent_metrics(run_info.model, batches())
+    report = EvalReport(run=str(run), store=str(store), count=len(latents), tokens=run_info.tokens,
+                        codes=run_info.codes, **metrics, skipped={"lpips": NO_IMAGES, "rfid": NO_IMAGES})
     if spec is not None:
         report.image, report.skipped = _image_metrics(run_info, latents, spec, images, batch_size, dev, progress)
     report.seconds = time.perf_counter() - started

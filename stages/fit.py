@@ -29,7 +29,7 @@ from revq_pipe.pipeline.config import (ReVQConfig, TrainConfig, resolve_model_co
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.revq import ReVQ, usage_stats
+from revq_pipe.pipeline.revq import ReVQ, latent_metrics, usage_stats
 from revq_pipe.pipeline.store import LatentStore, absolute_url
 
 # On CUDA, losses are read back to the host (one device sync) every this many steps, for the
@@ -153,20 +153,10 @@ class Trainer:
 def validate(model: ReVQ, loader: LatentLoader) -> dict[str, float]:
     """Latent MSE of quantize-then-rectify on a store (normalised and raw) and its code usage."""
     model.eval()
-    counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int32, device=model.device)
-    sums, n = torch.zeros(2, dtype=torch.float64, device=model.device), 0
-    for z in loader.epoch():
-        zn = model.preprocessor.normalize(z)
-        ids = model.quantizer.search(model.splitter.split(zn), counts)
-        rectified = model.rectifier(model.splitter.merge(model.quantizer.lookup(ids)))
-        sums[0] += (rectified - zn).square().sum(dtype=torch.float64)
-        sums[1] += (model.preprocessor.denormalize(rectified) - z).square().sum(dtype=torch.float64)
-        n += z.numel()
+    metrics = latent_metrics(model, loader.epoch())
     model.train()
-    usage = usage_stats(counts)
-    mse, mse_raw = (sums / n).tolist()
-    return {"val_mse": mse, "val_mse_raw": mse_raw, "val_usage_mean_pct": usage["usage_mean_pct"],
-            "val_perplexity": usage["perplexity"]}
+    return {"val_mse": metrics["latent_mse_normalised"], "val_mse_raw": metrics["latent_mse"],
+            "val_usage_mean_pct": metrics["usage_mean_pct"], "val_perplexity": metrics["perplexity"]}
 
 
 @dataclass
