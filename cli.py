@@ -92,10 +92,14 @@ def fit(
     lr: Optional[float] = typer.Option(None, "--lr"),
     val: Optional[str] = typer.Option(None, "--val", help="Latent store for validation MSE each epoch."),
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seeds every random stream (codebook init, data order, reset noise, rectifier init), each its own."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's checkpoint."),
     split: Optional[str] = typer.Option(None, "--split", help="Ablation: channel (default) or spatial."),
     rectifier: Optional[str] = typer.Option(None, "--rectifier", help="Ablation: vit (default), cnn, mlp or none."),
+    rectifier_form: Optional[str] = typer.Option(None, "--rectifier-form", help="residual (default: g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), as the paper's code)."),
+    rectifier_width: Optional[int] = typer.Option(None, "--rectifier-width", min=1, help="Rectifier width (default: the preset's)."),
+    rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, help="Rectifier blocks (default: the preset's)."),
+    codebook_init: str = typer.Option("random", "--codebook-init", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
@@ -106,8 +110,9 @@ def fit(
 
     result = run_fit(
         store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
-        device=device, seed=seed, resume=resume, split=split, rectifier=rectifier,
-        reset=not no_reset, tokens=tokens, codes=codes, codebook_update=codebook_update,
+        device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
+        rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
+        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init,
     )
     typer.echo(result.report())
 
@@ -217,6 +222,43 @@ def bench_fit(
 
     typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size,
                          codebook_update=codebook_update).report())
+
+
+@bench_app.command("quality")
+@reports_user_errors
+def bench_quality(
+    train: str = typer.Argument(..., help="Latent store to fit on (e.g. revq-demo/latents-train.zarr)."),
+    val: str = typer.Argument(..., help="Latent store of held-out images to score on (e.g. revq-demo/latents-eval.zarr)."),
+    out: Path = typer.Option(Path("revq-bench-quality"), "--out", help="Folder for every variant's run, quality.json and quality.md."),
+    images: Optional[str] = typer.Option(None, "--images", help="VAL's source images, for PSNR/SSIM through the tokens (needs --vae)."),
+    vae: Optional[str] = typer.Option(None, "--vae", help="The VAE both stores were encoded with (e.g. revq-pipe-embedded)."),
+    preset: str = typer.Option("tiny", "--preset"),
+    codes: Optional[str] = typer.Option(None, "--codes", help="Comma-separated K values (default: the preset's K and K/4)."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (default: all)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    seed: int = typer.Option(0, "--seed", min=0),
+    device: str = DeviceOpt,
+):
+    """Rectifier ablation: validation MSE with and without the rectifier, and PSNR, per variant and K."""
+    from revq_pipe.stages.bench_quality import bench_quality as run_bench
+
+    result = run_bench(train, val, out=out, images=images, vae=vae, preset=preset, codes=_int_list(codes, "--codes"),
+                       variants=variants.split(",") if variants else None, epochs=epochs, batch_size=batch_size,
+                       seed=seed, device=device)
+    typer.echo(result.report())
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers, not {text!r}") from None
+    if min(values) < 1:
+        raise UserError(f"{option} values must be positive, not {text!r}")
+    return values
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 
 SPLITS = ("channel", "spatial")
 RECTIFIERS = ("vit", "cnn", "mlp", "none")
+# residual: g(q) = q + f(q) with f's last layer zero at initialisation, so the rectifier starts as the
+# identity and can only improve on the bare quantizer; paper: the released code's g(q) = f(q).
+RECTIFIER_FORMS = ("residual", "paper")
+CODEBOOK_INITS = ("random", "kmeans")
 CODEBOOK_UPDATES = ("sparse", "dense")
 
 # The paper's released configs: code dim d and codes K per token position, rectifier width x layers,
@@ -63,6 +67,7 @@ class ReVQConfig:
     preset: str = "custom"
     split: str = "channel"
     rectifier: str = "vit"
+    rectifier_form: str = "residual"
     rectifier_width: int = 64
     rectifier_layers: int = 2
     attention_head_dim: int = 32
@@ -90,6 +95,8 @@ class ReVQConfig:
             raise UserError(f"unknown split {self.split!r}: use {' or '.join(SPLITS)}")
         if self.rectifier not in RECTIFIERS:
             raise UserError(f"unknown rectifier {self.rectifier!r}: use one of {', '.join(RECTIFIERS)}")
+        if self.rectifier_form not in RECTIFIER_FORMS:
+            raise UserError(f"unknown rectifier form {self.rectifier_form!r}: use {' or '.join(RECTIFIER_FORMS)}")
         if self.rectifier != "none" and (self.rectifier_width < 1 or self.rectifier_layers < 0):
             raise UserError(f"rectifier width must be positive and layers >= 0 (got {self.rectifier_width}x{self.rectifier_layers})")
         if self.rectifier == "vit" and self.rectifier_width % self.attention_head_dim:
@@ -108,6 +115,8 @@ class ReVQConfig:
         missing = {"latent_shape", "tokens", "codes", "dim"} - values.keys()
         if missing:
             raise UserError(f"model config lacks {', '.join(sorted(missing))}")
+        # Runs saved before the residual form existed have no `rectifier_form`: theirs is the paper's.
+        values = {"rectifier_form": "paper", **values}
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
@@ -126,6 +135,11 @@ class TrainConfig:
     reset_ratio: float = 0.2
     reset_noise: float = 0.1
     seed: int = 0
+    # "random": code k of every position starts as the token of the k-th of K distinct random samples
+    # (the paper's way); "kmeans": those, refined by `kmeans_iters` Lloyd iterations per position on
+    # a bounded sample of the store (see codebook_init.py).
+    codebook_init: str = "random"
+    kmeans_iters: int = 10
     # "sparse": AdamW that touches only the chosen codes each step (dense AdamW's updates, with each
     # code's momentum tail applied at once; see codebook_optim.py); "dense": torch AdamW over all codes.
     codebook_update: str = "sparse"
@@ -139,6 +153,12 @@ class TrainConfig:
             raise UserError(f"unknown codebook update {self.codebook_update!r}: use auto, {' or '.join(CODEBOOK_UPDATES)}")
         if not 0 < self.reset_ratio <= 1:
             raise UserError(f"reset ratio must be in (0, 1], not {self.reset_ratio}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed}")
+        if self.codebook_init not in CODEBOOK_INITS:
+            raise UserError(f"unknown codebook init {self.codebook_init!r}: use {' or '.join(CODEBOOK_INITS)}")
+        if self.kmeans_iters < 1:
+            raise UserError(f"k-means needs at least one iteration, not {self.kmeans_iters}")
 
     def lr_at(self, epoch: int) -> float:
         """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after the run."""
@@ -161,11 +181,15 @@ def resolve_model_config(
     codes: int | None = None,
     split: str | None = None,
     rectifier: str | None = None,
+    rectifier_form: str | None = None,
+    rectifier_width: int | None = None,
+    rectifier_layers: int | None = None,
     data: dict[str, Any] | None = None,
 ) -> ReVQConfig:
     """The model config for a preset on latents of `latent_shape`, with the user's off-preset choices.
 
-    The preset fixes d; T = C*H*W / d unless `tokens` is given, in which case d = C*H*W / T.
+    The preset fixes d, K and the rectifier's width x layers; T = C*H*W / d unless `tokens` is given,
+    in which case d = C*H*W / T.
     """
     p = _preset(preset)
     n = math.prod(latent_shape)
@@ -182,7 +206,10 @@ def resolve_model_config(
     return ReVQConfig(
         latent_shape=tuple(latent_shape), tokens=tokens, codes=codes if codes is not None else p["codes"], dim=dim,
         preset=preset, split=split or "channel", rectifier=rectifier or "vit",
-        rectifier_width=p["rectifier_width"], rectifier_layers=p["rectifier_layers"], data=dict(data or {}),
+        rectifier_form=rectifier_form or "residual",
+        rectifier_width=rectifier_width if rectifier_width is not None else p["rectifier_width"],
+        rectifier_layers=rectifier_layers if rectifier_layers is not None else p["rectifier_layers"],
+        data=dict(data or {}),
     )
 
 
@@ -195,6 +222,7 @@ def resolve_train_config(
     seed: int = 0,
     reset: bool = True,
     codebook_update: str = "auto",
+    codebook_init: str = "random",
     device: torch.device | None = None,
 ) -> TrainConfig:
     """The training config for a preset, with the user's overrides.
@@ -210,6 +238,7 @@ def resolve_train_config(
         epochs=epochs if epochs is not None else p["epochs"],
         batch_size=batch_size if batch_size is not None else p["batch_size"],
         lr=lr if lr is not None else TrainConfig.lr, seed=seed, reset=reset, codebook_update=codebook_update,
+        codebook_init=codebook_init,
     )
 
 

@@ -6,7 +6,8 @@ Two modes, chosen once per loader:
 - streaming: for stores that do not fit, each epoch visits the store's chunks in a seeded random
   order, reads blocks of chunks in a background thread (prefetch), and shuffles within a block.
 
-The order of an epoch depends only on (seed, epoch), so a resumed run sees the same batches.
+The order of an epoch depends only on (seed, epoch) - the `data_order` random stream, shared with
+no other purpose (seeds.py) - so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -19,17 +20,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from revq_pipe.pipeline.seeds import stream_generator
 from revq_pipe.pipeline.store import LatentStore
 
 # Streaming reads about this many bytes of latents per block (whole chunks, at least two).
 STREAM_BLOCK_BYTES = 256 << 20
 # Fraction of free device (or host) memory the resident copy may take.
 RESIDENT_FRACTION = 0.5
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A CPU generator that depends only on (seed, epoch): the data order of that epoch."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def free_memory(device: torch.device) -> int:
@@ -59,7 +56,7 @@ class LatentLoader:
 
     def epoch(self, epoch: int = 0) -> Iterator[torch.Tensor]:
         """The batches of one epoch, in the order fixed by (seed, epoch)."""
-        generator = epoch_generator(self.seed, epoch)
+        generator = stream_generator(self.seed, "data_order", epoch)
         return self._resident_batches(generator) if self.resident else self._streamed_batches(generator)
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:

@@ -148,20 +148,25 @@ def usage_stats(counts: torch.Tensor) -> dict[str, float]:
 @torch.no_grad()
 def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor]) -> dict[str, float]:
     """Quantize-then-rectify quality over batches of raw latents: the latent MSE in the model's
-    normalised space (the one training minimises) and raw, plus code usage and perplexity
+    normalised space (the one training minimises) and raw, the same two for the quantizer alone
+    (codebook vectors, no rectifier: what the rectifier must beat), plus code usage and perplexity
     (`usage_stats`). fit's per-epoch validation and `revq-pipe eval` both report these numbers."""
     counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int64, device=model.device)
-    squared_errors = torch.zeros(2, dtype=torch.float64, device=model.device)
+    # rows: rectified normalised, rectified raw, quantizer-only normalised, quantizer-only raw
+    squared_errors = torch.zeros(4, dtype=torch.float64, device=model.device)
     numel = 0
     for z in batches:
         zn = model.preprocessor.normalize(z)
         ids = model.quantizer.search(model.splitter.split(zn), counts)
-        rectified = model.rectifier(model.splitter.merge(model.quantizer.lookup(ids)))
-        squared_errors[0] += (rectified - zn).square().sum(dtype=torch.float64)
-        squared_errors[1] += (model.preprocessor.denormalize(rectified) - z).square().sum(dtype=torch.float64)
+        quantized = model.splitter.merge(model.quantizer.lookup(ids))
+        for row, reconstruction in ((0, model.rectifier(quantized)), (2, quantized)):
+            squared_errors[row] += (reconstruction - zn).square().sum(dtype=torch.float64)
+            squared_errors[row + 1] += (model.preprocessor.denormalize(reconstruction) - z).square().sum(
+                dtype=torch.float64)
         numel += z.numel()
-    normalised, raw = (squared_errors / max(numel, 1)).tolist()
-    return {"latent_mse_normalised": normalised, "latent_mse": raw, **usage_stats(counts)}
+    normalised, raw, quantizer_normalised, quantizer_raw = (squared_errors / max(numel, 1)).tolist()
+    return {"latent_mse_normalised": normalised, "latent_mse": raw,
+            "quantizer_mse_normalised": quantizer_normalised, "quantizer_mse": quantizer_raw, **usage_stats(counts)}
 
 
 class ReVQ(nn.Module):

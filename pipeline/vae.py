@@ -128,11 +128,14 @@ def resolve_vae(spec: str | None) -> VaeSpec:
     """Turn `--vae` (a hub id, a local directory, or None for the default) into a VaeSpec.
 
     None means DC-AE f32c32 when it is in the local Hugging Face cache or the hub answers, and
-    otherwise the embedded VAE shipped with the package (said in one line). Unknown paths or
+    otherwise the embedded VAE shipped with the package (said in one line); "revq-pipe-embedded"
+    (the name stores and runs record for it) or "embedded" names that one directly. Unknown paths or
     ids, and unsupported classes, are UserErrors.
     """
     if spec is None:
         return _resolve_default()
+    if spec in (EMBEDDED_VAE_NAME, "embedded"):  # the name every artefact made with it records
+        return _embedded_spec()
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():

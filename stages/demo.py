@@ -8,8 +8,6 @@ crops of the two photos held out from both, so the image numbers are on unseen p
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import dataclass
 from io import StringIO
@@ -27,6 +25,7 @@ from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
 from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.workdir import claim_folder
 from revq_pipe.stages.decode import decode, image_path
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import EvalReport, evaluate
@@ -88,7 +87,7 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
     started = time.perf_counter()
     size = QUICK if quick else FULL
     out = Path(out)
-    _prepare_folder(out)
+    claim_folder(out, MARKER, "revq-pipe demo")
     if not (EMBEDDED_VAE_DIR / "config.json").is_file():
         raise UserError(f"the embedded VAE is not installed at {EMBEDDED_VAE_DIR}: reinstall revq-pipe")
     vae = str(EMBEDDED_VAE_DIR)
@@ -150,19 +149,6 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
     paths["eval report"] = paths["run"] / "eval.json"
     write_comparison(paths["comparison"], paths["eval latents"], paths["eval images"], paths["decoded images"], vae)
     return DemoResult(out=out, paths=paths, evaluation=evaluation, seconds=time.perf_counter() - started)
-
-
-def _prepare_folder(out: Path) -> None:
-    """An empty folder for the demo: a previous demo's is cleared, anything else is refused."""
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder")
-        if any(out.iterdir()):
-            if not (out / MARKER).is_file():
-                raise UserError(f"--out {out} is not empty and was not made by `revq-pipe demo`: choose another folder")
-            shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text(json.dumps({"made_by": "revq-pipe demo"}) + "\n")
 
 
 def write_comparison(path: Path, latents_url: Path, images: Path, decoded_images: Path, vae: str) -> None:

@@ -1,7 +1,8 @@
 """`revq-pipe eval`: how good a run's tokens are, on a latent store (and its source images).
 
 Latent space: MSE between the store's latents and their quantize-then-rectify reconstruction, raw
-and in the run's normalised space (the space training minimises), codebook usage and perplexity.
+and in the run's normalised space (the space training minimises), the same for the quantizer alone
+(without the rectifier), codebook usage and perplexity.
 Image space (with a VAE and the source images): PSNR and SSIM against the preprocessed originals
 of the VAE's own reconstruction (the ceiling any tokenizer on this VAE can reach) and of the
 reconstruction through the tokens; LPIPS and rFID of the latter too when their pretrained networks
@@ -48,6 +49,9 @@ class EvalReport:
     codes: int
     latent_mse: float
     latent_mse_normalised: float
+    # The same two for the quantizer alone (codebook vectors, no rectifier): what the rectifier adds.
+    quantizer_mse: float
+    quantizer_mse_normalised: float
     usage_mean_pct: float
     usage_min_pct: float
     perplexity: float
@@ -67,6 +71,8 @@ class EvalReport:
         table.add_column("value", justify="right")
         table.add_row("latent MSE (normalised)", f"{self.latent_mse_normalised:.4f}")
         table.add_row("latent MSE (raw)", f"{self.latent_mse:.4g}")
+        table.add_row("quantizer alone, no rectifier (normalised)", f"{self.quantizer_mse_normalised:.4f}")
+        table.add_row("quantizer alone, no rectifier (raw)", f"{self.quantizer_mse:.4g}")
         table.add_row("codebook usage (mean / min over positions)",
                       f"{self.usage_mean_pct:.1f}% / {self.usage_min_pct:.1f}% of {self.codes}")
         table.add_row("perplexity (mean over positions)", f"{self.perplexity:.1f} of {self.codes}")

@@ -4,8 +4,14 @@ The recipe is the paper's released code: codebooks initialised from a random sam
 tokens, codebook loss mse(tokens, quantized), rectifier loss mse(z, g(stopgrad(quantized))), AdamW
 (codebooks lr 0.01 without weight decay; rectifier lr 0.01 x 0.05, weight decay 1e-4), gradient
 clipping at 1.0 for each, exponential decay of both to 5% over the run, and the Non-Activation Reset
-at each epoch end. `Trainer` holds the model, both optimizers and one step; `fit` is the loop around
-it: data, epochs, validation, checkpoints, metrics.
+at each epoch end. Where revq-pipe departs from it by default, the paper's way stays a flag: the
+rectifier is residual and the identity at initialisation (`rectifier_form="paper"` for the paper's),
+and every random purpose has its own stream (seeds.py). `Trainer` holds the model, both optimizers
+and one step; `fit` is the loop around it: data, epochs, validation, checkpoints, metrics.
+
+The codebook loss is the quantizer's own latent MSE on the batch (tokens are a permutation of the
+normalised latent), so it and the rectifier loss are directly comparable: the rectifier helps where
+its loss is the lower one. Validation reports both on held-out latents each epoch.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.checkpoint import load_checkpoint, save_checkpoint, write_metrics
+from revq_pipe.pipeline.codebook_init import kmeans_sample_size, lloyd_, sample_rows
 from revq_pipe.pipeline.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.config import (ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config,
                                        use_compile)
@@ -30,6 +37,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import ReVQ, latent_metrics, usage_stats
+from revq_pipe.pipeline.seeds import stream_generator, stream_seed
 from revq_pipe.pipeline.store import LatentStore, absolute_url
 
 # On CUDA, losses are read back to the host (one device sync) every this many steps, for the
@@ -118,7 +126,7 @@ class Trainer:
         stats = usage_stats(self.counts)
         moved = 0
         if self.train.reset:
-            generator = torch.Generator(device=self.model.device).manual_seed(self.train.seed * 1_000_003 + epoch + 1)
+            generator = stream_generator(self.train.seed, "reset_noise", epoch, device=self.model.device)
             positions, codes = self.model.quantizer.reset_unused(
                 self.counts, ratio=self.train.reset_ratio, noise=self.train.reset_noise, generator=generator)
             moved = len(codes)
@@ -151,11 +159,13 @@ class Trainer:
 
 @torch.inference_mode()
 def validate(model: ReVQ, loader: LatentLoader) -> dict[str, float]:
-    """Latent MSE of quantize-then-rectify on a store (normalised and raw) and its code usage."""
+    """Latent MSE on a store (normalised and raw) of quantize-then-rectify and of the quantizer alone,
+    and its code usage."""
     model.eval()
     metrics = latent_metrics(model, loader.epoch())
     model.train()
     return {"val_mse": metrics["latent_mse_normalised"], "val_mse_raw": metrics["latent_mse"],
+            "val_mse_quantizer": metrics["quantizer_mse_normalised"], "val_mse_quantizer_raw": metrics["quantizer_mse"],
             "val_usage_mean_pct": metrics["usage_mean_pct"], "val_perplexity": metrics["perplexity"]}
 
 
@@ -184,7 +194,8 @@ class FitResult:
                          f"(min {last['usage_min_pct']:.1f}%), perplexity {last['perplexity']:.1f}")
             if "val_mse" in last:
                 lines.append(f"  validation latent MSE {last['val_mse']:.4g} (normalised), "
-                             f"{last['val_mse_raw']:.4g} (raw)")
+                             f"{last['val_mse_raw']:.4g} (raw); quantizer alone {last['val_mse_quantizer']:.4g} "
+                             f"(normalised)")
         lines.append(f"  load it: ReVQ.from_pretrained({str(self.run_dir)!r}); metrics in {self.run_dir / 'metrics.jsonl'}")
         return "\n".join(lines)
 
@@ -204,13 +215,19 @@ def _open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]
     return store, mean, std
 
 
-def _init_codebooks(model: ReVQ, loader: LatentLoader, seed: int) -> None:
-    """Codebook k of every position starts as the token of the k-th of K distinct random samples."""
+def _init_codebooks(model: ReVQ, loader: LatentLoader, train: TrainConfig, say) -> None:
+    """Code k of every position starts as the token of the k-th of K distinct random samples; with
+    `codebook_init="kmeans"`, Lloyd iterations on a larger sample (starting there) refine them."""
     k = model.config.codes
-    picks = torch.randperm(loader.n, generator=torch.Generator().manual_seed(seed))[:k].numpy()
+    size = kmeans_sample_size(loader.n, k) if train.codebook_init == "kmeans" else k
+    rows = sample_rows(loader.n, size, train.seed)
     with torch.no_grad():
-        tokens = model.splitter.split(model.preprocessor.normalize(loader.rows(picks)))
-    model.quantizer.init_from_tokens(tokens)
+        tokens = model.splitter.split(model.preprocessor.normalize(loader.rows(rows)))  # (S, T, d)
+    model.quantizer.init_from_tokens(tokens[:k])
+    if train.codebook_init == "kmeans":
+        history = lloyd_(model.codebooks.data, tokens.transpose(0, 1).contiguous(), train.kmeans_iters)
+        say(f"  k-means init on {size} latents, {train.kmeans_iters} iterations: quantizer MSE on the sample "
+            f"{history[0]:.4g} -> {history[-1]:.4g}")
 
 
 def _check_resume(checkpoint: dict[str, Any], model_config: ReVQConfig, train: TrainConfig,
@@ -241,10 +258,14 @@ def fit(
     resume: bool = False,
     split: str | None = None,
     rectifier: str | None = None,
+    rectifier_form: str | None = None,
+    rectifier_width: int | None = None,
+    rectifier_layers: int | None = None,
     reset: bool = True,
     tokens: int | None = None,
     codes: int | None = None,
     codebook_update: str = "auto",
+    codebook_init: str = "random",
     progress: bool = True,
 ) -> FitResult:
     """Train a ReVQ tokenizer on the latent store `store` into the run dir `out`.
@@ -258,9 +279,10 @@ def fit(
     train_store, mean, std = _open_training_store(store)
     data = _store_description(train_store)
     model_config = resolve_model_config(preset, train_store.latent_shape, tokens=tokens, codes=codes,
-                                        split=split, rectifier=rectifier, data=data)
+                                        split=split, rectifier=rectifier, rectifier_form=rectifier_form,
+                                        rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, data=data)
     train = resolve_train_config(preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, reset=reset,
-                                 codebook_update=codebook_update, device=dev)
+                                 codebook_update=codebook_update, codebook_init=codebook_init, device=dev)
     n = len(train_store)
     if model_config.codes > n:
         raise UserError(f"K={model_config.codes} codes per position need at least {model_config.codes} latents "
@@ -288,8 +310,9 @@ def fit(
     say(f"fit {store} -> {out} on {dev}\n  model: {json.dumps({**model_config.to_dict(), 'data': data['url']})}"
         f"\n  train: {json.dumps(train.to_dict())}")
 
-    torch.manual_seed(train.seed)  # the rectifier's initial weights
-    model = ReVQ(model_config)
+    with torch.random.fork_rng(devices=[]):  # the rectifier's initial weights, without touching global state
+        torch.manual_seed(stream_seed(train.seed, "rectifier_init"))
+        model = ReVQ(model_config)
     model.preprocessor.set_stats(mean, std)
     model.to(dev).train()
     trainer = Trainer(model, train)
@@ -305,7 +328,7 @@ def fit(
         model.save_pretrained(run_dir, train=train.to_dict())
         say(f"  resuming after epoch {start_epoch}")
     else:
-        _init_codebooks(model, loader, train.seed)
+        _init_codebooks(model, loader, train, say)
         history, start_epoch = [], 0
     say(f"  {n} latents, {len(loader)} steps per epoch, data {'on the device' if loader.resident else 'streamed'}")
 
@@ -371,5 +394,10 @@ def _epoch_line(m: dict[str, Any], epochs: int) -> str:
     line = (f"epoch {m['epoch']}/{epochs}: codebook {m['codebook_loss']:.4f}, rectifier {m['rectifier_loss']:.4f}, "
             f"usage {m['usage_mean_pct']:.1f}% (min {m['usage_min_pct']:.1f}%), reset {m['codes_reset']}")
     if "val_mse" in m:
-        line += f", val MSE {m['val_mse']:.4f} (raw {m['val_mse_raw']:.4g})"
-    return line + f", {m['samples_per_s']:.0f} samples/s"
+        line += f", val MSE {m['val_mse']:.4f} (quantizer alone {m['val_mse_quantizer']:.4f})"
+    line += f", {m['samples_per_s']:.0f} samples/s"
+    worse = (m["val_mse"] > m["val_mse_quantizer"]) if "val_mse" in m else m["rectifier_loss"] > m["codebook_loss"]
+    if worse:
+        line += (" - the rectifier is worse than the quantizer alone " +
+                 ("on validation" if "val_mse" in m else "on training batches"))
+    return line

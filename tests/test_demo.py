@@ -15,7 +15,8 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore
-from revq_pipe.stages.demo import COMPARISON_COUNT, MARKER, QUICK, _prepare_folder
+from revq_pipe.pipeline.workdir import claim_folder
+from revq_pipe.stages.demo import COMPARISON_COUNT, MARKER, QUICK
 
 
 def test_demo_quick_runs_to_the_end_and_its_outputs_load(tmp_path):
@@ -59,9 +60,9 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
 
 def test_demo_clears_its_own_previous_folder(tmp_path):
     out = tmp_path / "demo"
-    _prepare_folder(out)
+    claim_folder(out, MARKER, "revq-pipe demo")
     (out / "latents-train.zarr").mkdir()  # as a previous run would leave it
-    _prepare_folder(out)
+    claim_folder(out, MARKER, "revq-pipe demo")
     assert sorted(p.name for p in out.iterdir()) == [MARKER]
     with pytest.raises(UserError, match="is a file"):
-        _prepare_folder(out / MARKER)
+        claim_folder(out / MARKER, MARKER, "revq-pipe demo")

@@ -70,7 +70,8 @@ def test_the_run_dir_follows_the_design_and_loads_back_reproducing_the_validatio
     out, result = vit_run
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
-    for key in ("codebook_loss", "rectifier_loss", "val_mse", "val_mse_raw", "usage_mean_pct", "usage_min_pct",
+    for key in ("codebook_loss", "rectifier_loss", "val_mse", "val_mse_raw", "val_mse_quantizer",
+                "val_mse_quantizer_raw", "usage_mean_pct", "usage_min_pct",
                 "perplexity", "epoch_seconds", "samples_per_s"):
         assert all(np.isfinite(m[key]) for m in lines), key
     config = json.loads((out / "config.json").read_text())
@@ -85,6 +86,10 @@ def test_the_run_dir_follows_the_design_and_loads_back_reproducing_the_validatio
         normalised = (model.preprocessor.normalize(model(z)) - model.preprocessor.normalize(z)).square().mean().item()
     assert raw == pytest.approx(result.history[-1]["val_mse_raw"], rel=1e-5)
     assert normalised == pytest.approx(result.history[-1]["val_mse"], rel=1e-4)
+    with torch.no_grad():  # the quantizer alone: codebook vectors, no rectifier
+        quantized = model.dequantize(model.tokenize(z))
+        alone = (quantized - model.preprocessor.normalize(z)).square().mean().item()
+    assert alone == pytest.approx(result.history[-1]["val_mse_quantizer"], rel=1e-4)
 
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
@@ -220,3 +225,41 @@ def test_cli_trains_then_refuses_to_overwrite_or_to_resume_with_another_config(s
     assert code == 2 and "different model config" in err and "codes: 8 -> 16" in err
     code, _ = cli(*args, "--resume")  # the same command again: nothing left to do
     assert code == 0
+
+
+@pytest.fixture(scope="module")
+def photo_stores(tmp_path_factory):
+    """Latents of real photo crops through the embedded VAE: training photos, and held-out ones."""
+    from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE
+    from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
+    from revq_pipe.stages.encode import encode
+
+    root = tmp_path_factory.mktemp("photo-fit")
+    stores = {}
+    for name, photos, count, seed in (("train", TRAIN_PHOTOS, 384, 0), ("val", HOLDOUT_PHOTOS, 64, 1)):
+        write_image_folder(root / name, photo_crops(photos, count, seed=seed, out_size=EMBEDDED_IMAGE_SIZE))
+        encode(str(root / name), str(root / f"{name}.zarr"), vae="revq-pipe-embedded", device="cpu",
+               dtype="float32", workers=0, progress=False)
+        stores[name] = str(root / f"{name}.zarr")
+    return stores
+
+
+def test_on_photo_latents_the_default_rectifier_beats_none_and_the_paper_form(photo_stores, tmp_path):
+    history = {}
+    for name, options in (("default", {}), ("none", {"rectifier": "none"}), ("paper", {"rectifier_form": "paper"})):
+        result = fit(photo_stores["train"], str(tmp_path / name), preset="tiny", epochs=4, batch_size=32, codes=32,
+                     val=photo_stores["val"], device="cpu", progress=False, **options)
+        history[name] = [m["val_mse"] for m in result.history]
+    assert history["default"][-1] < history["none"][-1]
+    assert history["default"][-1] < 0.9 * history["paper"][-1]
+
+
+def test_the_epoch_line_says_when_the_rectifier_is_worse_than_the_quantizer_alone():
+    metrics = {"epoch": 3, "codebook_loss": 0.2, "rectifier_loss": 0.1, "usage_mean_pct": 90.0, "usage_min_pct": 80.0,
+               "codes_reset": 0, "samples_per_s": 100.0, "val_mse": 0.3, "val_mse_quantizer": 0.25, "val_mse_raw": 3.0}
+    line = fit_stage._epoch_line(metrics, 10)
+    assert "val MSE 0.3000 (quantizer alone 0.2500)" in line and "worse than the quantizer alone on validation" in line
+    assert "worse" not in fit_stage._epoch_line({**metrics, "val_mse": 0.2}, 10)
+    no_val = {k: v for k, v in metrics.items() if not k.startswith("val")}
+    assert "worse" not in fit_stage._epoch_line(no_val, 10)
+    assert "on training batches" in fit_stage._epoch_line({**no_val, "rectifier_loss": 0.3}, 10)

@@ -249,3 +249,41 @@ def test_loader_visits_every_latent_once_per_epoch_in_a_seeded_order(small_store
     assert len(dropped) == 8 and sum(len(b) for b in dropped.epoch(0)) == 48
     picks = np.array([7, 2, 40])
     assert (loader.rows(picks)[:, 0, 0, 0] / 8).long().tolist() == [7, 2, 40]
+
+
+@pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp", "none"])
+def test_the_residual_rectifier_is_exactly_the_identity_at_initialisation(rectifier):
+    model = small_model(rectifier=rectifier)
+    assert model.config.rectifier_form == "residual"
+    x = torch.randn(3, 8, 4, 4) * 5
+    with torch.no_grad():
+        assert torch.equal(model.rectifier(x), x)
+
+
+@pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp"])
+def test_the_paper_form_is_not_the_identity_and_the_form_is_recorded(tmp_path, rectifier):
+    torch.manual_seed(0)
+    config = resolve_model_config("tiny", (8, 4, 4), rectifier=rectifier, rectifier_form="paper")
+    model = ReVQ(config).eval()
+    x = torch.randn(3, 8, 4, 4)
+    with torch.no_grad():
+        assert (model.rectifier(x) - x).abs().max() > 1e-2
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rectifier_form"] == "paper"
+    assert ReVQ.from_pretrained(tmp_path).config.rectifier_form == "paper"
+
+
+def test_a_run_saved_before_rectifier_forms_existed_loads_as_the_paper_form():
+    values = resolve_model_config("tiny", (8, 4, 4)).to_dict()
+    del values["rectifier_form"]
+    assert ReVQConfig.from_dict(values).rectifier_form == "paper"
+
+
+def test_rectifier_width_and_layers_default_to_the_preset_and_can_be_set():
+    config = resolve_model_config("tiny", (8, 4, 4))
+    assert (config.rectifier_width, config.rectifier_layers) == (64, 2)
+    config = resolve_model_config("tiny", (8, 4, 4), rectifier="cnn", rectifier_width=32, rectifier_layers=3)
+    model = ReVQ(config)
+    assert len(model.rectifier.blocks) == 3 and model.rectifier.conv_in.out_channels == 32
+    with pytest.raises(UserError, match="unknown rectifier form"):
+        resolve_model_config("tiny", (8, 4, 4), rectifier_form="skip")

@@ -1,0 +1,57 @@
+"""Codebook initialisation: k-means per position agrees with scikit-learn's Lloyd, and fit uses it."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from revq_pipe.pipeline.codebook_init import kmeans_sample_size, lloyd_, sample_rows
+from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.stages.fit import fit
+
+
+def test_lloyd_per_position_lands_where_scikit_learns_lloyd_does_from_the_same_start():
+    rng = np.random.default_rng(0)
+    positions, samples, codes, dim = 3, 400, 6, 2
+    centres = rng.normal(scale=4, size=(positions, codes, dim))
+    x = centres[:, rng.integers(0, codes, samples)] + rng.normal(size=(positions, samples, dim))
+    x = x.astype(np.float32)
+    start = x[:, :codes].copy()  # distinct samples, as the random init takes them
+    codebooks = torch.from_numpy(start.copy())
+    history = lloyd_(codebooks, torch.from_numpy(x), iterations=30)
+    for t in range(positions):
+        reference = KMeans(codes, init=start[t].astype(np.float64), n_init=1, max_iter=30, algorithm="lloyd",
+                           tol=0).fit(x[t].astype(np.float64))
+        ours = codebooks[t].numpy()
+        # the same centroids (k-means keeps no order of its own: both start from the same codes)
+        np.testing.assert_allclose(ours, reference.cluster_centers_, atol=1e-4)
+    assert history[-1] < history[0] and all(b <= a + 1e-6 for a, b in zip(history, history[1:]))
+
+
+def test_a_code_no_sample_chooses_stays_where_it_is():
+    x = torch.tensor([[[0.0], [0.1], [0.2]]])  # one position, three samples near 0
+    codebooks = torch.tensor([[[0.0], [10.0]]])  # code 1 is nobody's nearest
+    lloyd_(codebooks, x, iterations=2)
+    assert codebooks[0, 1, 0].item() == 10.0 and codebooks[0, 0, 0].item() == pytest.approx(0.1)
+
+
+def test_the_sample_is_bounded_and_starts_with_the_random_inits_rows():
+    assert kmeans_sample_size(n=100, codes=8) == 100
+    assert kmeans_sample_size(n=10**7, codes=8) == 8 * 16
+    assert kmeans_sample_size(n=10**7, codes=1 << 18) == 1 << 18  # never fewer samples than codes
+    np.testing.assert_array_equal(sample_rows(1000, 200, seed=3)[:8], sample_rows(1000, 8, seed=3))
+
+
+def test_fit_with_kmeans_init_starts_closer_to_the_data_than_the_random_init(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(16, 8, 4, 4))
+    latents = (centres[rng.integers(0, 16, 512)] + 0.3 * rng.normal(size=(512, 8, 4, 4))).astype(np.float32)
+    store = str(tmp_path / "store")
+    write_latent_store(store, latents, chunk_size=128)
+    first_losses = {}
+    for init in ("random", "kmeans"):
+        result = fit(store, str(tmp_path / init), preset="tiny", epochs=1, batch_size=64, codes=8, device="cpu",
+                     codebook_init=init, rectifier="none", progress=False)
+        assert result.train_config.codebook_init == init
+        first_losses[init] = result.history[0]["codebook_loss"]
+    assert first_losses["kmeans"] < first_losses["random"]
