@@ -88,3 +88,12 @@ def test_training_record_is_honest(embedded_vae, training_record):
     spec = data["holdout_crops"]
     images = as_model_input(photo_crops(HOLDOUT_PHOTOS, spec["count"], seed=spec["seed"], out_size=spec["size"]))
     assert mean_round_trip_psnr(embedded_vae, images) == pytest.approx(training_record["holdout"]["psnr_db"], abs=0.05)
+
+
+@pytest.mark.parametrize("name", ["revq-pipe-embedded", "embedded"])
+def test_the_recorded_name_of_the_embedded_vae_resolves_to_it(name):
+    from revq_pipe.pipeline.vae import resolve_vae
+
+    spec = resolve_vae(name)
+    assert spec.name == "revq-pipe-embedded" and spec.latent_shape(EMBEDDED_IMAGE_SIZE) == EMBEDDED_LATENT_SHAPE
+    assert spec.note is None  # named on purpose: no fallback notice
