@@ -258,7 +258,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     outputs: dict[str, torch.Tensor] = {}
 
     def ours() -> None:
-        outputs[OURS] = nearest_code(x, codebooks, code_sqnorms=code_sqnorms)[0]
+        outputs[OURS] = nearest_code(x, codebooks)[0]
 
     def ours_exact() -> None:
         from revq_pipe.kernels.triton_search import nearest_code_triton
