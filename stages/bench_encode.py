@@ -125,7 +125,7 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         vae.module.to(memory_format=torch.contiguous_format)
     else:
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
-                            "(--images 4 --batch-size 4 takes about 2 minutes on 2 cores); "
+                            "(--images 4 --batch-size 4 takes about 3 minutes on 2 cores); "
                             "bf16 rows are measured on CUDA only")
 
     with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
