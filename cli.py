@@ -2,7 +2,8 @@
 
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
 CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands so `--help` stays fast.
-A `UserError` from any stage becomes one line on stderr and exit status 2.
+A `UserError` from any stage becomes one line on stderr and exit status 2. Log records of every
+module go to stderr through the one handler `pipeline.reporting` sets up, beside the progress bars.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Optional
 import typer
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.reporting import console_reporting
 
 app = typer.Typer(
     name="revq-pipe",
@@ -25,6 +27,12 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Measure the project's speed beside the reference way, in one run.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+
+
+@app.callback()
+def _report_to_console(ctx: typer.Context) -> None:
+    # Runs before any command; the context exits the reporting when the command has finished.
+    ctx.with_resource(console_reporting())
 
 
 def reports_user_errors(command):

@@ -1,5 +1,5 @@
 """Triton kernels and their dispatch (Triton on CUDA, bounded-memory torch on CPU)."""
 
-from revq_pipe.kernels.nearest_code import nearest_code
+from revq_pipe.kernels.nearest_code import NonFiniteError, nearest_code
 
-__all__ = ["nearest_code"]
+__all__ = ["NonFiniteError", "nearest_code"]

@@ -32,15 +32,23 @@ MAX_BLOCK_PAIRS = 1 << 20
 CODE_BLOCK = 4096
 
 
+class NonFiniteError(ValueError):
+    """The queries or the codebooks hold NaN or inf: no nearest code is meaningful.
+
+    A ValueError like the other input errors, but its own type, so that a training loop can tell
+    diverged numbers (a reason to stop and keep the last good checkpoint) from a programming error.
+    """
+
+
 def check_search_inputs(
     x: torch.Tensor,
     codebooks: torch.Tensor,
-    code_sqnorms: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     *,
     check_finite: bool = True,
 ) -> None:
-    """Raise ValueError with the offending tensor's name unless the inputs form a valid search."""
+    """Raise ValueError with the offending tensor's name unless the inputs form a valid search
+    (NonFiniteError, a ValueError, for NaN or inf)."""
     for name, tensor in (("x", x), ("codebooks", codebooks)):
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -61,11 +69,6 @@ def check_search_inputs(
         raise ValueError("codebooks must hold at least one code per group")
     if codebooks.device != x.device:
         raise ValueError(f"x is on {x.device} but codebooks is on {codebooks.device}")
-    if code_sqnorms is not None:
-        if tuple(code_sqnorms.shape) != (groups, num_codes):
-            raise ValueError(f"code_sqnorms must have shape (G, K) = {(groups, num_codes)}, got {tuple(code_sqnorms.shape)}")
-        if code_sqnorms.device != x.device:
-            raise ValueError(f"code_sqnorms is on {code_sqnorms.device} but x is on {x.device}")
     if counts is not None:
         if tuple(counts.shape) != (groups, num_codes):
             raise ValueError(f"counts must have shape (G, K) = {(groups, num_codes)}, got {tuple(counts.shape)}")
@@ -77,7 +80,7 @@ def check_search_inputs(
     # comparison meaningless and the returned codes arbitrary.
     for name, tensor in (("x", x), ("codebooks", codebooks)) if check_finite else ():
         if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{name} contains NaN or inf")
+            raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def nearest_code_torch(
@@ -227,7 +230,6 @@ def nearest_code(
     x: torch.Tensor,
     codebooks: torch.Tensor,
     *,
-    code_sqnorms: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,11 +238,6 @@ def nearest_code(
     Args:
         x: (G, M, d) queries, float32/bfloat16/float16, any strides.
         codebooks: (G, K, d) codes, same device; compared in fp32.
-        code_sqnorms: optional (G, K) squared code norms. Accepted (and shape-checked) so callers
-            that keep them can pass them, but not read: the Triton screen computes each code's
-            norm from the code block it already holds (d FMAs per code, shared by all queries of
-            the block), which costs less than reading them and cannot go stale; the CPU path
-            needs none.
         counts: optional (G, K) int32/int64 tensor; ``counts[g, k]`` is increased by the number of
             queries of group g whose nearest code is k (equal to a per-group torch.bincount).
             On CUDA this is fused into the search's final reduction.
@@ -253,13 +250,14 @@ def nearest_code(
         distances) and its squared L2 distance.
 
     Raises:
-        ValueError: on wrong shapes, dtypes or devices, or NaN/inf in x or codebooks (when checked).
+        NonFiniteError: NaN or inf in x or codebooks (when checked); a subclass of ValueError.
+        ValueError: on wrong shapes, dtypes or devices.
 
     Dispatch: CUDA tensors run the Triton kernels (`nearest_code_triton`); CPU tensors run
     `nearest_code_screened_torch`, or the Triton kernels through Triton's interpreter when
     TRITON_INTERPRET=1 was set before triton was imported (slow; for tests).
     """
-    check_search_inputs(x, codebooks, code_sqnorms, counts, check_finite=check_finite)
+    check_search_inputs(x, codebooks, counts, check_finite=check_finite)
     if implementation_for(x) == "triton":
         from revq_pipe.kernels.triton_search import nearest_code_triton
 

@@ -4,8 +4,6 @@ import torch
 
 from revq_pipe.pipeline.errors import UserError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present; asking for CUDA on a machine without it is a user error."""

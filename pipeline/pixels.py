@@ -25,7 +25,9 @@ def vae_pixels(vae: FrozenVae, latents: np.ndarray | torch.Tensor, batch_size: i
     for start in range(0, len(latents), batch_size):
         batch = torch.as_tensor(np.asarray(latents[start:start + batch_size], dtype=np.float32)).to(vae.device)
         decoded = vae.decode(batch).float().clamp(-1, 1)
-        # [-1, 1] -> [0, 255], rounded as torchvision's ToPILImage-style conversions do.
+        # [-1, 1] -> [0, 255], rounded to the nearest level (ties to even): what torchvision's
+        # save_image does by adding 0.5 before the cast. Its to_pil_image / ToPILImage truncate
+        # (`mul(255).byte()`), which would darken every pixel by half a level on average.
         pixels = ((decoded + 1) * 127.5).round().to(torch.uint8)
         images.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(images) if images else np.zeros((0, 0, 0, 3), np.uint8)

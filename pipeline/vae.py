@@ -107,9 +107,6 @@ class FrozenVae:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return nullcontext()
 
-    def compute_mode(self, full_precision: bool) -> str:
-        return "bf16-autocast" if self.device.type == "cuda" and not full_precision else "float32"
-
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of a (B, 3, S, S) batch in [-1, 1]: DC-AE's latent, or the KL posterior mean."""

@@ -12,6 +12,8 @@ Rows, all on the same JPEG images:
   same with channels_last inputs and weights, a candidate layout measured for a later decision;
 - end to end: `encode` from webdataset shards of JPEGs to a Zarr store (decode, resize, encode,
   compress, write, statistics), wall clock of the whole call.
+The encoder rows time a fixed number of batches with `torch.utils.benchmark.Timer` (after its two
+warm-up batches); the end-to-end row is one call of the stage, timed as a whole.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 
+from revq_pipe.pipeline.benchmarking import mean_seconds
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
 from revq_pipe.pipeline.sources import preprocess, to_model_input
@@ -122,7 +125,7 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         vae.module.to(memory_format=torch.contiguous_format)
     else:
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
-                            "(--images 4 --batch-size 4 takes about 2 minutes on 2 cores); "
+                            "(--images 4 --batch-size 4 takes about 3 minutes on 2 cores); "
                             "bf16 rows are measured on CUDA only")
 
     with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
@@ -159,7 +162,7 @@ def _bench_vae(device: torch.device, config: dict[str, Any] | None) -> tuple[Fro
 
 def _time_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images: int, *, full_precision: bool,
                   name: str, channels_last: bool = False) -> Row:
-    """Encoder-only images/s on preprocessed photos already on the device, after one warm-up batch."""
+    """Encoder-only images/s on preprocessed photos already on the device (Timer warms up first)."""
     repeats = math.ceil(batch_size / len(photos))
     batch = photos.repeat(repeats, 1, 1, 1)[:batch_size].to(vae.device)
     if channels_last:
@@ -168,13 +171,8 @@ def _time_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images:
     if vae.device.type == "cuda":
         batches = max(batches, CUDA_MIN_TIMED_BATCHES)
     with vae.autocast(full_precision):
-        vae.encode(batch)
-        _synchronize(vae.device)
-        started = time.perf_counter()
-        for _ in range(batches):
-            vae.encode(batch)
-        _synchronize(vae.device)
-    return Row(name, batches * batch_size, time.perf_counter() - started)
+        seconds = mean_seconds(lambda: vae.encode(batch), batches) * batches
+    return Row(name, batches * batch_size, seconds)
 
 
 def _jpeg_photos(count: int) -> list[bytes]:
@@ -204,11 +202,6 @@ def _write_shards(folder: Path, photos: list[bytes], images: int, shard_size: in
             sink.write({"__key__": f"{i:08d}", "jpg": photos[i % len(photos)], "cls": str(i % 10)})
     last = math.ceil(images / shard_size) - 1
     return str(folder / f"bench-{{000000..{last:06d}}}.tar")
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _device_name(device: torch.device) -> str:

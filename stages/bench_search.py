@@ -9,8 +9,10 @@ measurements:
 - an fp32 SGEMM, to measure the device's FP32 FMA rate.
 
 Speeds are Gpairs/s with pairs = G*M*K. The FMA bound is SGEMM FLOP/s over 2(d+2) FLOP per pair
-(d multiply-adds, the code norm and the comparison: DESIGN.md's ~2,500 Gpairs/s at d=8 on an
-H100). In their sm_90 builds the screen costs about d+5.5 and the exact kernel about 2d+3.5
+(d multiply-adds, the code norm and the comparison): about 2,500 Gpairs/s at d=8 on one H100,
+whose fp32 SGEMM this project measured at 51.6 TFLOP/s (51.6e12 / 20, on 2026-11-22). Times are
+medians from `triton.testing.do_bench` on CUDA and `torch.utils.benchmark.Timer` on the CPU
+(`pipeline.benchmarking`). In their sm_90 builds the screen costs about d+5.5 and the exact kernel about 2d+3.5
 FP32-pipe instructions per pair; at one instruction per FMA slot those are their own ceilings,
 printed too.
 
@@ -25,15 +27,13 @@ from __future__ import annotations
 
 import datetime
 import platform
-import statistics
-import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from revq_pipe.kernels import nearest_code
 from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_torch
+from revq_pipe.pipeline.benchmarking import reference_search, seconds_per_call
 from revq_pipe.pipeline.config import PRESETS
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
@@ -46,10 +46,6 @@ CPU_MAX_PAIRS = 1 << 28
 # baddbmm's distance block per chunk of groups, in elements (4 GiB of fp32).
 BADDBMM_BLOCK = 1 << 30
 EXACT_CHECK_GROUPS = 4
-# Each method is timed until this many seconds have passed (at least MIN_REPEATS runs).
-TIME_BUDGET_S = 1.0
-MIN_REPEATS = 3
-MAX_REPEATS = 50
 
 
 @dataclass(frozen=True)
@@ -149,41 +145,6 @@ REFERENCE = "reference: vmap(cdist+min, chunk=2)"
 BADDBMM = "baddbmm + argmin"
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(run: Callable[[], object], device: torch.device) -> float:
-    """Median wall time of run() after one warm-up call (compilation, autotuning, allocations)."""
-    run()
-    _synchronize(device)
-    samples: list[float] = []
-    started = time.perf_counter()
-    while len(samples) < MAX_REPEATS and (len(samples) < MIN_REPEATS or time.perf_counter() - started < TIME_BUDGET_S):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            run()
-            end.record()
-            end.synchronize()
-            samples.append(begin.elapsed_time(end) / 1e3)
-        else:
-            begin_s = time.perf_counter()
-            run()
-            samples.append(time.perf_counter() - begin_s)
-    return statistics.median(samples)
-
-
-def reference_search(x: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """The paper's public code's way: cdist then min per group, two groups at a time under vmap."""
-
-    def one_group(queries: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return torch.cdist(queries, codes).min(dim=-1).indices
-
-    return torch.vmap(one_group, chunk_size=2)(x, codebooks)
-
-
 def baddbmm_search(x: torch.Tensor, codebooks: torch.Tensor, code_sqnorms: torch.Tensor) -> torch.Tensor:
     """|c|^2 - 2 x.c with one baddbmm per chunk of groups, then argmin (|x|^2 does not change it)."""
     groups, queries, _ = x.shape
@@ -205,7 +166,7 @@ def _sgemm_flops(device: torch.device) -> float:
     allowed = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        seconds = _median_seconds(lambda: torch.mm(a, b), device)
+        seconds = seconds_per_call(lambda: torch.mm(a, b), device)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = allowed
     return 2 * size**3 / seconds
@@ -258,7 +219,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     outputs: dict[str, torch.Tensor] = {}
 
     def ours() -> None:
-        outputs[OURS] = nearest_code(x, codebooks, code_sqnorms=code_sqnorms)[0]
+        outputs[OURS] = nearest_code(x, codebooks)[0]
 
     def ours_exact() -> None:
         from revq_pipe.kernels.triton_search import nearest_code_triton
@@ -266,7 +227,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
         outputs[OURS_EXACT] = nearest_code_triton(x, codebooks, method="exact")[0]
 
     def reference() -> None:
-        outputs[REFERENCE] = reference_search(x, codebooks)
+        outputs[REFERENCE] = reference_search(x, codebooks)[0]
 
     def baddbmm() -> None:
         outputs[BADDBMM] = baddbmm_search(x, codebooks, code_sqnorms)
@@ -274,7 +235,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     methods = [(OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm)]
     if implementation_for(x) == "triton":
         methods.insert(1, (OURS_EXACT, ours_exact))
-    timings = [Timing(name, _median_seconds(run, dev)) for name, run in methods]
+    timings = [Timing(name, seconds_per_call(run, dev)) for name, run in methods]
     sgemm = _sgemm_flops(dev)
 
     checked = min(spec.groups, EXACT_CHECK_GROUPS)

@@ -77,9 +77,9 @@ class DemoResult:
         # On few images usage is bounded by the count: each position sees one code per image.
         table.add_row(f"codes used per position ({e.count} images)", "-", f"{e.usage_mean_pct:.1f}% of {e.codes}")
         table.add_row("tokens per image", "-", f"{e.tokens}, {e.codes} codes each")
-        buffer = StringIO()
-        Console(file=buffer, width=100, color_system=None).print(table)
-        return buffer.getvalue().rstrip()
+        from revq_pipe.pipeline.reporting import table_text
+
+        return table_text(table)
 
 
 def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool = True) -> DemoResult:

@@ -14,12 +14,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from io import StringIO
 from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
@@ -28,6 +26,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.metrics import image_psnr_ssim
 from revq_pipe.pipeline.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.reporting import table_text
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import latent_metrics
 from revq_pipe.pipeline.run_dir import Run
@@ -86,9 +85,7 @@ class EvalReport:
                     table.add_row(f"{name.upper()} through tokens", f"{self.image[name]:.4f}")
         for name, reason in self.skipped.items():
             table.add_row(name.upper(), reason)
-        buffer = StringIO()
-        Console(file=buffer, width=100, color_system=None).print(table)
-        return buffer.getvalue().rstrip()
+        return table_text(table)
 
 
 def evaluate(

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from typer.testing import CliRunner
 
 from conftest import PHOTO_COUNT, TINY_IMAGE_SIZE
@@ -73,16 +74,45 @@ def test_eval_image_metrics_match_the_reconstructions(pipeline):
     z = store.latents[:]
     with torch.inference_mode():
         recon = torch.cat([model(torch.from_numpy(z[i:i + 5])) for i in range(0, len(z), 5)])
-    psnr_vae, ssim_vae = image_psnr_ssim(originals, vae_pixels(vae, z, 5) / 255.0)
-    psnr_tokens, ssim_tokens = image_psnr_ssim(originals, vae_pixels(vae, recon, 5) / 255.0)
+    vae_only, through_tokens = vae_pixels(vae, z, 5) / 255.0, vae_pixels(vae, recon, 5) / 255.0
+    psnr_vae, ssim_vae = image_psnr_ssim(originals, vae_only)
+    psnr_tokens, ssim_tokens = image_psnr_ssim(originals, through_tokens)
     expected = {"psnr_vae": psnr_vae.mean(), "ssim_vae": ssim_vae.mean(),
                 "psnr_tokens": psnr_tokens.mean(), "ssim_tokens": ssim_tokens.mean()}
     assert {name: report.image[name] for name in expected} == pytest.approx(expected)
+    # The same numbers without the project's metric helper: PSNR from its formula, SSIM from
+    # scikit-image called here, each per image and then averaged.
+    for name, pixels in (("vae", vae_only), ("tokens", through_tokens)):
+        mse = ((originals - pixels) ** 2).mean(axis=(1, 2, 3))
+        assert report.image[f"psnr_{name}"] == pytest.approx(np.mean(10 * np.log10(1.0 / mse)))
+        ssim = [structural_similarity(o, r, data_range=1.0, channel_axis=-1) for o, r in zip(originals, pixels)]
+        assert report.image[f"ssim_{name}"] == pytest.approx(np.mean(ssim))
     for name in ("lpips", "rfid"):  # each either ran (its weights are cached here) or says why not
         assert (name in report.image) != (name in report.skipped)
         assert name in report.image or report.skipped[name].startswith("skipped (")
     assert "PSNR" in report.table()
     assert json.loads((pipeline["run"] / "eval.json").read_text())["image"] == report.image
+
+
+def test_psnr_and_ssim_match_their_formulas_and_scikit_image_on_constructed_errors():
+    rng = np.random.default_rng(0)
+    originals = rng.uniform(0.25, 0.75, size=(3, 16, 16, 3))
+    rms_errors = np.array([0.1, 0.01, 0.003])
+    checkerboard = np.where(np.indices((16, 16, 3)).sum(axis=0) % 2 == 0, 1.0, -1.0)  # every square is 1
+    reconstructions = originals + rms_errors[:, None, None, None] * checkerboard  # MSE = rms_error^2 exactly
+    psnr, ssim = image_psnr_ssim(originals, reconstructions)
+
+    np.testing.assert_allclose(psnr, 10 * np.log10(1.0 / rms_errors**2), rtol=1e-9)  # 20, 40, 50.46 dB
+    for i, (original, recon) in enumerate(zip(originals, reconstructions)):
+        assert psnr[i] == pytest.approx(peak_signal_noise_ratio(original, recon, data_range=1.0))
+        assert ssim[i] == pytest.approx(structural_similarity(original, recon, data_range=1.0, channel_axis=-1))
+    assert ssim[0] < ssim[1] < ssim[2] < 1.0
+
+    # Two flat images have no variance: SSIM is its luminance term alone, (2ab + C1) / (a^2 + b^2 + C1).
+    flat_a, flat_b = np.full((1, 16, 16, 3), 0.6), np.full((1, 16, 16, 3), 0.4)
+    c1 = (0.01 * 1.0) ** 2  # (K1 * data range)^2, SSIM's usual constant
+    _, flat_ssim = image_psnr_ssim(flat_a, flat_b)
+    assert flat_ssim[0] == pytest.approx((2 * 0.6 * 0.4 + c1) / (0.6**2 + 0.4**2 + c1))
 
 
 def test_original_pixels_follow_the_store_order_and_skip_missing(pipeline):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from revq_pipe.kernels import nearest_code
+from revq_pipe.kernels import NonFiniteError, nearest_code
 from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_screened_torch, nearest_code_torch
 
 RUNNER = Path(__file__).with_name("interpreter_runner.py")
@@ -149,14 +149,30 @@ def test_bad_inputs_raise_value_error(make_inputs, message):
         nearest_code(x, codebooks)
 
 
-def test_bad_counts_and_norms_raise_value_error():
+def test_bad_counts_raise_value_error():
     x, codebooks = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
     with pytest.raises(ValueError, match="counts must be int32 or int64"):
         nearest_code(x, codebooks, counts=torch.zeros(2, 5))
     with pytest.raises(ValueError, match=r"counts must have shape \(G, K\)"):
         nearest_code(x, codebooks, counts=torch.zeros(2, 4, dtype=torch.int64))
-    with pytest.raises(ValueError, match=r"code_sqnorms must have shape \(G, K\)"):
-        nearest_code(x, codebooks, code_sqnorms=torch.zeros(5, 2))
+
+
+@pytest.mark.parametrize("poisoned,value", [("x", float("nan")), ("codebooks", float("inf")), ("codebooks", float("-inf"))])
+def test_non_finite_inputs_raise_their_own_error_type(poisoned, value):
+    """A caller can catch NaN/inf by type (a training stop), apart from wrong shapes (a bug)."""
+    tensors = {"x": torch.randn(2, 3, 4), "codebooks": torch.randn(2, 5, 4)}
+    tensors[poisoned][1, 2, 3] = value
+    with pytest.raises(NonFiniteError) as caught:
+        nearest_code(tensors["x"], tensors["codebooks"])
+    assert str(caught.value) == f"{poisoned} contains NaN or inf"
+    assert isinstance(caught.value, ValueError)  # callers catching ValueError still catch it
+
+
+def test_invalid_shapes_are_not_reported_as_non_finite():
+    with pytest.raises(ValueError) as caught:
+        nearest_code(torch.full((2, 3, 4), float("nan")), torch.randn(3, 5, 4))
+    assert not isinstance(caught.value, NonFiniteError)
+    assert "same G and d" in str(caught.value)
 
 
 @pytest.mark.parametrize("offset,duplicates", [(0.0, False), (0.0, True), (300.0, False)])
@@ -243,6 +259,7 @@ def interpreted_runs(tmp_path_factory):
     return cases, torch.load(results_path)
 
 
+@pytest.mark.slow  # a child process runs the kernels through Triton's interpreter
 @pytest.mark.parametrize("method", ["screen", "exact"])
 @pytest.mark.parametrize("case_index", range(len(_interpreter_cases())))
 def test_triton_kernel_matches_torch_path_and_brute_force(interpreted_runs, case_index, method):
@@ -258,6 +275,7 @@ def test_triton_kernel_matches_torch_path_and_brute_force(interpreted_runs, case
         assert torch.equal(added, per_group_bincount(result["indices"], codebooks.shape[1]))
 
 
+@pytest.mark.slow  # a child process runs the kernels through Triton's interpreter
 @pytest.mark.parametrize("case_index", range(len(_interpreter_cases())))
 def test_public_api_runs_the_kernel_when_interpreting(interpreted_runs, case_index):
     """With TRITON_INTERPRET=1 the public API itself runs the kernel on CPU tensors."""
