@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from revq_pipe.pipeline.config import ReVQConfig, TrainConfig
 from revq_pipe.pipeline.errors import UserError
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -35,6 +36,20 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | Non
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # a foreign or damaged file: say which, do not guess
         raise UserError(f"{path} cannot be read as a revq-pipe checkpoint: {err}") from err
+
+
+def check_resume(checkpoint: dict[str, Any], model_config: ReVQConfig, train: TrainConfig,
+                 data: dict[str, Any], out: Path) -> None:
+    """A resumed run must be the same run: same model, training and store; else say what differs."""
+    saved = {**checkpoint["model_config"], "data": None}
+    wanted = {**model_config.to_dict(), "data": None}
+    for kind, old, new in (("model", saved, wanted), ("training", checkpoint["train_config"], train.to_dict()),
+                           ("store", {k: checkpoint["data"][k] for k in ("count", "revq")},
+                            {k: data[k] for k in ("count", "revq")})):
+        diff = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if diff:
+            shown = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in diff)
+            raise UserError(f"--resume with a different {kind} config than {out} was started with ({shown})")
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -9,15 +9,14 @@ Both draw from the `codebook_init` random stream only.
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import torch
 
 from revq_pipe.kernels import nearest_code
+from revq_pipe.pipeline.config import TrainConfig
+from revq_pipe.pipeline.loader import LatentLoader
+from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.seeds import stream_generator
-
-log = logging.getLogger(__name__)
 
 # The k-means sample: KMEANS_SAMPLES_PER_CODE latents per code, at most KMEANS_MAX_SAMPLES (64k
 # DC-AE latents are 512 MiB in fp32), never fewer than K (each code needs a sample to start from).
@@ -57,3 +56,19 @@ def lloyd_(codebooks: torch.Tensor, x: torch.Tensor, iterations: int) -> list[fl
     _, distances = nearest_code(x, codebooks)
     history.append(distances.mean().item() / d)
     return history
+
+
+def init_codebooks(model: ReVQ, loader: LatentLoader, train: TrainConfig) -> list[float] | None:
+    """Set the model's codebooks as `train.codebook_init` says, from the loader's store. Code k of
+    every position starts as its token in the k-th of K distinct random latents; with "kmeans",
+    Lloyd iterations on a larger sample (whose first K rows are those) refine them, and the sample's
+    quantizer MSE before each iteration and after the last is returned (None for "random")."""
+    k = model.config.codes
+    kmeans = train.codebook_init == "kmeans"
+    rows = sample_rows(loader.n, kmeans_sample_size(loader.n, k) if kmeans else k, train.seed)
+    with torch.no_grad():
+        tokens = model.splitter.split(model.preprocessor.normalize(loader.rows(rows)))  # (S, T, d)
+    model.quantizer.init_from_tokens(tokens[:k])
+    if not kmeans:
+        return None
+    return lloyd_(model.codebooks.data, tokens.transpose(0, 1).contiguous(), train.kmeans_iters)

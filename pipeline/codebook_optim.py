@@ -1,4 +1,13 @@
-"""Sparse AdamW for the codebooks: each step reads and writes only the codes that were chosen.
+"""The codebooks' optimizers: dense AdamW (the reference's) and a sparse AdamW that touches only the
+chosen codes, behind one interface so the training loop never asks which one it has:
+
+    quantized, loss = optimizer.learn(ids, tokens)   # one update from a batch's chosen codes
+    optimizer.param_groups[0]["lr"] = lr             # one learning-rate rule for every optimizer
+    optimizer.flush()                                # codebooks as dense AdamW has them (epoch end)
+    optimizer.forget(positions, codes)               # moved codes lose their moments (reset)
+    optimizer.state_dict() / load_state_dict(state)
+
+Sparse AdamW: each step reads and writes only the codes that were chosen.
 
 A step of ReVQ training chooses B*T codes out of T*K (at bs 128 on 256T_NC=262144: 32,768 of 67
 million), and only those receive gradient from `mse(tokens, quantized)`. Dense AdamW still reads and
@@ -26,6 +35,7 @@ for codebooks.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from revq_pipe.pipeline.config import use_compile
 
@@ -52,6 +62,43 @@ def momentum_tail(m: torch.Tensor, v: torch.Tensor, last: torch.Tensor, first_j:
     return terms.sum(dim=1)
 
 
+def chosen_codes(codebooks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) code ids -> (B, T, d) code vectors of (T, K, d) codebooks."""
+    return codebooks[torch.arange(codebooks.shape[0], device=ids.device), ids]
+
+
+class DenseAdamW(torch.optim.AdamW):
+    """torch's AdamW over the whole (T, K, d) codebook, gradients through autograd, clipped by their
+    global norm: the reference code's update, with the codebook optimizers' interface."""
+
+    def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, max_grad_norm: float = 1.0,
+                 fused: bool | None = None):
+        super().__init__([codebooks], lr=lr, weight_decay=0.0, fused=fused)
+        self.codebooks, self.max_grad_norm = codebooks, max_grad_norm
+
+    def learn(self, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from the chosen codes `ids` (B, T) of `tokens` (B, T, d) with loss
+        mse(tokens, quantized); returns the codes before the update (detached) and the loss."""
+        quantized = chosen_codes(self.codebooks, ids)
+        loss = F.mse_loss(quantized, tokens)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([self.codebooks], self.max_grad_norm)
+        self.step()
+        self.zero_grad(set_to_none=True)
+        return quantized.detach(), loss.detach()
+
+    def flush(self) -> None:
+        """Nothing is pending: every code was updated at every step."""
+
+    @torch.no_grad()
+    def forget(self, positions: torch.Tensor, codes: torch.Tensor) -> None:
+        """Zero the moments of codes that were moved (reset): their history belongs to another place."""
+        if self.state:
+            state = self.state[self.codebooks]
+            state["exp_avg"][positions, codes] = 0
+            state["exp_avg_sq"][positions, codes] = 0
+
+
 class SparseAdamW:
     """AdamW over the codes of a (T, K, d) codebook, touching only the chosen codes each step."""
 
@@ -59,7 +106,9 @@ class SparseAdamW:
                  eps: float = 1e-8, max_grad_norm: float = 1.0, window: int = 100):
         self.codebooks = codebooks
         self.betas, self.eps, self.max_grad_norm, self.window = betas, eps, max_grad_norm, window
-        self.lr = lr
+        # As torch optimizers have it, so one learning-rate rule serves every optimizer.
+        self.param_groups = [{"lr": lr}]
+        self._lr_tensor_value: float | None = None
         t, k, _ = codebooks.shape
         # Moments as of each code's last update (`last_step`), not decayed since.
         self.exp_avg = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
@@ -71,14 +120,30 @@ class SparseAdamW:
 
     @property
     def lr(self) -> float:
-        return self._lr
+        return self.param_groups[0]["lr"]
 
     @lr.setter
     def lr(self, value: float) -> None:
-        # Kept as a device tensor too: creating it per step would sync with the GPU, and a new float
-        # each epoch would make the compiled tail recompile.
-        self._lr = value
-        self._lr_tensor = torch.tensor(value, dtype=torch.float32, device=self.codebooks.device)
+        self.param_groups[0]["lr"] = value
+
+    @property
+    def _lr_tensor(self) -> torch.Tensor:
+        # Kept as a device tensor, made again only when the rate changes: creating it every step would
+        # sync with the GPU, and a new Python float each epoch would make the compiled tail recompile.
+        if self._lr_tensor_value != self.lr:
+            self._lr_tensor_value = self.lr
+            self._lr_tensor_cache = torch.tensor(self.lr, dtype=torch.float32, device=self.codebooks.device)
+        return self._lr_tensor_cache
+
+    @torch.no_grad()
+    def learn(self, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from the chosen codes `ids` (B, T) of `tokens` (B, T, d) with loss
+        mse(tokens, quantized); returns the codes before the update and the loss. No autograd graph:
+        d mse / d quantized is 2 (quantized - tokens) / numel, in closed form."""
+        quantized = chosen_codes(self.codebooks, ids)
+        loss = F.mse_loss(quantized, tokens)
+        self.step(ids, (quantized - tokens) * (2.0 / tokens.numel()))
+        return quantized, loss
 
     def _catch_up(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                   missed: torch.Tensor) -> None:
@@ -149,10 +214,20 @@ class SparseAdamW:
 
     def state_dict(self) -> dict:
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq, "last_step": self.last_step,
-                "steps": self.steps}
+                "steps": self.steps, "lr": self.lr}
 
     def load_state_dict(self, state: dict) -> None:
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         self.last_step.copy_(state["last_step"])
         self.steps = int(state["steps"])
+        self.lr = float(state.get("lr", self.lr))
+
+
+def codebook_optimizer(kind: str, codebooks: torch.nn.Parameter, *, lr: float, max_grad_norm: float
+                       ) -> DenseAdamW | SparseAdamW:
+    """The codebook update `kind` names: "sparse" (SparseAdamW) or "dense" (torch AdamW, fused on CUDA)."""
+    if kind == "sparse":
+        return SparseAdamW(codebooks, lr=lr, max_grad_norm=max_grad_norm)
+    return DenseAdamW(codebooks, lr=lr, max_grad_norm=max_grad_norm,
+                      fused=True if codebooks.device.type == "cuda" else None)

@@ -2,7 +2,7 @@
 
 Both steps start from the same model and train on the same random latents of the preset's shape
 (DC-AE f32c32 at 256 px: (32, 8, 8)), in one process:
-- this project: `fit`'s `Trainer.step` (kernels.nearest_code with fused counts, sparse AdamW on the
+- this project: `pipeline.trainer.Trainer.step`, as `fit` runs it (kernels.nearest_code with fused counts, sparse AdamW on the
   chosen codes, bf16 autocast and torch.compile for the rectifier on CUDA);
 - reference style, as the paper's public code does it: nearest code by `torch.cdist` under
   `torch.vmap` (2 groups at a time), counts by scatter_add, fp32 throughout, one dense AdamW over
@@ -29,7 +29,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import free_memory
 from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.stages.fit import Trainer
+from revq_pipe.pipeline.trainer import Trainer
 
 DCAE_F32C32_LATENT = (32, 8, 8)
 IMAGENET_TRAIN_IMAGES = 1_281_167

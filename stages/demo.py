@@ -8,20 +8,20 @@ crops of the two photos held out from both, so the image numbers are on unseen p
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from rich.console import Console
 from rich.table import Table
 
 from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.reporting import table_text
 from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.vae import resolve_vae
@@ -31,6 +31,8 @@ from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import EvalReport, evaluate
 from revq_pipe.stages.export_tokens import export_tokens
 from revq_pipe.stages.fit import fit
+
+log = logging.getLogger(__name__)
 
 MARKER = "revq-demo.json"  # proves a folder is the demo's own, so a re-run may clear it
 COMPARISON_COUNT = 8  # eval images shown in comparison.png
@@ -77,8 +79,6 @@ class DemoResult:
         # On few images usage is bounded by the count: each position sees one code per image.
         table.add_row(f"codes used per position ({e.count} images)", "-", f"{e.usage_mean_pct:.1f}% of {e.codes}")
         table.add_row("tokens per image", "-", f"{e.tokens}, {e.codes} codes each")
-        from revq_pipe.pipeline.reporting import table_text
-
         return table_text(table)
 
 
@@ -102,19 +102,19 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
         "decoded images": out / "decoded-eval-images",
         "comparison": out / "comparison.png",
     }
-    say = print if progress else (lambda *args, **kwargs: None)
-    say(f"revq-pipe demo{' --quick' if quick else ''}: the whole ReVQ pipeline on the CPU, offline, into {out}\n"
-        f"  1. write {size.train_images} training crops of {', '.join(TRAIN_PHOTOS)} and {size.eval_images} "
-        f"held-out crops of {', '.join(HOLDOUT_PHOTOS)}\n"
-        f"  2. encode both with the embedded VAE ({EMBEDDED_IMAGE_SIZE} px) into latent stores\n"
-        f"  3. fit a ReVQ tokenizer (tiny preset, {size.codes} codes per position, {size.epochs} epochs)\n"
-        f"  4. export the held-out crops' token ids\n"
-        f"  5. decode the tokens back to latents and to images\n"
-        f"  6. evaluate: latent MSE, codebook usage, PSNR/SSIM of VAE-only vs through-the-tokens images",
-        flush=True)
+    level = logging.INFO if progress else logging.DEBUG
+    log.log(level, f"revq-pipe demo{' --quick' if quick else ''}: the whole ReVQ pipeline on the CPU, offline, "
+                   f"into {out}\n"
+                   f"  1. write {size.train_images} training crops of {', '.join(TRAIN_PHOTOS)} and {size.eval_images} "
+                   f"held-out crops of {', '.join(HOLDOUT_PHOTOS)}\n"
+                   f"  2. encode both with the embedded VAE ({EMBEDDED_IMAGE_SIZE} px) into latent stores\n"
+                   f"  3. fit a ReVQ tokenizer (tiny preset, {size.codes} codes per position, {size.epochs} epochs)\n"
+                   f"  4. export the held-out crops' token ids\n"
+                   f"  5. decode the tokens back to latents and to images\n"
+                   f"  6. evaluate: latent MSE, codebook usage, PSNR/SSIM of VAE-only vs through-the-tokens images")
 
     def step(number: int, text: str) -> None:
-        say(f"\n[{number}/6] {text}", flush=True)
+        log.log(level, f"\n[{number}/6] {text}")
 
     step(1, "photographs")
     write_image_folder(paths["train images"], photo_crops(TRAIN_PHOTOS, size.train_images, seed=0, out_size=CROP_SIDE))
@@ -125,23 +125,23 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
         summary = encode(str(paths[f"{split} images"]), str(paths[f"{split} latents"]), vae=vae,
                          image_size=EMBEDDED_IMAGE_SIZE, batch_size=64, device="cpu", dtype="float32", workers=0,
                          progress=progress)
-        say(summary.report(), flush=True)
+        log.log(level, summary.report())
 
     step(3, "fit")
     result = fit(str(paths["train latents"]), str(paths["run"]), preset="tiny", epochs=size.epochs,
                  batch_size=size.batch_size, codes=size.codes, val=str(paths["eval latents"]), device="cpu",
                  progress=progress)
-    say(result.report(), flush=True)
+    log.log(level, result.report())
 
     step(4, "export-tokens")
-    say(export_tokens(str(paths["run"]), str(paths["eval latents"]), str(paths["tokens"]), device="cpu",
-                      progress=progress).report(), flush=True)
+    log.log(level, export_tokens(str(paths["run"]), str(paths["eval latents"]), str(paths["tokens"]), device="cpu",
+                                 progress=progress).report())
 
     step(5, "decode")
-    say(decode(str(paths["run"]), str(paths["tokens"]), str(paths["decoded latents"]), device="cpu",
-               progress=progress).report(), flush=True)
-    say(decode(str(paths["run"]), str(paths["tokens"]), str(paths["decoded images"]), vae=vae, device="cpu",
-               progress=progress).report(), flush=True)
+    log.log(level, decode(str(paths["run"]), str(paths["tokens"]), str(paths["decoded latents"]), device="cpu",
+                          progress=progress).report())
+    log.log(level, decode(str(paths["run"]), str(paths["tokens"]), str(paths["decoded images"]), vae=vae,
+                          device="cpu", progress=progress).report())
 
     step(6, "eval")
     evaluation = evaluate(str(paths["run"]), str(paths["eval latents"]), vae=vae, images=str(paths["eval images"]),

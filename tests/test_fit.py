@@ -12,6 +12,8 @@ from revq_pipe.cli import app
 from revq_pipe.pipeline.checkpoint import load_checkpoint
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.codebook_optim import SparseAdamW
+from revq_pipe.pipeline.trainer import Trainer
 from revq_pipe.stages import fit as fit_stage
 from revq_pipe.stages.fit import TrainingStopped, fit
 
@@ -117,7 +119,7 @@ def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run
     kwargs = run_kwargs(stores, codebook_update=update)
     fit(stores["small"], str(tmp_path / "whole"), **kwargs)
 
-    real_step, calls = fit_stage.Trainer.step, {"n": 0}
+    real_step, calls = Trainer.step, {"n": 0}
 
     def crashing_step(self, z):
         calls["n"] += 1
@@ -125,10 +127,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run
             raise RuntimeError("injected crash")
         return real_step(self, z)
 
-    monkeypatch.setattr(fit_stage.Trainer, "step", crashing_step)
+    monkeypatch.setattr(Trainer, "step", crashing_step)
     with pytest.raises(RuntimeError, match="injected"):
         fit(stores["small"], str(tmp_path / "crashed"), **kwargs)
-    monkeypatch.setattr(fit_stage.Trainer, "step", real_step)
+    monkeypatch.setattr(Trainer, "step", real_step)
     assert load_checkpoint(tmp_path / "crashed", torch.device("cpu"))["epoch"] == 1
     resumed = fit(stores["small"], str(tmp_path / "crashed"), resume=True, **kwargs)
     assert resumed.started_at_epoch == 1 and resumed.epochs_done == 3
@@ -144,14 +146,17 @@ def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run
 
 
 def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(stores, tmp_path, monkeypatch):
-    real_step, calls = fit_stage.Trainer.step, {"n": 0}
+    real_step, calls = Trainer.step, {"n": 0}
 
     def diverging_step(self, z):
         calls["n"] += 1
         losses = real_step(self, z)
-        return losses * float("nan") if calls["n"] == 4 + 3 else losses
+        if calls["n"] == 4 + 2:  # after epoch 2, step 2: the rectifier's output turns NaN from the next step on
+            with torch.no_grad():
+                self.model.rectifier.conv_out.bias[0] = float("nan")
+        return losses
 
-    monkeypatch.setattr(fit_stage.Trainer, "step", diverging_step)
+    monkeypatch.setattr(Trainer, "step", diverging_step)
     out = tmp_path / "run"
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 3: non-finite loss.*epoch 1 is kept"):
         fit(stores["small"], str(out), **run_kwargs(stores, rectifier="cnn"))
@@ -161,7 +166,7 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_c
 
 
 def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, monkeypatch):
-    real_step, calls = fit_stage.SparseAdamW.step, {"n": 0}
+    real_step, calls = SparseAdamW.step, {"n": 0}
 
     def poisoning_step(self, ids, grads):
         calls["n"] += 1
@@ -170,7 +175,7 @@ def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, 
             self.codebooks.data[0, 0, 0] = float("inf")
         return norm
 
-    monkeypatch.setattr(fit_stage.SparseAdamW, "step", poisoning_step)
+    monkeypatch.setattr(SparseAdamW, "step", poisoning_step)
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 2: codebooks contains NaN or inf"):
         fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none", codebook_update="sparse"))
 

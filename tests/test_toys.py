@@ -5,7 +5,7 @@ import torch
 
 from revq_pipe.pipeline.config import ReVQConfig, TrainConfig
 from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.stages.fit import Trainer
+from revq_pipe.pipeline.trainer import Trainer
 
 
 
