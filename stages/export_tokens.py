@@ -18,7 +18,6 @@ from typing import Iterator
 
 import fsspec
 import numpy as np
-import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
@@ -102,26 +101,16 @@ def export_tokens(
     if "zarr" in format:
         tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
         summary.resumed_from = tokens.rows_done
-        _fill_token_store(tokens, latents, model, dev, batch_size, progress)
+        _fill_token_store(tokens, latents, model, batch_size, progress)
         if format == "zarr+wds":
             summary.shards = _write_shards(f"{str(out).rstrip('/')}-wds", attrs, len(latents), overwrite,
                                            lambda start: _rows_from_token_store(tokens, start), progress)
     else:
         summary.shards = _write_shards(out, attrs, len(latents), overwrite,
-                                       lambda start: _rows_from_latents(latents, model, dev, batch_size, start),
+                                       lambda start: _rows_from_latents(latents, model, batch_size, start),
                                        progress)
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def tokenize_latents(model: torch.nn.Module, latents: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
-    """(N, C, H, W) latents of any float dtype -> (N, T) int64 ids, `batch_size` at a time."""
-    ids = []
-    with torch.inference_mode():
-        for start in range(0, len(latents), batch_size):
-            batch = torch.from_numpy(np.asarray(latents[start:start + batch_size], dtype=np.float32)).to(device)
-            ids.append(model.tokenize(batch).cpu().numpy())
-    return np.concatenate(ids) if ids else np.zeros((0, model.config.tokens), np.int64)
 
 
 def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
@@ -141,14 +130,14 @@ def _exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, device, batch_size: int, progress: bool) -> None:
+def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
     """Tokenize the rows after `rows_done`, one token-store chunk at a time."""
     with tqdm(total=len(tokens), initial=tokens.rows_done, unit="img", desc="export-tokens",
               disable=not progress) as bar:
         while not tokens.complete:
             start = tokens.rows_done
             stop = min(start + tokens.chunk_size, len(tokens))
-            ids = tokenize_latents(model, latents.latents[start:stop], device, batch_size)
+            ids = model.tokenize_batched(latents.latents[start:stop], batch_size)
             tokens.append(ids, latents.labels[start:stop], latents.keys[start:stop])
             bar.update(stop - start)
 
@@ -162,12 +151,12 @@ def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:
         yield tokens.tokens[begin:end], tokens.labels[begin:end], tokens.keys[begin:end]
 
 
-def _rows_from_latents(latents: LatentStore, model, device, batch_size: int, start: int) -> Rows:
+def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int) -> Rows:
     dtype = token_dtype(model.config.codes)
     step = max(latents.chunk_size, batch_size)
     for begin in range(start, len(latents), step):
         end = min(begin + step, len(latents))
-        ids = tokenize_latents(model, latents.latents[begin:end], device, batch_size)
+        ids = model.tokenize_batched(latents.latents[begin:end], batch_size)
         yield ids.astype(dtype), latents.labels[begin:end], latents.keys[begin:end]
 
 
