@@ -33,6 +33,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import local_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Label members of a webdataset sample, as in the common ImageNet-1k webdataset layout.
@@ -346,12 +347,12 @@ class WebDatasetSource:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
-        local = [u for u in urls if _is_local(u)]
-        missing = [u for u in local if not Path(_local_path(u)).is_file()]
+        paths = [local_path(u) for u in urls]
+        missing = [u for u, path in zip(urls, paths) if path is not None and not path.is_file()]
         if missing:
             raise UserError(f"webdataset shard not found: {missing[0]}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return cls(spec, [str(Path(_local_path(u)).resolve()) if _is_local(u) else u for u in urls])
+        return cls(spec, [str(path.resolve()) if path is not None else u for u, path in zip(urls, paths)])
 
     @property
     def known_count(self) -> int | None:
@@ -377,9 +378,9 @@ ImageSource = ImageFolderSource | WebDatasetSource
 def open_source(spec: str) -> ImageSource:
     """Resolve SOURCE to an ImageFolder tree or webdataset shards; bad input is a UserError."""
     spec = str(spec)
-    if "://" in spec and not spec.startswith("file://"):
+    path = local_path(spec)
+    if path is None:
         return WebDatasetSource.expand(spec)
-    path = Path(_local_path(spec)).expanduser()
     if path.is_dir():
         return ImageFolderSource.scan(path.resolve())
     if spec.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in spec):
@@ -387,14 +388,6 @@ def open_source(spec: str) -> ImageSource:
     if path.is_file():
         raise UserError(f"{spec} is a file, not an image folder or a webdataset .tar shard")
     raise UserError(f"source not found: {spec}")
-
-
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def _is_image_name(name: str) -> bool:

@@ -17,7 +17,6 @@ complete.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import absolute_url  # noqa: F401 - stages.fit imports it from here
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
@@ -36,12 +36,6 @@ FORMAT_VERSION = 1
 LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 LATENT_DTYPES = ("float16", "float32")
-
-
-def absolute_url(url: str) -> str:
-    """Local paths made absolute (URLs as they are), so records and comparisons of store locations
-    hold from any working directory."""
-    return str(url) if "://" in str(url) else str(Path(url).resolve())
 
 
 def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import absolute_url, image_path, local_path
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.stats import latent_stats
-from revq_pipe.pipeline.store import LatentStore, absolute_url
+from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore
 from revq_pipe.pipeline.vae import resolve_vae
 
@@ -107,22 +107,15 @@ def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: i
     latents.update_attrs(complete=True)
 
 
-def image_path(folder: Path, key: str) -> Path:
-    """Where the PNG for a store key goes: the key's relative path with a .png extension, kept
-    inside `folder` (no absolute parts, no `..`)."""
-    parts = [part for part in PurePosixPath(str(key)).with_suffix(".png").parts if part not in ("/", "..", ".")]
-    return folder.joinpath(*parts)
-
-
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
                       progress: bool) -> None:
     spec = resolve_vae(vae)
     run.check_vae(spec)
-    folder = Path(out)
-    if "://" in str(out):
+    folder = local_path(out)
+    if folder is None:
         raise UserError("decoded images are written to a local folder, not a URL")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"{folder} already exists and is not empty: pass --overwrite to write into it")
+        raise UserError(f"{out} already exists and is not empty: pass --overwrite to write into it")
     frozen = spec.load(device)
     for start, stop in _chunks(store, "decode to images", progress):
         latents = run.model.detokenize_batched(store.tokens[start:stop], batch_size)

@@ -39,7 +39,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import local_path
 from revq_pipe.pipeline.sources import Block, BlockDataset, Cursor, ImageSource, open_source, to_model_input
 from revq_pipe.pipeline.stats import latent_stats
 from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore
@@ -444,10 +444,10 @@ class BlockOrder:
 
 def _refuse_out_inside_source(job: EncodeJob) -> None:
     """A store inside an ImageFolder tree would become a class folder on the next scan."""
-    root = getattr(job.source, "root", None)
-    if root is None or "://" in job.out:
+    root, path = getattr(job.source, "root", None), local_path(job.out)
+    if root is None or path is None:
         return
-    if Path(job.out).resolve().is_relative_to(root):
+    if path.resolve().is_relative_to(root):
         raise UserError(f"--out {job.out} is inside SOURCE {root}: put the store outside the image folder")
 
 
@@ -457,9 +457,9 @@ def _check_existing(job: EncodeJob, overwrite: bool) -> None:
     --overwrite replaces a Zarr store, never an unrelated local folder.
     """
     out = job.out
-    local = "://" not in out or out.startswith("file://")
+    path = local_path(out)
+    local = path is not None
     if local:
-        path = Path(out[len("file://"):] if out.startswith("file://") else out)
         if not path.exists():
             return
         if path.is_file():

@@ -16,15 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import fsspec
 import numpy as np
 import webdataset as wds
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import absolute_url, exists, local_path
 from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore, absolute_url
+from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
 
 FORMATS = ("zarr", "wds", "zarr+wds")
@@ -115,7 +115,7 @@ def export_tokens(
 
 def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
     """The token store to fill: an unfinished one from the same run and store, or a new one."""
-    if not overwrite and _exists(out):
+    if not overwrite and exists(out):
         existing = TokenStore.open(out, mode="r+")
         if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
             raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
@@ -123,11 +123,6 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
     # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
     return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,
                              chunk_size=latents.chunk_size, attrs=attrs, overwrite=overwrite)
-
-
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs.exists(path)
 
 
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
@@ -167,11 +162,11 @@ def wds_key(key: str) -> str:
     return stem.replace(".", "_")
 
 
-def _write_shards(folder: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
-    """Write `count` samples as shards of SHARD_ROWS into `folder`, after the shards already complete."""
-    if "://" in str(folder):
+def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
+    """Write `count` samples as shards of SHARD_ROWS into the folder `out`, after the shards already complete."""
+    folder = local_path(out)
+    if folder is None:
         raise UserError("webdataset shards are written to a local folder, not a URL")
-    folder = Path(folder)
     manifest = folder / "export.json"
     if folder.exists() and not overwrite:
         if not manifest.exists() or _read_json(manifest) != attrs:
