@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 LABEL_MEMBERS = ("cls", "cls.txt")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 UNKNOWN_LABEL = -1
+MAX_DEFAULT_WORKERS = 16
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -263,6 +264,18 @@ class BlockDataset(IterableDataset):
             yield from unit.blocks(self.image_size, self.block_size)
 
 
+def default_workers(workers: int | None = None) -> int:
+    """DataLoader processes to decode with: `workers` when given, else this process's CPUs (at most
+    MAX_DEFAULT_WORKERS)."""
+    if workers is not None:
+        return workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_DEFAULT_WORKERS)
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -286,7 +299,7 @@ class ImageFolderSource:
     def scan(cls, root: Path) -> "ImageFolderSource":
         """List the images under `root`; a folder with no images is a user error."""
         subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        top_images, top_others = _split_files(root, [e.name for e in os.scandir(root) if e.is_file()])
+        top_images, top_others = _split_files([e.name for e in os.scandir(root) if e.is_file()])
         entries: list[tuple[str, int]] = []
         others: list[str] = list(top_others)
         if subdirs and top_images:
@@ -394,7 +407,7 @@ def _is_image_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
 
 
-def _split_files(root: Path, names: list[str]) -> tuple[list[str], list[str]]:
+def _split_files(names: list[str]) -> tuple[list[str], list[str]]:
     """(sorted image names, other names) among `names`, ignoring hidden files."""
     visible = sorted(n for n in names if not n.startswith("."))
     return [n for n in visible if _is_image_name(n)], [n for n in visible if not _is_image_name(n)]
@@ -410,7 +423,7 @@ def _walk_images(root: Path, top: Path) -> tuple[list[str], list[str]]:
     images, others = [], []
     for dirpath, filenames in sorted(listing):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        found, rest = _split_files(Path(dirpath), filenames)
+        found, rest = _split_files(filenames)
         images += [f"{rel_dir}/{name}" for name in found]
         others += [f"{rel_dir}/{name}" for name in rest]
     return images, others

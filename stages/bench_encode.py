@@ -101,7 +101,8 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
     `vae_config` replaces the DC-AE f32c32 architecture (random weights): a CPU smoke test's
     escape hatch, since the real encoder takes seconds per image there.
     """
-    from revq_pipe.stages.encode import _default_workers, prepare_encode, run_encode
+    from revq_pipe.pipeline.sources import default_workers as _default_workers
+    from revq_pipe.stages.encode import prepare_encode, run_encode
 
     torch_device = resolve_device(device)
     vae, weights = _bench_vae(torch_device, vae_config)

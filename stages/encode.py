@@ -34,7 +34,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import queue
 import threading
 import time
@@ -48,7 +47,9 @@ from torch.utils.data import DataLoader
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import local_path
-from revq_pipe.pipeline.sources import Block, BlockDataset, Cursor, ImageSource, open_source, to_model_input
+from revq_pipe.pipeline.sources import (
+    Block, BlockDataset, Cursor, ImageSource, default_workers, open_source, to_model_input,
+)
 from revq_pipe.pipeline.stats import latent_stats
 from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
@@ -57,7 +58,6 @@ log = logging.getLogger("revq_pipe")
 
 PREPROCESSING = "rgb, resize short side bilinear, center crop, x/255*2-1"
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
-MAX_DEFAULT_WORKERS = 16
 WRITER_QUEUE_BLOCKS = 8  # encoded blocks in flight to the writer; bounds host memory
 
 
@@ -207,7 +207,7 @@ def prepare_encode(
     settings["settings_sha256"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     job = EncodeJob(
         source=image_source, out=str(out), vae=spec, image_size=size, latent_shape=latent_shape, dtype=dtype,
-        device=torch_device, batch_size=batch_size, workers=_default_workers(workers), settings=settings,
+        device=torch_device, batch_size=batch_size, workers=default_workers(workers), settings=settings,
         chunk_size=chunk_size or _default_chunk_size(latent_shape, dtype), existing=None,
         replace_existing=False, progress=progress,
     )
@@ -517,16 +517,6 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
 
     return {"batch_size": job.batch_size, "device": job.device.type, "workers": job.workers,
             "torch": torch.__version__, "diffusers": diffusers.__version__}
-
-
-def _default_workers(workers: int | None) -> int:
-    if workers is not None:
-        return workers
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, MAX_DEFAULT_WORKERS)
 
 
 def _default_chunk_size(latent_shape: tuple[int, int, int], dtype: str) -> int:
