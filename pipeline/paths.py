@@ -45,6 +45,11 @@ def absolute_url(url: str | Path) -> str:
     return str(path.resolve()) if path is not None else str(url)
 
 
+def same_location(a: str | Path, b: str | Path) -> bool:
+    """Whether two names point at the same store (as `absolute_url` spells them, trailing / aside)."""
+    return absolute_url(a).rstrip("/") == absolute_url(b).rstrip("/")
+
+
 def exists(url: str | Path) -> bool:
     fs, path = filesystem(url)
     return fs.exists(path)

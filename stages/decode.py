@@ -17,10 +17,9 @@ from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import absolute_url, image_path, local_path
+from revq_pipe.pipeline.paths import image_path, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.stats import latent_stats
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore
 from revq_pipe.pipeline.vae import resolve_vae
@@ -55,7 +54,7 @@ def decode(
     `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if absolute_url(out).rstrip("/") == absolute_url(tokens).rstrip("/"):
+    if same_location(out, tokens):
         raise UserError("--out must not be the token store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
@@ -92,19 +91,18 @@ def _chunks(store: TokenStore, desc: str, progress: bool):
 
 def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, overwrite: bool,
                             progress: bool) -> None:
-    # Marked incomplete until the statistics are written, so no stage reads a half-written store.
+    # Unfinished until `finish` has written the statistics, so no stage reads a half-written store.
     attrs = {**run.data_attrs, "count": len(store), "dtype": "float32", "decoded_from": store.url,
-             "run": run.sha256, "complete": False}
+             "run": run.sha256}
     try:
         latents = LatentStore.create(out, n=len(store), latent_shape=run.latent_shape, dtype="float32",
-                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite)
+                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite, unfinished=True)
     except FileExistsError as err:  # zarr's mode "w-" on an existing node
         raise UserError(f"{out} already exists: pass --overwrite to replace it") from err
     for start, stop in _chunks(store, "decode", progress):
         decoded = run.model.detokenize_batched(store.tokens[start:stop], batch_size)
         latents.write(start, decoded, store.labels[start:stop], store.keys[start:stop])
-    latents.write_stats(*latent_stats(latents.latents))
-    latents.update_attrs(complete=True)
+    latents.finish()
 
 
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import absolute_url, exists, local_path
+from revq_pipe.pipeline.paths import absolute_url, exists, local_path, same_location
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
@@ -86,7 +86,7 @@ def export_tokens(
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if absolute_url(out).rstrip("/") == absolute_url(store).rstrip("/"):
+    if same_location(out, store):
         raise UserError("--out must not be the latent store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
@@ -126,15 +126,16 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
 
 
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
-    """Tokenize the rows after `rows_done`, one token-store chunk at a time."""
+    """Tokenize the rows after `rows_done`, one token-store chunk at a time, and finish the store."""
     with tqdm(total=len(tokens), initial=tokens.rows_done, unit="img", desc="export-tokens",
               disable=not progress) as bar:
-        while not tokens.complete:
-            start = tokens.rows_done
+        for start in range(tokens.rows_done, len(tokens), tokens.chunk_size):
             stop = min(start + tokens.chunk_size, len(tokens))
             ids = model.tokenize_batched(latents.latents[start:stop], batch_size)
             tokens.append(ids, latents.labels[start:stop], latents.keys[start:stop])
             bar.update(stop - start)
+    if not tokens.complete:
+        tokens.finish()
 
 
 Rows = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
