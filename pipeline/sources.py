@@ -9,7 +9,8 @@ part may be shorter). A block is decoded in one DataLoader worker and encoded as
 so the batch an image is encoded in depends only on its position, never on the worker count or
 on where an interrupted run resumed: that is what makes a resumed store bit-identical to an
 uninterrupted one. Workers may deliver blocks out of order (each webdataset worker reads its own
-shards); the encode stage puts the small latents back in order, not the big decoded images.
+shards); the latent writer (pipeline/latent_writer.py) puts the small latents back in order, not
+the big decoded images.
 
 Preprocessing follows the ReVQ reference (torchvision ImageFolder + Resize(S) + CenterCrop(S) +
 ToTensor, then x*2-1): RGB conversion, bilinear resize of the short side to S, centre crop S x S.

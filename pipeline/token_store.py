@@ -61,7 +61,8 @@ class TokenStore(RowStore):
         attrs: dict[str, Any],
         overwrite: bool = False,
     ) -> "TokenStore":
-        """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes."""
+        """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes; it is
+        unfinished (refused by decode) until the writer appends every chunk and calls `finish`."""
         dtype = token_dtype(codes)
         chunk_size = max(1, min(chunk_size, n))
         attrs = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes, "count": n, **attrs}
