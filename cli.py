@@ -82,9 +82,9 @@ def encode(
 @reports_user_errors
 def stats(store: str = typer.Argument(..., help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
-    from revq_pipe.pipeline.stats import recompute_store_stats
+    from revq_pipe.pipeline.store import LatentStore
 
-    mean, std = recompute_store_stats(store)
+    mean, std = LatentStore.open(store, mode="r+").compute_stats()
     typer.echo(f"{store}: mean/std over {mean.size} dimensions rewritten "
                f"(mean of means {mean.mean():.4g}, mean of stds {std.mean():.4g})")
 

@@ -217,6 +217,30 @@ class ReVQ(nn.Module):
         """Quantize-then-rectify of raw latents: `detokenize(tokenize(z))`."""
         return self.detokenize(self.tokenize(z))
 
+    # Batched forms for arrays that may not fit on the device at once (a store's chunk, a whole
+    # store): `batch_size` rows go to the model's device at a time, and results come back as numpy.
+
+    def tokenize_batched(self, latents: np.ndarray, batch_size: int) -> np.ndarray:
+        """(N, C, H, W) raw latents of any float dtype -> (N, T) int64 token ids."""
+        return self._batched(self.tokenize, latents, np.float32, batch_size, (self.config.tokens,), np.int64)
+
+    def detokenize_batched(self, ids: np.ndarray, batch_size: int) -> np.ndarray:
+        """(N, T) token ids of any integer dtype -> (N, C, H, W) float32 raw latents."""
+        return self._batched(self.detokenize, ids, np.int64, batch_size, self.config.latent_shape, np.float32)
+
+    def forward_batched(self, latents: np.ndarray, batch_size: int) -> np.ndarray:
+        """(N, C, H, W) raw latents -> their quantize-then-rectify reconstruction, float32."""
+        return self._batched(self, latents, np.float32, batch_size, self.config.latent_shape, np.float32)
+
+    @torch.inference_mode()
+    def _batched(self, step, rows: np.ndarray, in_dtype, batch_size: int, row_shape: tuple[int, ...],
+                 out_dtype) -> np.ndarray:
+        outputs = [step(torch.from_numpy(np.asarray(rows[start:start + batch_size], dtype=in_dtype))).cpu().numpy()
+                   for start in range(0, len(rows), batch_size)]
+        if not outputs:
+            return np.zeros((0, *row_shape), out_dtype)
+        return np.concatenate(outputs).astype(out_dtype, copy=False)
+
     def save_pretrained(self, run_dir: str | Path, *, train: dict[str, Any] | None = None) -> None:
         """Write `config.json` (+ a `train` section when given) and `model.safetensors`, each atomically."""
         run_dir = Path(run_dir)

@@ -9,7 +9,8 @@ part may be shorter). A block is decoded in one DataLoader worker and encoded as
 so the batch an image is encoded in depends only on its position, never on the worker count or
 on where an interrupted run resumed: that is what makes a resumed store bit-identical to an
 uninterrupted one. Workers may deliver blocks out of order (each webdataset worker reads its own
-shards); the encode stage puts the small latents back in order, not the big decoded images.
+shards); the latent writer (pipeline/latent_writer.py) puts the small latents back in order, not
+the big decoded images.
 
 Preprocessing follows the ReVQ reference (torchvision ImageFolder + Resize(S) + CenterCrop(S) +
 ToTensor, then x*2-1): RGB conversion, bilinear resize of the short side to S, centre crop S x S.
@@ -33,12 +34,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import local_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Label members of a webdataset sample, as in the common ImageNet-1k webdataset layout.
 LABEL_MEMBERS = ("cls", "cls.txt")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 UNKNOWN_LABEL = -1
+MAX_DEFAULT_WORKERS = 16
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -262,6 +265,18 @@ class BlockDataset(IterableDataset):
             yield from unit.blocks(self.image_size, self.block_size)
 
 
+def default_workers(workers: int | None = None) -> int:
+    """DataLoader processes to decode with: `workers` when given, else this process's CPUs (at most
+    MAX_DEFAULT_WORKERS)."""
+    if workers is not None:
+        return workers
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(cpus, MAX_DEFAULT_WORKERS)
+
+
 # --------------------------------------------------------------------------- sources
 
 
@@ -285,7 +300,7 @@ class ImageFolderSource:
     def scan(cls, root: Path) -> "ImageFolderSource":
         """List the images under `root`; a folder with no images is a user error."""
         subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        top_images, top_others = _split_files(root, [e.name for e in os.scandir(root) if e.is_file()])
+        top_images, top_others = _split_files([e.name for e in os.scandir(root) if e.is_file()])
         entries: list[tuple[str, int]] = []
         others: list[str] = list(top_others)
         if subdirs and top_images:
@@ -346,12 +361,12 @@ class WebDatasetSource:
         import braceexpand
 
         urls = list(braceexpand.braceexpand(spec))
-        local = [u for u in urls if _is_local(u)]
-        missing = [u for u in local if not Path(_local_path(u)).is_file()]
+        paths = [local_path(u) for u in urls]
+        missing = [u for u, path in zip(urls, paths) if path is not None and not path.is_file()]
         if missing:
             raise UserError(f"webdataset shard not found: {missing[0]}"
                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-        return cls(spec, [str(Path(_local_path(u)).resolve()) if _is_local(u) else u for u in urls])
+        return cls(spec, [str(path.resolve()) if path is not None else u for u, path in zip(urls, paths)])
 
     @property
     def known_count(self) -> int | None:
@@ -377,9 +392,9 @@ ImageSource = ImageFolderSource | WebDatasetSource
 def open_source(spec: str) -> ImageSource:
     """Resolve SOURCE to an ImageFolder tree or webdataset shards; bad input is a UserError."""
     spec = str(spec)
-    if "://" in spec and not spec.startswith("file://"):
+    path = local_path(spec)
+    if path is None:
         return WebDatasetSource.expand(spec)
-    path = Path(_local_path(spec)).expanduser()
     if path.is_dir():
         return ImageFolderSource.scan(path.resolve())
     if spec.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in spec):
@@ -389,19 +404,11 @@ def open_source(spec: str) -> ImageSource:
     raise UserError(f"source not found: {spec}")
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
-
-
 def _is_image_name(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS if "." in name else False
 
 
-def _split_files(root: Path, names: list[str]) -> tuple[list[str], list[str]]:
+def _split_files(names: list[str]) -> tuple[list[str], list[str]]:
     """(sorted image names, other names) among `names`, ignoring hidden files."""
     visible = sorted(n for n in names if not n.startswith("."))
     return [n for n in visible if _is_image_name(n)], [n for n in visible if not _is_image_name(n)]
@@ -417,7 +424,7 @@ def _walk_images(root: Path, top: Path) -> tuple[list[str], list[str]]:
     images, others = [], []
     for dirpath, filenames in sorted(listing):
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        found, rest = _split_files(Path(dirpath), filenames)
+        found, rest = _split_files(filenames)
         images += [f"{rel_dir}/{name}" for name in found]
         others += [f"{rel_dir}/{name}" for name in rest]
     return images, others

@@ -22,13 +22,3 @@ def latent_stats(latents: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
     # E[x^2] - E[x]^2 in float64 is exact enough for latents; clip tiny negative round-off.
     std = np.sqrt(np.maximum(sq_mean - mean * mean, 0.0))
     return mean.astype(np.float32), std.astype(np.float32)
-
-
-def recompute_store_stats(url: str) -> tuple[np.ndarray, np.ndarray]:
-    """Recompute and rewrite a latent store's mean/std; returns them."""
-    from revq_pipe.pipeline.store import LatentStore
-
-    store = LatentStore.open(url, mode="r+")
-    mean, std = latent_stats(store.latents)
-    store.write_stats(mean, std)
-    return mean, std

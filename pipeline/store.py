@@ -1,23 +1,28 @@
-"""The latent store: a Zarr v3 group with the layout DESIGN.md fixes.
+"""The latent store: a Zarr v3 group, laid out as
 
     latents (N, C, H, W) float16|float32, chunked along N, compressed
     labels  (N,) int64, -1 where unknown
     keys    (N,) str, the sample's key / relative path
     mean, std (C*H*W,) float32, per-dimension statistics of all stored latents
-    attrs["revq"]: format version, vae id, image size, latent shape, dtype, counts, skipped keys
+    attrs["revq"]: format version, vae id, image size, latent shape, dtype, counts, skipped keys,
+                   and the resume state below
 
 Writes are chunk-aligned along N, so several writers (encode on several GPUs or machines) can
 fill disjoint chunk ranges of one store without locks.
 
-A store that `encode` is still filling has `complete: false` in its attrs (and a `progress`
-record to resume from); `LatentStore.open` refuses it unless asked, so no later stage ever reads
-a half-written store as if it were whole. Stores without the flag (written by other stages) are
-complete.
+`RowStore` is what the latent and the token store share: the per-row arrays, the attrs, and one
+resume protocol. A writer creates the store `unfinished` (attrs `complete: false`,
+`rows_done: 0`), fills rows in order a whole chunk at a time, calls `commit` after each chunk
+(`rows_done`, plus its own `progress` record of where to pick up, in one metadata write) and
+`finish` at the end (`complete: true`; a latent store computes its statistics first). `open`
+refuses an unfinished latent store unless asked, so no later stage reads a half-written store as
+if it were whole; a writer run again resumes at `rows_done`. Stores without the flag (written
+whole by other tools) are complete.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import math
 from typing import Any
 
 import numpy as np
@@ -25,6 +30,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.stats import latent_stats
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
@@ -36,12 +42,13 @@ FORMAT_VERSION = 1
 LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 LATENT_DTYPES = ("float16", "float32")
+CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
 
 
-def absolute_url(url: str) -> str:
-    """Local paths made absolute (URLs as they are), so records and comparisons of store locations
-    hold from any working directory."""
-    return str(url) if "://" in str(url) else str(Path(url).resolve())
+def default_chunk_rows(latent_shape: tuple[int, int, int], dtype: str) -> int:
+    """Rows per latent chunk: a power of two near CHUNK_TARGET_BYTES of uncompressed latents."""
+    row_bytes = math.prod(latent_shape) * np.dtype(dtype).itemsize
+    return int(min(4096, max(16, 2 ** int(math.log2(max(1, CHUNK_TARGET_BYTES // row_bytes))))))
 
 
 def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
@@ -56,7 +63,8 @@ def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
 
 class RowStore:
     """What the latent and token stores share: a Zarr group whose per-row arrays (the data array
-    named by DATA, `labels`, `keys`) are chunked alike along N, and attrs["revq"]."""
+    named by DATA, `labels`, `keys`) are chunked alike along N, attrs["revq"], and the resume
+    protocol (`commit`, `finish`, `rows_done`, `complete`; see the module docstring)."""
 
     DATA = ""  # the per-row data array: "latents" or "tokens"
     KIND = ""  # how messages name the store: "latent" or "token"
@@ -75,8 +83,12 @@ class RowStore:
 
     @classmethod
     def _create_group(cls, url: str, *, n: int, row_shape: tuple[int, ...], dtype: Any, chunk_size: int,
-                      compressor: BloscCodec, attrs: dict[str, Any], overwrite: bool) -> zarr.Group:
-        """A group for `n` rows: the data array, labels (-1) and keys, all chunked alike along N."""
+                      compressor: BloscCodec, attrs: dict[str, Any], overwrite: bool,
+                      unfinished: bool) -> zarr.Group:
+        """A group for `n` rows: the data array, labels (-1) and keys, all chunked alike along N;
+        `unfinished` begins the resume protocol (no row done, not complete)."""
+        if unfinished:
+            attrs = {**attrs, "complete": False, "rows_done": 0}
         group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
         group.create_array(cls.DATA, shape=(n, *row_shape), chunks=(chunk_size, *row_shape), dtype=dtype,
                            compressors=compressor, fill_value=0)
@@ -103,6 +115,43 @@ class RowStore:
         self.group.attrs["revq"] = {**self.attrs, **values}
 
     @property
+    def complete(self) -> bool:
+        """Every row is written. Without the flag: complete, unless the store counts `rows_done`
+        short of its length (token stores written before the flag was shared)."""
+        attrs = self.attrs
+        if "complete" in attrs:
+            return bool(attrs["complete"])
+        return int(attrs.get("rows_done", len(self))) >= len(self)
+
+    @property
+    def rows_done(self) -> int:
+        """Rows [0, rows_done) are final: a resumed writer starts at this row."""
+        attrs = self.attrs
+        if "rows_done" in attrs:
+            return int(attrs["rows_done"])
+        # Unfinished latent stores written before rows_done was shared kept it in `progress`.
+        return int(self.progress.get("rows", len(self) if self.complete else 0))
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The writer's own resume record of its last `commit` ({} when none, or once complete)."""
+        return dict(self.attrs.get("progress", {}))
+
+    def commit(self, rows_done: int, progress: dict[str, Any] | None = None, **attrs: Any) -> None:
+        """Record that rows [0, rows_done) are final, with the writer's `progress` record and any
+        other attrs, in one metadata write: call it after a chunk's arrays are written."""
+        values = {**attrs, "rows_done": rows_done}
+        if progress is not None:
+            values["progress"] = progress
+        self.update_attrs(**values)
+
+    def finish(self, **attrs: Any) -> None:
+        """Mark the store complete (with any last attrs): every row is final, the resume record goes."""
+        values = {**self.attrs, **attrs, "complete": True, "rows_done": len(self)}
+        values.pop("progress", None)
+        self.group.attrs["revq"] = values
+
+    @property
     def chunk_size(self) -> int:
         return self.group[self.DATA].chunks[0]
 
@@ -118,7 +167,7 @@ class LatentStore(RowStore):
 
     @classmethod
     def open(cls, url: str, mode: str = "r", *, allow_incomplete: bool = False) -> "LatentStore":
-        """Open an existing store; an unfinished `encode` store is a UserError unless allowed."""
+        """Open an existing store; an unfinished one (`encode` still writing it) is a UserError unless allowed."""
         store = cls(cls._open_group(url, mode), str(url))
         if not allow_incomplete and not store.complete:
             raise UserError(f"{url} is incomplete: `revq-pipe encode` was interrupted while writing it; "
@@ -136,22 +185,23 @@ class LatentStore(RowStore):
         chunk_size: int,
         attrs: dict[str, Any],
         overwrite: bool = False,
+        unfinished: bool = False,
     ) -> "LatentStore":
-        """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive)."""
+        """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive).
+
+        `unfinished` creates it for a writer of the resume protocol: `open` refuses it until `finish`.
+        """
         if dtype not in LATENT_DTYPES:
             raise UserError(f"latent dtype must be one of {LATENT_DTYPES}, not {dtype!r}")
         attrs = {"format_version": FORMAT_VERSION, "latent_shape": list(latent_shape), "dtype": dtype, **attrs}
         group = cls._create_group(url, n=n, row_shape=tuple(latent_shape), dtype=dtype, chunk_size=chunk_size,
-                                  compressor=LATENT_COMPRESSOR, attrs=attrs, overwrite=overwrite)
+                                  compressor=LATENT_COMPRESSOR, attrs=attrs, overwrite=overwrite,
+                                  unfinished=unfinished)
         return cls(group, str(url))
 
     @property
     def latents(self) -> zarr.Array:
         return self.group["latents"]
-
-    @property
-    def complete(self) -> bool:
-        return bool(self.attrs.get("complete", True))
 
     def resize(self, n: int) -> None:
         """Grow or shrink the per-row arrays to `n` rows (metadata only; chunks past `n` go)."""
@@ -180,6 +230,12 @@ class LatentStore(RowStore):
     def std(self) -> np.ndarray | None:
         return self._stat("std")
 
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """(key, reason) of the source samples that could not be encoded, in source order."""
+        attrs = self.attrs
+        return list(zip(attrs.get("skipped_keys", []), attrs.get("skipped_reasons", [])))
+
     def require_stats(self) -> tuple[np.ndarray, np.ndarray]:
         mean, std = self.mean, self.std
         if mean is None or std is None:
@@ -200,6 +256,23 @@ class LatentStore(RowStore):
             arr = self.group.create_array(name, shape=values.shape, dtype="float32", overwrite=True)
             arr[:] = values.astype(np.float32)
 
+    def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """Compute the per-dimension mean/std of every stored latent, store them and return them."""
+        mean, std = latent_stats(self.latents)
+        self.write_stats(mean, std)
+        return mean, std
+
+    def finish(self, **attrs: Any) -> None:
+        """Compute the statistics, then mark the store complete: a complete store always has them."""
+        self.compute_stats()
+        super().finish(**attrs)
+
+
+def skipped_attrs(skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    """The attrs that record skipped samples, as `LatentStore.skipped` reads them back."""
+    return {"skipped_count": len(skipped), "skipped_keys": [k for k, _ in skipped],
+            "skipped_reasons": [r for _, r in skipped]}
+
 
 def write_latent_store(
     url: str,
@@ -213,16 +286,15 @@ def write_latent_store(
 ) -> LatentStore:
     """Write an in-memory (N, C, H, W) array as a complete latent store, statistics included.
 
-    For tests, `decode` and small data; `encode` streams chunks through `LatentStore.write`.
+    For tests and small in-memory data; `encode` and `decode` write chunk by chunk through
+    `LatentStore.write`.
     """
-    from revq_pipe.pipeline.stats import recompute_store_stats
-
     n = len(latents)
     labels = np.full(n, -1, np.int64) if labels is None else np.asarray(labels, np.int64)
     keys = np.array([f"{i:08d}" for i in range(n)] if keys is None else list(keys), dtype=str)
     store = LatentStore.create(url, n=n, latent_shape=tuple(latents.shape[1:]), dtype=str(latents.dtype),
                                chunk_size=min(chunk_size, max(n, 1)), attrs={"count": n, **(attrs or {})},
-                               overwrite=overwrite)
+                               overwrite=overwrite, unfinished=True)
     store.write(0, latents, labels, keys)
-    recompute_store_stats(url)
+    store.finish()
     return store

@@ -1,11 +1,12 @@
-"""The token store: a Zarr v3 group of every image's token ids, the layout DESIGN.md fixes.
+"""The token store: a Zarr v3 group of every image's token ids, laid out as
 
     tokens  (N, T) uint16 when K <= 65536, else uint32; chunked along N, compressed
     labels  (N,) int64, keys (N,) str: copied row for row from the latent store
     attrs["revq"]: format version, the run (sha256 of its model.safetensors), preset, T, K, d,
-                   latent shape, vae, the source store and how many rows are written so far
+                   latent shape, vae, the source store, and the resume state (`rows_done`,
+                   `complete`) of the row stores' shared protocol (pipeline/store.py)
 
-Rows are written in order, one whole chunk at a time, and `rows_done` moves forward only after a
+Rows are appended in order, one whole chunk at a time, and `rows_done` moves forward only after a
 chunk's three arrays are on disk, so a writer that dies can pick up at `rows_done` and end with
 the same store a single uninterrupted run would have written.
 """
@@ -60,30 +61,21 @@ class TokenStore(RowStore):
         attrs: dict[str, Any],
         overwrite: bool = False,
     ) -> "TokenStore":
-        """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes."""
+        """Create an empty store for `n` images of `tokens` ids each, drawn from `codes` codes; it is
+        unfinished (refused by decode) until the writer appends every chunk and calls `finish`."""
         dtype = token_dtype(codes)
         chunk_size = max(1, min(chunk_size, n))
-        attrs = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes, "count": n,
-                 **attrs, "rows_done": 0}
+        attrs = {"format_version": TOKEN_FORMAT_VERSION, "tokens": tokens, "codes": codes, "count": n, **attrs}
         group = cls._create_group(url, n=n, row_shape=(tokens,), dtype=dtype, chunk_size=chunk_size,
-                                  compressor=SMALL_COMPRESSOR, attrs=attrs, overwrite=overwrite)
+                                  compressor=SMALL_COMPRESSOR, attrs=attrs, overwrite=overwrite, unfinished=True)
         return cls(group, str(url))
 
     @property
     def tokens(self) -> zarr.Array:
         return self.group["tokens"]
 
-    @property
-    def rows_done(self) -> int:
-        """Rows [0, rows_done) are written; a resumed export starts here."""
-        return int(self.attrs.get("rows_done", 0))
-
-    @property
-    def complete(self) -> bool:
-        return self.rows_done >= len(self)
-
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
-        """Write the next whole chunk (or the last, shorter one) at `rows_done`, then move it on."""
+        """Write the next whole chunk (or the last, shorter one) at `rows_done`, then commit it."""
         start = self.rows_done
         stop = start + len(tokens)
         if stop > len(self) or (len(tokens) != self.chunk_size and stop != len(self)):
@@ -91,4 +83,4 @@ class TokenStore(RowStore):
         self.tokens[start:stop] = tokens.astype(self.tokens.dtype, copy=False)
         self.labels[start:stop] = labels
         self.keys[start:stop] = keys
-        self.update_attrs(rows_done=stop)
+        self.commit(stop)

@@ -104,7 +104,8 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
     `vae_config` replaces the DC-AE f32c32 architecture (random weights): a CPU smoke test's
     escape hatch, since the real encoder takes seconds per image there.
     """
-    from revq_pipe.stages.encode import _default_workers, prepare_encode, run_encode
+    from revq_pipe.pipeline.sources import default_workers
+    from revq_pipe.stages.encode import prepare_encode, run_encode
 
     torch_device = resolve_device(device)
     vae, weights = _bench_vae(torch_device, vae_config)
@@ -132,7 +133,7 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         pattern = _write_shards(Path(tmp) / "shards", photos, images, batch_size)
         job = prepare_encode(pattern, str(Path(tmp) / "store.zarr"), vae.spec, image_size=IMAGE_SIZE,
                              batch_size=batch_size, device=str(torch_device), progress=False)
-        result.workers = min(_default_workers(None), result.shards)
+        result.workers = min(default_workers(None), result.shards)
         started = time.perf_counter()
         summary = run_encode(job, vae)
         seconds = time.perf_counter() - started

@@ -11,19 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
 
-import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import image_path, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.stats import latent_stats
-from revq_pipe.pipeline.store import LatentStore, absolute_url
+from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore
 from revq_pipe.pipeline.vae import resolve_vae
 
@@ -57,7 +54,7 @@ def decode(
     `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if absolute_url(out).rstrip("/") == absolute_url(tokens).rstrip("/"):
+    if same_location(out, tokens):
         raise UserError("--out must not be the token store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
@@ -65,7 +62,7 @@ def decode(
     check_tokens_match_run(store, run_info)
     started = time.perf_counter()
     if vae is None:
-        _decode_to_latent_store(run_info, store, out, batch_size, dev, overwrite, progress)
+        _decode_to_latent_store(run_info, store, out, batch_size, overwrite, progress)
     else:
         _decode_to_images(run_info, store, out, vae, batch_size, dev, overwrite, progress)
     return DecodeSummary(out=str(out), count=len(store), kind="latents" if vae is None else "images",
@@ -83,16 +80,6 @@ def check_tokens_match_run(store: TokenStore, run: Run) -> None:
                         "run `revq-pipe export-tokens` again to finish it")
 
 
-def detokenize_ids(model: torch.nn.Module, ids: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
-    """(N, T) token ids of any integer dtype -> (N, C, H, W) float32 latents, `batch_size` at a time."""
-    latents = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), batch_size):
-            batch = torch.from_numpy(np.asarray(ids[start:start + batch_size], dtype=np.int64)).to(device)
-            latents.append(model.detokenize(batch).float().cpu().numpy())
-    return np.concatenate(latents) if latents else np.zeros((0, *model.config.latent_shape), np.float32)
-
-
 def _chunks(store: TokenStore, desc: str, progress: bool):
     """(start, stop) over the token store's chunks, with a progress bar."""
     with tqdm(total=len(store), unit="img", desc=desc, disable=not progress) as bar:
@@ -102,42 +89,34 @@ def _chunks(store: TokenStore, desc: str, progress: bool):
             bar.update(stop - start)
 
 
-def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, device, overwrite: bool,
+def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, overwrite: bool,
                             progress: bool) -> None:
-    # Marked incomplete until the statistics are written, so no stage reads a half-written store.
+    # Unfinished until `finish` has written the statistics, so no stage reads a half-written store.
     attrs = {**run.data_attrs, "count": len(store), "dtype": "float32", "decoded_from": store.url,
-             "run": run.sha256, "complete": False}
+             "run": run.sha256}
     try:
         latents = LatentStore.create(out, n=len(store), latent_shape=run.latent_shape, dtype="float32",
-                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite)
+                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite, unfinished=True)
     except FileExistsError as err:  # zarr's mode "w-" on an existing node
         raise UserError(f"{out} already exists: pass --overwrite to replace it") from err
     for start, stop in _chunks(store, "decode", progress):
-        decoded = detokenize_ids(run.model, store.tokens[start:stop], device, batch_size)
+        decoded = run.model.detokenize_batched(store.tokens[start:stop], batch_size)
         latents.write(start, decoded, store.labels[start:stop], store.keys[start:stop])
-    latents.write_stats(*latent_stats(latents.latents))
-    latents.update_attrs(complete=True)
-
-
-def image_path(folder: Path, key: str) -> Path:
-    """Where the PNG for a store key goes: the key's relative path with a .png extension, kept
-    inside `folder` (no absolute parts, no `..`)."""
-    parts = [part for part in PurePosixPath(str(key)).with_suffix(".png").parts if part not in ("/", "..", ".")]
-    return folder.joinpath(*parts)
+    latents.finish()
 
 
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
                       progress: bool) -> None:
     spec = resolve_vae(vae)
     run.check_vae(spec)
-    folder = Path(out)
-    if "://" in str(out):
+    folder = local_path(out)
+    if folder is None:
         raise UserError("decoded images are written to a local folder, not a URL")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"{folder} already exists and is not empty: pass --overwrite to write into it")
+        raise UserError(f"{out} already exists and is not empty: pass --overwrite to write into it")
     frozen = spec.load(device)
     for start, stop in _chunks(store, "decode to images", progress):
-        latents = detokenize_ids(run.model, store.tokens[start:stop], device, batch_size)
+        latents = run.model.detokenize_batched(store.tokens[start:stop], batch_size)
         for key, pixels in zip(store.keys[start:stop], vae_pixels(frozen, latents, batch_size)):
             path = image_path(folder, key)
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,13 +20,14 @@ from rich.table import Table
 
 from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import image_path
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
 from revq_pipe.pipeline.reporting import table_text
 from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.vae import resolve_vae
 from revq_pipe.pipeline.workdir import claim_folder
-from revq_pipe.stages.decode import decode, image_path
+from revq_pipe.stages.decode import decode
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import EvalReport, evaluate
 from revq_pipe.stages.export_tokens import export_tokens

@@ -4,42 +4,17 @@
     (decode + resize)                              (main thread)           (reorder, chunk,
                                                                             compress, commit)
 
-Rows follow the source's natural order (sorted files; shards in order, samples in tar order),
-minus the images that could not be decoded; those are skipped, counted and listed in the attrs.
-Because skipped images make row positions data-dependent, rows are assigned by one writer as
-blocks arrive, and the store grows chunk by chunk (a webdataset's length is unknown up front).
-
-Resume: after each full chunk is written, the writer commits `progress` in the store's attrs
-(rows written, the source position after the last row, the skipped keys before it). A killed run
-leaves at most one chunk written but not committed; the next run with the same settings reopens
-the store, restarts at the block holding the committed source position, drops the rows it
-already has, and rewrites the uncommitted chunk. Every image is encoded in the same block (GPU
-batch) either way, so the finished store is identical to one from an uninterrupted run (given
-the same --batch-size; another one resumes just as correctly, but GPU kernels may round the
-latents after the resume point differently in the last bits). A settings fingerprint (VAE,
-image size, dtype, compute precision, source listing) refuses resuming into a store made with
-other settings unless --overwrite.
-
-Scale-out (several GPUs or machines) attaches at `ChunkWriter`: every chunk is one
-`LatentStore.write` of whole chunks, so writers never share a chunk object. What one process
-decides alone is the row offset of each part, since skips before a part shift it; to split the
-work, give rank r the parts r::W (`source.units`), have each rank first count the decodable
-samples of its parts (or write its own store), agree on part offsets with an all-gather, and let
-each rank write the chunks that fall wholly in its rows (the boundary chunks by one of them).
+The source is read as blocks (pipeline/sources.py), each encoded as one GPU batch; the writer
+(pipeline/latent_writer.py) puts them back in source order and commits resume progress after
+every chunk. Re-running an interrupted encode with the same settings resumes it and ends with the
+store an uninterrupted run writes (pipeline/resume.py decides resume, refuse or replace).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
-import os
-import queue
-import threading
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -48,17 +23,15 @@ from torch.utils.data import DataLoader
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.sources import Block, BlockDataset, Cursor, ImageSource, open_source, to_model_input
-from revq_pipe.pipeline.stats import latent_stats
-from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore
+from revq_pipe.pipeline.latent_writer import ChunkWriter
+from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
+from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source, to_model_input
+from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
 
-log = logging.getLogger("revq_pipe")
+log = logging.getLogger(__name__)
 
 PREPROCESSING = "rgb, resize short side bilinear, center crop, x/255*2-1"
-CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
-MAX_DEFAULT_WORKERS = 16
-WRITER_QUEUE_BLOCKS = 8  # encoded blocks in flight to the writer; bounds host memory
 
 
 @dataclass
@@ -125,11 +98,7 @@ class EncodeJob:
     workers: int
     chunk_size: int
     settings: dict[str, Any]
-    existing: LatentStore | None  # a store to resume into
-    replace_existing: bool  # --overwrite of something already at `out`
-    rows: int = 0
-    cursor: Cursor = field(default_factory=Cursor)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    resume: Resume  # what to do with whatever is at `out`, and where to start
     progress: bool = True
 
     @property
@@ -137,32 +106,15 @@ class EncodeJob:
         return self.dtype == "float32"
 
 
-def encode(
-    source: str,
-    out: str,
-    *,
-    vae: str | None = None,
-    image_size: int | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    dtype: str = "float16",
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    chunk_size: int | None = None,
-) -> EncodeSummary:
-    """Encode SOURCE (ImageFolder dir or webdataset shards) into the latent store `out`.
-
-    `batch_size` images form one GPU batch; `dtype` is the storage dtype (float32 also turns off
-    bf16 autocast on CUDA); `workers` DataLoader processes decode and resize (default: CPU count,
-    at most 16; 0 decodes in this process); `chunk_size` rows per Zarr chunk (default: about
-    4 MB of latents). Re-running an interrupted call resumes it; bad input raises UserError.
+def encode(source: str, out: str, *, vae: str | None = None, **options: Any) -> EncodeSummary:
+    """Encode SOURCE (ImageFolder dir or webdataset shards) into the latent store `out` with the VAE
+    `vae` (a hub id or a local diffusers folder; None: the default VAE), `options` as in
+    `prepare_encode`. Re-running an interrupted call resumes it; bad input raises UserError.
     """
     spec = resolve_vae(vae)
-    job = prepare_encode(source, out, spec, image_size=image_size, batch_size=batch_size, device=device,
-                         dtype=dtype, workers=workers, overwrite=overwrite, progress=progress, chunk_size=chunk_size)
-    if job.existing is not None and job.existing.complete:
-        return _summary(job, job.existing, encoded=0, seconds=0.0, already_complete=True)
+    job = prepare_encode(source, out, spec, **options)
+    if job.resume.store is not None and job.resume.store.complete:
+        return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
     return run_encode(job, spec.load(job.device))
 
 
@@ -180,7 +132,14 @@ def prepare_encode(
     progress: bool = True,
     chunk_size: int | None = None,
 ) -> EncodeJob:
-    """Check every setting and the store at `out` without loading weights or writing anything."""
+    """Check every setting and the store at `out` without loading weights or writing anything.
+
+    `image_size` defaults to the VAE's own; `batch_size` images form one GPU batch; `dtype` is the
+    storage dtype (float32 also turns off bf16 autocast on CUDA); `workers` DataLoader processes
+    decode and resize (default: CPU count, at most 16; 0 decodes in this process); `overwrite`
+    replaces a store made with other settings; `chunk_size` rows per Zarr chunk (default: about
+    4 MB of latents).
+    """
     if dtype not in LATENT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
@@ -192,7 +151,7 @@ def prepare_encode(
     latent_shape = spec.latent_shape(size)
     torch_device = resolve_device(device)
     compute = "bf16-autocast" if torch_device.type == "cuda" and dtype != "float32" else "float32"
-    settings = {
+    settings = fingerprinted({
         "format_version": FORMAT_VERSION,
         "vae": spec.name,
         "vae_class": spec.class_name,
@@ -203,28 +162,29 @@ def prepare_encode(
         "compute": compute,
         "preprocessing": PREPROCESSING,
         "source": image_source.fingerprint(),
-    }
-    settings["settings_sha256"] = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    job = EncodeJob(
+    })
+    refuse_out_inside(str(out), getattr(image_source, "root", None))
+    resume = plan_resume(str(out), settings, overwrite)
+    if resume.store is not None:
+        chunk_size = resume.store.chunk_size
+    return EncodeJob(
         source=image_source, out=str(out), vae=spec, image_size=size, latent_shape=latent_shape, dtype=dtype,
-        device=torch_device, batch_size=batch_size, workers=_default_workers(workers), settings=settings,
-        chunk_size=chunk_size or _default_chunk_size(latent_shape, dtype), existing=None,
-        replace_existing=False, progress=progress,
+        device=torch_device, batch_size=batch_size, workers=default_workers(workers), settings=settings,
+        chunk_size=chunk_size or default_chunk_rows(latent_shape, dtype), resume=resume, progress=progress,
     )
-    _refuse_out_inside_source(job)
-    _check_existing(job, overwrite)
-    return job
 
 
 def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     """Encode the job's remaining samples with an already loaded VAE and finish the store."""
-    units = job.source.units(job.cursor, job.batch_size)
+    start = job.resume.progress
+    units = job.source.units(start.cursor, job.batch_size)
     workers = min(job.workers, len(units))
     loader = DataLoader(
         BlockDataset(units, job.image_size, job.batch_size), batch_size=None, num_workers=workers,
         pin_memory=job.device.type == "cuda",
     )
-    writer = ChunkWriter(job, parts=sorted({unit.part for unit in units}))
+    writer = ChunkWriter(lambda: _open_store(job), start, parts=sorted({unit.part for unit in units}),
+                         block_size=job.batch_size, chunk_size=job.chunk_size)
     bar = _progress_bar(job)
     started = time.perf_counter()
     encoded = 0
@@ -234,281 +194,57 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
             for block in loader:
                 if block.error:
                     raise UserError(block.error)
-                latents, ready = None, None
-                if len(block.images):
-                    latents, ready = _encode_block(vae, block.images, job)
-                    encoded += len(block.images)
+                latents = _encode_block(vae, block.images, job) if len(block.images) else None
+                encoded += len(block.images)
                 block.images = None  # the writer needs only the bookkeeping
-                writer.submit(block, latents, ready)
+                writer.submit(block, latents)
                 bar.update(block.size)
                 if block.skipped:
-                    bar.set_postfix(skipped=len(job.skipped) + writer.skipped_seen)
+                    bar.set_postfix(skipped=len(start.skipped) + writer.skipped_seen)
         store = writer.finish()
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
+    if store is None:
+        reasons = "; ".join(f"{k}: {r}" for k, r in writer.skipped[:3])
+        raise UserError(f"no decodable images in {job.source.describe()}: "
+                        f"{len(writer.skipped)} samples skipped ({reasons})")
     return _summary(job, store, encoded=encoded, seconds=time.perf_counter() - started)
 
 
-def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> tuple[torch.Tensor, Any]:
-    """Launch one block's encode and its copy to the host; returns before the GPU finishes.
-
-    On CUDA the copy lands in pinned memory asynchronously and an event marks its end, so the
-    main thread goes straight on to the next block while the writer thread waits on the event.
-    """
-    x = to_model_input(images.to(vae.device, non_blocking=True))
-    z = vae.encode(x)
+def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> torch.Tensor:
+    """Launch one block's encode: its latents in the storage dtype, on the device (not waited for)."""
+    z = vae.encode(to_model_input(images.to(vae.device, non_blocking=True)))
     if tuple(z.shape[1:]) != job.latent_shape:
         raise RuntimeError(f"{vae.spec.name} produced latents of shape {tuple(z.shape[1:])}, "
                            f"expected {job.latent_shape}")
-    z = z.to(getattr(torch, job.dtype))
-    if vae.device.type != "cuda":
-        return z, None
-    host = z.to("cpu", non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
+    return z.to(getattr(torch, job.dtype))
 
 
-class ChunkWriter:
-    """The writer thread: puts encoded blocks back in source order, cuts full chunks, writes them
-    (Zarr compresses here, off the GPU's path), and commits resume progress after each chunk."""
-
-    def __init__(self, job: EncodeJob, parts: list[int]):
-        self.job = job
-        self.order = BlockOrder(parts, job.cursor, job.batch_size)
-        self.store = job.existing
-        self.rows = job.rows
-        self.skipped = list(job.skipped)  # committed: all before the committed cursor
-        self.pending_skips: list[tuple[tuple[int, int], str, str]] = []
-        self.latents: list[np.ndarray] = []
-        self.labels: list[int] = []
-        self.keys: list[str] = []
-        self.positions: list[tuple[int, int]] = []
-        self.skipped_seen = 0
-        self.queue: queue.Queue = queue.Queue(maxsize=WRITER_QUEUE_BLOCKS)
-        self.error: BaseException | None = None
-        self.aborted = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="revq-encode-writer", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def submit(self, block: Block, latents: torch.Tensor | None, ready) -> None:
-        """Queue one encoded block; blocks while the queue is full; re-raises a writer failure."""
-        self.skipped_seen += len(block.skipped)
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put((block, latents, ready), timeout=0.2)
-                return
-            except queue.Full:
-                continue
-
-    def finish(self) -> LatentStore:
-        """Wait for the queue to drain, write the last partial chunk and finalize the store."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        if not self.order.done:
-            raise RuntimeError("the image stream ended before every part was read")
-        return self._finalize()
-
-    def abort(self) -> None:
-        self.aborted.set()
-        try:
-            self.queue.put_nowait(None)
-        except queue.Full:
-            pass
-        self.thread.join(timeout=60)
-
-    def _run(self) -> None:
-        try:
-            while not self.aborted.is_set():
-                item = self.queue.get()
-                if item is None:
-                    return
-                block, latents, ready = item
-                if ready is not None:
-                    ready.synchronize()
-                array = latents.numpy() if latents is not None else None
-                for ordered_block, ordered_latents in self.order.add(block, array):
-                    self._take(ordered_block, ordered_latents)
-                while len(self.keys) >= self.job.chunk_size:
-                    self._write_chunk(self.job.chunk_size)
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            self.error = err
-
-    def _take(self, block: Block, latents: np.ndarray | None) -> None:
-        """Append one in-order block's rows, dropping those a resumed store already holds."""
-        cursor = (self.job.cursor.part, self.job.cursor.index)
-        for row, index in enumerate(block.indices):
-            if (block.part, index) >= cursor:
-                self.latents.append(latents[row])
-                self.labels.append(block.labels[row])
-                self.keys.append(block.keys[row])
-                self.positions.append((block.part, index))
-        self.pending_skips += [((block.part, i), k, r) for i, k, r in block.skipped if (block.part, i) >= cursor]
-
-    def _write_chunk(self, n: int) -> None:
-        store = self._store()
-        start, stop = self.rows, self.rows + n
-        if len(store) < stop:
-            store.resize(stop)
-        store.write(start, np.stack(self.latents[:n]), np.asarray(self.labels[:n], np.int64),
-                    np.asarray(self.keys[:n], dtype=str))
-        after = (self.positions[n - 1][0], self.positions[n - 1][1] + 1)
-        self.rows = stop
-        del self.latents[:n], self.labels[:n], self.keys[:n], self.positions[:n]
-        self._commit_skips(before=after)
-        if stop % self.job.chunk_size == 0:  # a partial last chunk is committed by _finalize
-            store.update_attrs(count=self.rows, progress={"rows": self.rows, "cursor": list(after)},
-                               **_skipped_attrs(self.skipped))
-
-    def _commit_skips(self, before: tuple[int, int] | None) -> None:
-        keep = []
-        for position, key, reason in self.pending_skips:
-            if before is None or position < before:
-                self.skipped.append((key, reason))
-            else:
-                keep.append((position, key, reason))
-        self.pending_skips = keep
-
-    def _finalize(self) -> LatentStore:
-        if self.keys:
-            self._write_chunk(len(self.keys))
-        self._commit_skips(before=None)
-        if self.rows == 0:
-            reasons = "; ".join(f"{k}: {r}" for k, r in self.skipped[:3])
-            raise UserError(f"no decodable images in {self.job.source.describe()}: "
-                            f"{len(self.skipped)} samples skipped ({reasons})")
-        store = self._store()
-        store.resize(self.rows)
-        mean, std = latent_stats(store.latents)
-        store.write_stats(mean, std)
-        attrs = store.attrs
-        attrs.pop("progress", None)
-        store.group.attrs["revq"] = {**attrs, "complete": True, "count": self.rows,
-                                     "source_count": self.rows + len(self.skipped), **_skipped_attrs(self.skipped)}
-        return store
-
-    def _store(self) -> LatentStore:
-        """The store, created on the first write: a run that writes nothing leaves `out` alone."""
-        if self.store is None:
-            job = self.job
-            attrs = {**job.settings, "complete": False, "count": 0, "chunk_size": job.chunk_size,
-                     "encoder": _encoder_attrs(job), "progress": {"rows": 0, "cursor": [0, 0]},
-                     **_skipped_attrs([])}
-            try:
-                self.store = LatentStore.create(job.out, n=0, latent_shape=job.latent_shape, dtype=job.dtype,
-                                                chunk_size=job.chunk_size, attrs=attrs,
-                                                overwrite=job.replace_existing)
-            except FileExistsError as err:  # zarr's mode "w-" found something at `out`
-                raise UserError(f"{job.out} already holds data: pass --overwrite to replace it") from err
-        return self.store
-
-
-class BlockOrder:
-    """Releases blocks in source order: parts in the given order, blocks by start index.
-
-    Workers deliver blocks out of order (one worker per shard); only the small encoded latents
-    wait here, never decoded images.
-    """
-
-    def __init__(self, parts: list[int], cursor: Cursor, block_size: int):
-        self.parts = parts
-        self.head = 0
-        self.next_start = cursor.index // block_size * block_size
-        self.waiting: dict[tuple[int, int], tuple[Block, np.ndarray | None]] = {}
-
-    @property
-    def done(self) -> bool:
-        return self.head == len(self.parts)
-
-    def add(self, block: Block, latents: np.ndarray | None) -> list[tuple[Block, np.ndarray | None]]:
-        self.waiting[(block.part, block.start)] = (block, latents)
-        ready = []
-        while not self.done and (self.parts[self.head], self.next_start) in self.waiting:
-            block, latents = self.waiting.pop((self.parts[self.head], self.next_start))
-            ready.append((block, latents))
-            if block.last:
-                self.head, self.next_start = self.head + 1, 0
-            else:
-                self.next_start += block.size
-        return ready
-
-
-def _refuse_out_inside_source(job: EncodeJob) -> None:
-    """A store inside an ImageFolder tree would become a class folder on the next scan."""
-    root = getattr(job.source, "root", None)
-    if root is None or "://" in job.out:
-        return
-    if Path(job.out).resolve().is_relative_to(root):
-        raise UserError(f"--out {job.out} is inside SOURCE {root}: put the store outside the image folder")
-
-
-def _check_existing(job: EncodeJob, overwrite: bool) -> None:
-    """Decide what to do with whatever is at `out`: nothing there, resume, refuse, or replace.
-
-    --overwrite replaces a Zarr store, never an unrelated local folder.
-    """
-    out = job.out
-    local = "://" not in out or out.startswith("file://")
-    if local:
-        path = Path(out[len("file://"):] if out.startswith("file://") else out)
-        if not path.exists():
-            return
-        if path.is_file():
-            raise UserError(f"--out {out} is a file, not a Zarr store")
-        if not (path / "zarr.json").is_file():
-            if any(path.iterdir()):
-                raise UserError(f"--out {out} exists and is not a Zarr store: refusing to write into it")
-            return
-    job.replace_existing = overwrite
+def _open_store(job: EncodeJob) -> LatentStore:
+    """The store to write into: the one being resumed, or a new one (made at the first write)."""
+    if job.resume.store is not None:
+        return job.resume.store
+    attrs = {**job.settings, "count": 0, "chunk_size": job.chunk_size, "encoder": _encoder_attrs(job),
+             **skipped_attrs([])}
     try:
-        existing = LatentStore.open(out, mode="r+", allow_incomplete=True)
-    except UserError:
-        if local and not overwrite:
-            raise UserError(f"{out} is a Zarr store but not a latent store: pass --overwrite to replace it") from None
-        return  # remote: nothing there (creating refuses anything else unless --overwrite)
-    if overwrite:
-        return
-    old = existing.attrs
-    if old.get("settings_sha256") != job.settings["settings_sha256"]:
-        changed = [k for k in job.settings if k != "settings_sha256" and old.get(k) != job.settings[k]]
-        details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(job.settings[k])} now"
-                            for k in changed[:3]) or "no settings fingerprint there"
-        raise UserError(f"{out} was made with other settings ({details}): pass --overwrite to replace it, "
-                        f"or choose another --out")
-    job.existing = existing
-    job.chunk_size = existing.chunk_size
-    if not existing.complete:
-        progress = old.get("progress", {"rows": 0, "cursor": [0, 0]})
-        job.rows = int(progress["rows"])
-        job.cursor = Cursor(*map(int, progress["cursor"]))
-        job.skipped = list(zip(old.get("skipped_keys", []), old.get("skipped_reasons", [])))
-        log.warning(f"resuming {out}: {job.rows} latents already stored")
+        return LatentStore.create(job.out, n=0, latent_shape=job.latent_shape, dtype=job.dtype,
+                                  chunk_size=job.chunk_size, attrs=attrs, overwrite=job.resume.replace,
+                                  unfinished=True)
+    except FileExistsError as err:  # zarr's mode "w-" found something at `out`
+        raise UserError(f"{job.out} already holds data: pass --overwrite to replace it") from err
 
 
 def _summary(job: EncodeJob, store: LatentStore, *, encoded: int, seconds: float,
              already_complete: bool = False) -> EncodeSummary:
-    attrs = store.attrs
-    skipped = list(zip(attrs.get("skipped_keys", []), attrs.get("skipped_reasons", [])))
     return EncodeSummary(
         store=job.out, source=job.source.describe(), vae=job.vae.name, image_size=job.image_size,
         latent_shape=job.latent_shape, dtype=job.dtype, compute=job.settings["compute"], count=len(store),
-        encoded=encoded, resumed_rows=job.rows, skipped=skipped, stored_bytes=store.nbytes_stored(),
-        seconds=seconds, already_complete=already_complete,
+        encoded=encoded, resumed_rows=job.resume.progress.rows, skipped=store.skipped,
+        stored_bytes=store.nbytes_stored(), seconds=seconds, already_complete=already_complete,
     )
-
-
-def _skipped_attrs(skipped: list[tuple[str, str]]) -> dict[str, Any]:
-    return {"skipped_count": len(skipped), "skipped_keys": [k for k, _ in skipped],
-            "skipped_reasons": [r for _, r in skipped]}
 
 
 def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
@@ -519,41 +255,20 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
             "torch": torch.__version__, "diffusers": diffusers.__version__}
 
 
-def _default_workers(workers: int | None) -> int:
-    if workers is not None:
-        return workers
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return min(cpus, MAX_DEFAULT_WORKERS)
-
-
-def _default_chunk_size(latent_shape: tuple[int, int, int], dtype: str) -> int:
-    """Rows per chunk: a power of two near CHUNK_TARGET_BYTES of uncompressed latents."""
-    row_bytes = int(np.prod(latent_shape)) * np.dtype(dtype).itemsize
-    return int(min(4096, max(16, 2 ** int(math.log2(max(1, CHUNK_TARGET_BYTES // row_bytes))))))
-
-
 def _progress_bar(job: EncodeJob):
     from tqdm.auto import tqdm
 
     total = job.source.known_count
-    done = job.cursor.index if total is not None else 0
+    done = job.resume.progress.cursor.index if total is not None else 0
     options = {} if job.progress else {"disable": True}  # unset, TQDM_DISABLE=1 still wins
     return tqdm(total=total, initial=done, unit="img", desc="encode", dynamic_ncols=True, **options)
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    if isinstance(value, dict) and len(text) > 60:
-        return "source " + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1024
-    return f"{n:.1f} TB"
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TB"

@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from rich.table import Table
 from tqdm.auto import tqdm
 
@@ -149,9 +148,7 @@ def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, b
         for originals in original_pixels(images, latents.keys[:], image_size):
             z = np.asarray(latents.latents[row:row + len(originals)], dtype=np.float32)
             row += len(originals)
-            with torch.inference_mode():
-                rectified = torch.cat([run.model(torch.from_numpy(z[i:i + batch_size]).to(device)).cpu()
-                                       for i in range(0, len(z), batch_size)])
+            rectified = run.model.forward_batched(z, batch_size)
             for name, latent in (("vae", z), ("tokens", rectified)):
                 pixels = vae_pixels(frozen, latent, batch_size)
                 psnr, ssim = image_psnr_ssim(originals / 255.0, pixels / 255.0)

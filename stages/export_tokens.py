@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import fsspec
 import numpy as np
-import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import absolute_url, exists, local_path, same_location
 from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore, absolute_url
+from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
 
 FORMATS = ("zarr", "wds", "zarr+wds")
@@ -87,7 +86,7 @@ def export_tokens(
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
-    if absolute_url(out).rstrip("/") == absolute_url(store).rstrip("/"):
+    if same_location(out, store):
         raise UserError("--out must not be the latent store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
@@ -102,31 +101,21 @@ def export_tokens(
     if "zarr" in format:
         tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
         summary.resumed_from = tokens.rows_done
-        _fill_token_store(tokens, latents, model, dev, batch_size, progress)
+        _fill_token_store(tokens, latents, model, batch_size, progress)
         if format == "zarr+wds":
             summary.shards = _write_shards(f"{str(out).rstrip('/')}-wds", attrs, len(latents), overwrite,
                                            lambda start: _rows_from_token_store(tokens, start), progress)
     else:
         summary.shards = _write_shards(out, attrs, len(latents), overwrite,
-                                       lambda start: _rows_from_latents(latents, model, dev, batch_size, start),
+                                       lambda start: _rows_from_latents(latents, model, batch_size, start),
                                        progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
-def tokenize_latents(model: torch.nn.Module, latents: np.ndarray, device: torch.device, batch_size: int) -> np.ndarray:
-    """(N, C, H, W) latents of any float dtype -> (N, T) int64 ids, `batch_size` at a time."""
-    ids = []
-    with torch.inference_mode():
-        for start in range(0, len(latents), batch_size):
-            batch = torch.from_numpy(np.asarray(latents[start:start + batch_size], dtype=np.float32)).to(device)
-            ids.append(model.tokenize(batch).cpu().numpy())
-    return np.concatenate(ids) if ids else np.zeros((0, model.config.tokens), np.int64)
-
-
 def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
     """The token store to fill: an unfinished one from the same run and store, or a new one."""
-    if not overwrite and _exists(out):
+    if not overwrite and exists(out):
         existing = TokenStore.open(out, mode="r+")
         if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
             raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
@@ -136,21 +125,17 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
                              chunk_size=latents.chunk_size, attrs=attrs, overwrite=overwrite)
 
 
-def _exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(str(url))
-    return fs.exists(path)
-
-
-def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, device, batch_size: int, progress: bool) -> None:
-    """Tokenize the rows after `rows_done`, one token-store chunk at a time."""
+def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
+    """Tokenize the rows after `rows_done`, one token-store chunk at a time, and finish the store."""
     with tqdm(total=len(tokens), initial=tokens.rows_done, unit="img", desc="export-tokens",
               disable=not progress) as bar:
-        while not tokens.complete:
-            start = tokens.rows_done
+        for start in range(tokens.rows_done, len(tokens), tokens.chunk_size):
             stop = min(start + tokens.chunk_size, len(tokens))
-            ids = tokenize_latents(model, latents.latents[start:stop], device, batch_size)
+            ids = model.tokenize_batched(latents.latents[start:stop], batch_size)
             tokens.append(ids, latents.labels[start:stop], latents.keys[start:stop])
             bar.update(stop - start)
+    if not tokens.complete:
+        tokens.finish()
 
 
 Rows = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -162,12 +147,12 @@ def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:
         yield tokens.tokens[begin:end], tokens.labels[begin:end], tokens.keys[begin:end]
 
 
-def _rows_from_latents(latents: LatentStore, model, device, batch_size: int, start: int) -> Rows:
+def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int) -> Rows:
     dtype = token_dtype(model.config.codes)
     step = max(latents.chunk_size, batch_size)
     for begin in range(start, len(latents), step):
         end = min(begin + step, len(latents))
-        ids = tokenize_latents(model, latents.latents[begin:end], device, batch_size)
+        ids = model.tokenize_batched(latents.latents[begin:end], batch_size)
         yield ids.astype(dtype), latents.labels[begin:end], latents.keys[begin:end]
 
 
@@ -178,11 +163,11 @@ def wds_key(key: str) -> str:
     return stem.replace(".", "_")
 
 
-def _write_shards(folder: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
-    """Write `count` samples as shards of SHARD_ROWS into `folder`, after the shards already complete."""
-    if "://" in str(folder):
+def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
+    """Write `count` samples as shards of SHARD_ROWS into the folder `out`, after the shards already complete."""
+    folder = local_path(out)
+    if folder is None:
         raise UserError("webdataset shards are written to a local folder, not a URL")
-    folder = Path(folder)
     manifest = folder / "export.json"
     if folder.exists() and not overwrite:
         if not manifest.exists() or _read_json(manifest) != attrs:

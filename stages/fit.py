@@ -35,9 +35,10 @@ from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_con
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
+from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.seeds import stream_seed
-from revq_pipe.pipeline.store import LatentStore, absolute_url
+from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
 
 log = logging.getLogger(__name__)

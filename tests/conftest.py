@@ -10,6 +10,8 @@ For any stage's tests:
 - `photo_shards`: the same JPEG bytes as webdataset shards (keys `<class>/<file stem>`, `cls` =
   the class's sorted index), as a brace pattern; `PHOTO_SHARD_SIZE` samples per shard.
 Session-scoped and read-only: copy before changing them.
+- `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
+  removed after the test.
 """
 
 import os
@@ -19,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import shutil  # noqa: E402
+import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -108,3 +111,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def memory_root():
+    import fsspec
+
+    fs, root = fsspec.filesystem("memory"), f"/revq-test-{uuid.uuid4().hex}"
+    yield f"memory://{root}"
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -90,6 +90,16 @@ def test_webdataset_shards_match_the_folder(photo_folder, photo_shards, tiny_dc_
     assert shards["attrs"]["source"]["kind"] == "webdataset"
 
 
+def test_folder_with_worker_processes_gives_the_same_store(photo_folder, tiny_dc_vae_dir, tmp_path):
+    encode(str(photo_folder), str(tmp_path / "w2.zarr"), vae=str(tiny_dc_vae_dir), **{**SMALL, "workers": 2})
+    encode(str(photo_folder), str(tmp_path / "w0.zarr"), vae=str(tiny_dc_vae_dir), **SMALL)
+    two, none = store_arrays(tmp_path / "w2.zarr"), store_arrays(tmp_path / "w0.zarr")
+    for name in ("latents", "labels", "keys", "mean", "std"):
+        assert np.array_equal(two[name], none[name]), name
+    assert two["attrs"]["encoder"]["workers"] == 2 and none["attrs"]["encoder"]["workers"] == 0
+    assert {**two["attrs"], "encoder": None} == {**none["attrs"], "encoder": None}
+
+
 def damaged_folder(photo_folder: Path, root: Path) -> tuple[Path, list[str]]:
     """A copy of the photos with odd colour modes, one truncated JPEG and one fake PNG."""
     shutil.copytree(photo_folder, root)
@@ -169,6 +179,23 @@ def test_interrupted_run_resumes_to_an_identical_store(photo_folder, photo_shard
     for name in ("latents", "labels", "keys", "mean", "std"):
         assert np.array_equal(a[name], b[name]), name
     assert a["attrs"] == b["attrs"]
+
+
+def test_a_store_at_an_fsspec_url_is_written_and_resumed_like_a_local_one(photo_folder, tiny_dc_vae_dir, tmp_path,
+                                                                          memory_root, monkeypatch):
+    url = f"{memory_root}/s.zarr"
+    with monkeypatch.context() as patch:
+        crash_after(patch, writes=1, after_write=False)
+        with pytest.raises(InjectedCrash):
+            encode(str(photo_folder), url, vae=str(tiny_dc_vae_dir), **SMALL)
+    assert encode(str(photo_folder), url, vae=str(tiny_dc_vae_dir), **SMALL).resumed_rows == SMALL["chunk_size"]
+    encode(str(photo_folder), str(tmp_path / "local.zarr"), vae=str(tiny_dc_vae_dir), **SMALL)
+    remote, local = store_arrays(url), store_arrays(tmp_path / "local.zarr")
+    for name in ("latents", "labels", "keys", "mean", "std"):
+        assert np.array_equal(remote[name], local[name]), name
+    assert encode(str(photo_folder), url, vae=str(tiny_dc_vae_dir), **SMALL).already_complete
+    with pytest.raises(UserError, match="other settings"):
+        encode(str(photo_folder), url, vae=str(tiny_dc_vae_dir), **{**SMALL, "image_size": 64})
 
 
 def test_rerun_of_a_complete_store_does_nothing(photo_folder, tiny_dc_vae_dir, tmp_path):

@@ -98,6 +98,15 @@ def test_export_token_store_lines_up_with_latent_store(fitted, tmp_path):
     assert attrs["rows_done"] == COUNT
 
 
+def test_batched_model_methods_on_no_rows_give_empty_arrays_of_their_kind(fitted):
+    _, run = fitted
+    model = reference_model(run)
+    ids = model.tokenize_batched(np.zeros((0, *LATENT_SHAPE), np.float16), 7)
+    assert ids.shape == (0, model.config.tokens) and ids.dtype == np.int64
+    for latents in (model.detokenize_batched(ids, 7), model.forward_batched(np.zeros((0, *LATENT_SHAPE)), 7)):
+        assert latents.shape == (0, *LATENT_SHAPE) and latents.dtype == np.float32
+
+
 def fail_on_call(monkeypatch, owner, name: str, failing_call: int):
     """Make owner.name raise on its `failing_call`-th call: a crash in the middle of an export."""
     original = getattr(owner, name)

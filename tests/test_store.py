@@ -1,4 +1,5 @@
-"""The latent store: layout, chunk-aligned writes, the incomplete flag, dask statistics."""
+"""The latent and token stores: layout, chunk-aligned writes, the resume protocol, dask statistics,
+local paths and fsspec URLs."""
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.stats import latent_stats
 from revq_pipe.pipeline.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.token_store import TokenStore
 
 runner = CliRunner()
 
@@ -88,3 +90,66 @@ def test_missing_or_foreign_stores_are_user_errors(tmp_path):
     zarr.open_group(str(tmp_path / "other.zarr"), mode="w").create_array("x", shape=(2,), dtype="int8")
     with pytest.raises(UserError, match="not a latent store"):
         LatentStore.open(str(tmp_path / "other.zarr"))
+
+
+def test_a_latent_store_at_an_fsspec_url_is_written_resumed_and_finished(memory_root):
+    url = f"{memory_root}/s.zarr"
+    latents = np.random.default_rng(3).standard_normal((10, 2, 2, 2)).astype(np.float16)
+    store = LatentStore.create(url, n=8, latent_shape=(2, 2, 2), dtype="float16", chunk_size=4, attrs={},
+                               unfinished=True)
+    store.write(0, latents[:4], np.arange(4), np.array(list("abcd")))
+    store.commit(4, {"cursor": [0, 4]}, count=4)
+    with pytest.raises(UserError, match="incomplete"):
+        LatentStore.open(url)
+
+    again = LatentStore.open(url, mode="r+", allow_incomplete=True)  # a new process picks it up
+    assert (again.rows_done, again.progress, again.complete) == (4, {"cursor": [0, 4]}, False)
+    again.resize(10)
+    again.write(4, latents[4:], np.arange(4, 10), np.array(list("efghij")))
+    again.finish(count=10)
+
+    done = LatentStore.open(url)
+    assert done.complete and done.rows_done == 10 and done.progress == {} and done.attrs["count"] == 10
+    assert np.array_equal(done.latents[:], latents) and [str(k) for k in done.keys[:]] == list("abcdefghij")
+    mean, std = done.require_stats()
+    flat = latents.reshape(10, -1).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-5)
+    assert done.nbytes_stored() > 0
+
+
+def test_a_token_store_at_an_fsspec_url_is_appended_resumed_and_finished(memory_root):
+    url = f"{memory_root}/t.zarr"
+    ids = np.random.default_rng(4).integers(0, 300, size=(7, 5))
+    store = TokenStore.create(url, n=7, tokens=5, codes=300, chunk_size=3, attrs={"run": "r"})
+    store.append(ids[:3], np.zeros(3), np.array(list("abc")))
+    with pytest.raises(ValueError, match="not one chunk"):
+        store.append(ids[3:5], np.zeros(2), np.array(list("de")))
+
+    again = TokenStore.open(url, mode="r+")
+    assert (again.rows_done, again.complete) == (3, False)
+    again.append(ids[3:6], np.ones(3), np.array(list("def")))
+    again.append(ids[6:], np.ones(1), np.array(["g"]))
+    assert not TokenStore.open(url).complete  # every row written, but not finished yet
+    again.finish()
+
+    done = TokenStore.open(url)
+    assert done.complete and done.rows_done == 7 and done.attrs["run"] == "r"
+    assert done.tokens.dtype == np.uint16 and np.array_equal(done.tokens[:], ids)
+    assert list(done.labels[:]) == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_stores_written_before_the_shared_protocol_read_as_before(tmp_path):
+    # Token stores counted only rows_done; unfinished latent stores kept their rows in `progress`;
+    # latent stores written whole had no flag at all.
+    tokens = TokenStore.create(str(tmp_path / "t.zarr"), n=4, tokens=2, codes=8, chunk_size=2, attrs={})
+    tokens.group.attrs["revq"] = {"format_version": 1, "count": 4, "rows_done": 2}
+    assert (tokens.rows_done, tokens.complete) == (2, False)
+    tokens.group.attrs["revq"] = {"format_version": 1, "count": 4, "rows_done": 4}
+    assert (tokens.rows_done, tokens.complete) == (4, True)
+
+    latents = LatentStore.create(str(tmp_path / "l.zarr"), n=6, latent_shape=(1, 1, 1), dtype="float32",
+                                 chunk_size=2, attrs={})
+    assert (latents.rows_done, latents.complete) == (6, True)
+    latents.group.attrs["revq"] = {"complete": False, "progress": {"rows": 2, "cursor": [0, 3]}}
+    assert (latents.rows_done, latents.complete, latents.progress["cursor"]) == (2, False, [0, 3])
