@@ -67,13 +67,14 @@ def encode(
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the latents: float16 or float32 (float32 also disables bf16 autocast)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: CPU count, at most 16)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with other settings instead of refusing."),
+    flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
     from revq_pipe.stages.encode import encode as run_encode
 
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite,
+        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip,
     )
     typer.echo(summary.report())
 
@@ -109,6 +110,7 @@ def fit(
     rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, help="Rectifier blocks (default: the preset's)."),
     codebook_init: str = typer.Option("random", "--codebook-init", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="Ignore the store's flipped latents (encode --flip); by default fit trains on them too."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
     codebook_update: str = typer.Option("auto", "--codebook-update", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
@@ -120,7 +122,7 @@ def fit(
         store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
-        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init,
+        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
     )
     typer.echo(result.report())
 
