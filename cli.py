@@ -244,7 +244,7 @@ def bench_quality(
     vae: Optional[str] = typer.Option(None, "--vae", help="The VAE both stores were encoded with (e.g. revq-pipe-embedded)."),
     preset: str = typer.Option("tiny", "--preset"),
     codes: Optional[str] = typer.Option(None, "--codes", help="Comma-separated K values (default: the preset's K and K/4)."),
-    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (default: all)."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-noflip, none-noflip."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     seed: int = typer.Option(0, "--seed", min=0),
