@@ -140,7 +140,7 @@ def resolve_vae(spec: str | None) -> VaeSpec:
         if path.resolve() == EMBEDDED_VAE_DIR.resolve():
             return _embedded_spec()  # one name wherever the package is installed
         return _resolve_local(path.resolve(), name=str(path.resolve()))
-    if spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
+    if spec.startswith((".", "/", "~")) or not looks_like_hub_id(spec):
         raise UserError(f"VAE directory not found: {spec} (and it is not a Hugging Face model id owner/name)")
     return _resolve_hub(spec)
 
@@ -261,12 +261,19 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"cannot read VAE config {path}: {err}") from err
 
 
+def portable_vae_name(name: str | None) -> str | None:
+    """A VAE name that means the same on any machine (a hub id, `revq-pipe-embedded`), or None for
+    a local folder (stores record those as absolute paths): what a published config.json may name."""
+    return None if name is None or Path(name).is_absolute() else name
+
+
 def _hub_offline() -> bool:
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether `spec` has the form of a Hugging Face model id, owner/name."""
     parts = spec.split("/")
     return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
