@@ -11,6 +11,7 @@ One file holds an (N, C, H, W) float array and, optionally, its labels (N,) and 
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,12 @@ def read_latent_file(path: str | Path) -> LatentFile:
 def _read_torch(path: Path) -> dict[str, Any]:
     import torch
 
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path} holds objects other than tensors, which torch.load(weights_only=True) does not "
+                        f"build (a file can run code on load otherwise): save the tensors alone, or .npy/.safetensors "
+                        f"({str(err).splitlines()[-1].strip()[:120]})") from err
     if isinstance(loaded, torch.Tensor):
         loaded = {"latents": loaded}
     if not isinstance(loaded, dict):

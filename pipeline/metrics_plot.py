@@ -13,6 +13,7 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # (panel title, y label, [(metrics.jsonl key, legend label)])
 PANELS = (
@@ -38,6 +39,7 @@ def plot_metrics(history: list[dict[str, Any]], path: Path, title: str = "") -> 
     for axes, (panel, ylabel, series) in zip(figure.subplots(2, 2).flat, PANELS):
         axes.set_title(panel)
         axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_ylabel(ylabel)
         drawn = False
         for key, label in series:
