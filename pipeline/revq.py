@@ -37,7 +37,7 @@ from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.sources import to_model_input
 from revq_pipe.pipeline.training_record import read_training_record, training_summary
-from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.vae import hub_offline, hub_unreachable, resolve_vae
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -201,7 +201,7 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         self.training_summary: dict[str, Any] = {}
         # The VAE a local run's training record names (a local folder config.json does not name).
         self.recorded_vae: str | None = None
-        self._vaes: dict[str | None, Any] = {}  # loaded VAEs of the image API, by the name asked for
+        self._vaes: dict[tuple[str, str], Any] = {}  # loaded VAEs of the image API, by name and device
 
     @property
     def codebooks(self) -> nn.Parameter:
@@ -300,13 +300,14 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         if name is None:
             raise UserError("this model does not record its VAE (it was trained on latents of a local "
                             "VAE folder): pass vae=<that folder or hub id>")
-        if name not in self._vaes:
+        key = (name, str(self.device))  # a model moved to another device loads the VAE there too
+        if key not in self._vaes:
             spec = resolve_vae(name)
             if self.config.image_size and spec.latent_shape(self.config.image_size) != self.config.latent_shape:
                 raise UserError(f"the VAE {name} makes latents of shape {spec.latent_shape(self.config.image_size)}, "
                                 f"this model tokenizes {self.config.latent_shape}")
-            self._vaes[name] = spec.load(self.device)
-        return self._vaes[name]
+            self._vaes[key] = spec.load(self.device)
+        return self._vaes[key]
 
     # Hugging Face: save_pretrained / from_pretrained / push_to_hub (the mixin's, with these parts).
 
@@ -345,8 +346,11 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
         name = str(pretrained_model_name_or_path)
-        if not os.path.isdir(name) and (name.startswith((".", "/", "~")) or os.path.exists(name)):
-            raise UserError(f"{name} is not a ReVQ run directory")
+        if not os.path.isdir(name):
+            if name.startswith((".", "/", "~")) or os.path.exists(name):
+                raise UserError(f"{name} is not a ReVQ run directory")
+            if not hub_offline() and hub_unreachable():
+                kwargs["local_files_only"] = True  # the cache only, instead of the hub client's retries
         try:
             return super().from_pretrained(name, device=device, **kwargs)
         except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:

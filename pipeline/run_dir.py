@@ -18,7 +18,7 @@ import torch
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.training_record import read_training_record
-from revq_pipe.pipeline.vae import VaeSpec, looks_like_hub_id
+from revq_pipe.pipeline.vae import VaeSpec, hub_offline, hub_unreachable, looks_like_hub_id
 
 # What a published run holds (ReVQ.push_to_hub): all a hub RUN needs.
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
@@ -111,8 +111,9 @@ def run_folder(run: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
+    cache_only = not hub_offline() and hub_unreachable() is not None  # no waiting on the client's retries
     try:
-        return Path(snapshot_download(str(run), allow_patterns=list(HUB_FILES)))
+        return Path(snapshot_download(str(run), allow_patterns=list(HUB_FILES), local_files_only=cache_only))
     except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:
         raise UserError(f"{run} is neither a run directory nor a model on the Hugging Face hub (or in its "
                         f"cache): {str(err).splitlines()[0]}") from err

@@ -149,8 +149,8 @@ def _resolve_default() -> VaeSpec:
     cached = cached_hub_spec(DEFAULT_VAE_ID)
     if cached is not None:
         return cached
-    unreachable = None if _hub_offline() else _hub_unreachable()
-    if _hub_offline():
+    unreachable = None if hub_offline() else hub_unreachable()
+    if hub_offline():
         reason = "it is not cached and the hub is offline (HF_HUB_OFFLINE)"
     elif unreachable:
         reason = f"it is not cached and the hub cannot be reached: {unreachable}"
@@ -189,10 +189,10 @@ def _resolve_hub(repo_id: str) -> VaeSpec:
     cached = cached_hub_spec(repo_id)
     if cached is not None:
         return cached
-    if _hub_offline():
+    if hub_offline():
         raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, "
                         f"and the hub is offline (HF_HUB_OFFLINE)")
-    unreachable = _hub_unreachable()
+    unreachable = hub_unreachable()
     if unreachable:
         raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, and "
                         f"the hub cannot be reached ({unreachable})")
@@ -215,7 +215,7 @@ def _resolve_hub(repo_id: str) -> VaeSpec:
     raise UserError(f"Hugging Face model {repo_id} has no config.json (nor vae/config.json)")
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be reached, or None. One TCP connect with a short timeout: the hub
     client's own retries would otherwise spend half a minute per file on a machine offline."""
     from huggingface_hub import constants
@@ -267,7 +267,8 @@ def portable_vae_name(name: str | None) -> str | None:
     return None if name is None or Path(name).is_absolute() else name
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
