@@ -93,13 +93,14 @@ def encode(
                               "bf16 autocast on CUDA (float32 on the CPU); --dtype float32 computes in float32 too."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; 0: in this process)."),
     overwrite: bool = OverwriteOpt,
+    flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
     from revq_pipe.stages.encode import encode as run_encode
 
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite,
+        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip,
     )
     typer.echo(summary.report())
 
@@ -164,6 +165,7 @@ def fit(
     rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, metavar="L", help=f"Rectifier blocks (default: the preset's; {preset_defaults('rectifier_layers')})."),
     codebook_init: str = typer.Option("random", "--codebook-init", metavar="random|kmeans", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
+    no_flip: bool = typer.Option(False, "--no-flip", help="Ignore the store's flipped latents (encode --flip); by default fit trains on them too."),
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, metavar="T", help="Tokens per image T, off-preset (d becomes C*H*W/T)."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, metavar="K", help=f"Codes per token position K, off-preset (default: the preset's; {preset_defaults('codes')})."),
     codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
@@ -176,7 +178,8 @@ def fit(
         store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
-        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, tensorboard=tensorboard,
+        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
+        tensorboard=tensorboard,
     )
     typer.echo(result.report())
 
@@ -327,7 +330,7 @@ def bench_quality(
     vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE both stores were encoded with (default: the one VAL records)."),
     preset: str = typer.Option("tiny", "--preset", metavar="NAME", help=f"The preset every variant starts from. {preset_help()}."),
     codes: Optional[str] = typer.Option(None, "--codes", metavar="K,K,...", help="Comma-separated K values (default: the preset's K and K/4)."),
-    variants: Optional[str] = typer.Option(None, "--variants", metavar="NAME,...", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (default: all)."),
+    variants: Optional[str] = typer.Option(None, "--variants", metavar="NAME,...", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-noflip, none-noflip."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N", help=f"Epochs per variant (default: the preset's; {preset_defaults('epochs')})."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Latents per step (default: the preset's; {preset_defaults('batch_size')})."),
     seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of every variant's random streams."),

@@ -160,6 +160,9 @@ class TrainConfig:
     # a bounded sample of the store (see codebook_init.py).
     codebook_init: str = "random"
     kmeans_iters: int = 10
+    # Each sample of an epoch is its image's latent or its flipped image's, at random (stores made
+    # with `encode --flip`; see loader.py).
+    flip: bool = False
     # "sparse": AdamW that touches only the chosen codes each step (dense AdamW's updates, with each
     # code's momentum tail applied at once; see codebook_optim.py); "dense": torch AdamW over all codes.
     codebook_update: str = "sparse"
@@ -244,6 +247,7 @@ def resolve_train_config(
     reset: bool = True,
     codebook_update: str = "auto",
     codebook_init: str = "random",
+    flip: bool = False,
     device: torch.device | None = None,
 ) -> TrainConfig:
     """The training config for a preset, with the user's overrides.
@@ -259,7 +263,7 @@ def resolve_train_config(
         epochs=epochs if epochs is not None else p["epochs"],
         batch_size=batch_size if batch_size is not None else p["batch_size"],
         lr=lr if lr is not None else TrainConfig.lr, seed=seed, reset=reset, codebook_update=codebook_update,
-        codebook_init=codebook_init,
+        codebook_init=codebook_init, flip=flip,
     )
 
 

@@ -66,12 +66,15 @@ class ChunkWriter:
 
     `open_store` returns the store to write into; it is called at the first write, so a run that
     writes nothing leaves the output alone. Writing starts at `start`: the blocks submitted must
-    begin with the one holding `start.cursor` (rows before the cursor are dropped).
+    begin with the one holding `start.cursor` (rows before the cursor are dropped). With `flip`, a
+    block's latents are (B, 2, C, H, W): each image's latent and its flipped image's, written to
+    the store's `latents` and `latents_flip`.
     """
 
     def __init__(self, open_store: Callable[[], LatentStore], start: WriteProgress, *, parts: list[int],
-                 block_size: int, chunk_size: int):
+                 block_size: int, chunk_size: int, flip: bool = False):
         self.open_store = open_store
+        self.flip = flip
         self.cursor = (start.cursor.part, start.cursor.index)
         self.order = BlockOrder(parts, start.cursor, block_size)
         self.chunk_size = chunk_size
@@ -173,8 +176,10 @@ class ChunkWriter:
         start, stop = self.rows, self.rows + n
         if len(store) < stop:
             store.resize(stop)
-        store.write(start, np.stack(self.latents[:n]), np.asarray(self.labels[:n], np.int64),
-                    np.asarray(self.keys[:n], dtype=str))
+        rows = np.stack(self.latents[:n])
+        latents, flipped = (rows[:, 0], rows[:, 1]) if self.flip else (rows, None)
+        store.write(start, latents, np.asarray(self.labels[:n], np.int64), np.asarray(self.keys[:n], dtype=str),
+                    latents_flip=flipped)
         after = Cursor(self.positions[n - 1][0], self.positions[n - 1][1] + 1)
         self.rows = stop
         del self.latents[:n], self.labels[:n], self.keys[:n], self.positions[:n]

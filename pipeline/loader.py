@@ -6,8 +6,12 @@ Two modes, chosen once per loader:
 - streaming: for stores that do not fit, each epoch visits the store's chunks in a seeded random
   order, reads blocks of chunks in a background thread (prefetch), and shuffles within a block.
 
-The order of an epoch depends only on (seed, epoch) - the `data_order` random stream, shared with
-no other purpose (seeds.py) - so a resumed run sees the same batches.
+With `flip` (a store encoded with `--flip`), each sample of an epoch is its image's latent or its
+horizontally flipped image's, one of the two at random: flip augmentation, as latent-caching
+tokenizer and diffusion pipelines do it, without decoding an image again.
+
+The order of an epoch (and its flip choices) depends only on (seed, epoch) - the `data_order`
+random stream, shared with no other purpose (seeds.py) - so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
@@ -40,15 +44,20 @@ class LatentLoader:
     """Batches of raw latents (float32, on `device`) from a latent store, one seeded order per epoch."""
 
     def __init__(self, store: LatentStore, batch_size: int, device: torch.device, *, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0, resident: bool | None = None):
+                 drop_last: bool = True, seed: int = 0, resident: bool | None = None, flip: bool = False):
+        if flip and not store.has_flip:
+            raise ValueError(f"{store.url} holds no flipped latents (encode it with --flip)")
         self.store, self.batch_size, self.device = store, batch_size, device
-        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.shuffle, self.drop_last, self.seed, self.flip = shuffle, drop_last, seed, flip
         self.n = len(store)
+        arrays = [store.latents, store.latents_flip] if flip else [store.latents]
         if resident is None:
-            nbytes = self.n * math.prod(store.latent_shape) * store.latents.dtype.itemsize
+            nbytes = len(arrays) * self.n * math.prod(store.latent_shape) * store.latents.dtype.itemsize
             resident = nbytes <= RESIDENT_FRACTION * free_memory(device)
         self.resident = resident
-        self.data = torch.from_numpy(np.asarray(store.latents[:])).to(device) if resident else None
+        # Resident with flips: rows [0, n) the originals, [n, 2n) their flipped images' latents.
+        self.data = (torch.cat([torch.from_numpy(np.asarray(array[:])) for array in arrays]).to(device)
+                     if resident else None)
 
     def __len__(self) -> int:
         """Batches per epoch."""
@@ -60,7 +69,7 @@ class LatentLoader:
         return self._resident_batches(generator) if self.resident else self._streamed_batches(generator)
 
     def rows(self, indices: np.ndarray) -> torch.Tensor:
-        """The latents at the given row indices (float32, on the device)."""
+        """The latents at the given row indices (float32, on the device), never flipped."""
         if self.resident:
             return self.data[torch.as_tensor(indices, device=self.device)].float()
         order = np.argsort(indices)
@@ -76,6 +85,8 @@ class LatentLoader:
 
     def _resident_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
         order = torch.randperm(self.n, generator=generator) if self.shuffle else torch.arange(self.n)
+        if self.flip:
+            order = order + self.n * torch.randint(0, 2, (self.n,), generator=generator)
         order = order.to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
             yield self.data.index_select(0, order[start:start + self.batch_size]).float()
@@ -90,7 +101,11 @@ class LatentLoader:
         latents = self.store.latents
 
         def read(block: list[int]) -> np.ndarray:
-            return np.concatenate([latents[c * chunk:(c + 1) * chunk] for c in block])
+            rows = np.concatenate([latents[c * chunk:(c + 1) * chunk] for c in block])
+            if self.flip:  # (rows, 2, C, H, W): each latent beside its flipped image's
+                flipped = np.concatenate([self.store.latents_flip[c * chunk:(c + 1) * chunk] for c in block])
+                rows = np.stack([rows, flipped], axis=1)
+            return rows
 
         remaining = len(self)
         carry = np.empty((0, *self.store.latent_shape), latents.dtype)
@@ -101,6 +116,9 @@ class LatentLoader:
                 pending = pool.submit(read, blocks[i + 1]) if i + 1 < len(blocks) else None
                 if self.shuffle:
                     block = block[torch.randperm(len(block), generator=generator).numpy()]
+                if self.flip:
+                    views = torch.randint(0, 2, (len(block),), generator=generator).numpy()
+                    block = block[np.arange(len(block)), views]
                 block = np.concatenate([carry, block]) if len(carry) else block
                 full = len(block) // self.batch_size
                 for b in range(min(full, remaining)):

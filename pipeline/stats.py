@@ -13,11 +13,13 @@ import zarr
 from revq_pipe.pipeline.errors import UserError
 
 
-def latent_stats(latents: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and (population) std of every latent dimension: two (C*H*W,) float32 arrays."""
-    if latents.shape[0] == 0:
+def latent_stats(*arrays: zarr.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and (population) std of every latent dimension over all rows of the (N, C, H, W)
+    arrays together (a store's latents, and its flipped latents when it has them): two (C*H*W,)
+    float32 arrays."""
+    if sum(array.shape[0] for array in arrays) == 0:
         raise UserError("cannot compute statistics of an empty latent store")
-    flat = da.from_zarr(latents).reshape(latents.shape[0], -1).astype(np.float64)
+    flat = da.concatenate([da.from_zarr(array).reshape(array.shape[0], -1) for array in arrays]).astype(np.float64)
     mean, sq_mean = da.compute(flat.mean(axis=0), (flat * flat).mean(axis=0))
     # E[x^2] - E[x]^2 in float64 is exact enough for latents; clip tiny negative round-off.
     std = np.sqrt(np.maximum(sq_mean - mean * mean, 0.0))

@@ -1,9 +1,11 @@
 """The latent store: a Zarr v3 group, laid out as
 
     latents (N, C, H, W) float16|float32, chunked along N, compressed
+    latents_flip (N, C, H, W), optional (`encode --flip`): row i is the latent of image i flipped
+            horizontally, chunked and compressed like `latents`
     labels  (N,) int64, -1 where unknown
     keys    (N,) str, the sample's key / relative path
-    mean, std (C*H*W,) float32, per-dimension statistics of all stored latents
+    mean, std (C*H*W,) float32, per-dimension statistics of all stored latents (flipped ones too)
     attrs["revq"]: format version, vae id, image size, latent shape, dtype, counts, skipped keys,
                    and the resume state below
 
@@ -42,6 +44,7 @@ FORMAT_VERSION = 1
 LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 LATENT_DTYPES = ("float16", "float32")
+FLIP_ARRAY = "latents_flip"
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
 
 
@@ -186,8 +189,10 @@ class LatentStore(RowStore):
         attrs: dict[str, Any],
         overwrite: bool = False,
         unfinished: bool = False,
+        flip: bool = False,
     ) -> "LatentStore":
-        """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive).
+        """Create the arrays for `n` rows (0 is fine: `resize` grows them as rows arrive), with a
+        `latents_flip` array beside `latents` when `flip`.
 
         `unfinished` creates it for a writer of the resume protocol: `open` refuses it until `finish`.
         """
@@ -197,22 +202,39 @@ class LatentStore(RowStore):
         group = cls._create_group(url, n=n, row_shape=tuple(latent_shape), dtype=dtype, chunk_size=chunk_size,
                                   compressor=LATENT_COMPRESSOR, attrs=attrs, overwrite=overwrite,
                                   unfinished=unfinished)
+        if flip:
+            group.create_array(FLIP_ARRAY, shape=(n, *latent_shape), chunks=(chunk_size, *latent_shape),
+                               dtype=dtype, compressors=LATENT_COMPRESSOR, fill_value=0)
         return cls(group, str(url))
 
     @property
     def latents(self) -> zarr.Array:
         return self.group["latents"]
 
+    @property
+    def has_flip(self) -> bool:
+        """Whether the store holds the latents of the horizontally flipped images too."""
+        return FLIP_ARRAY in self.group
+
+    @property
+    def latents_flip(self) -> zarr.Array:
+        """(N, C, H, W): row i is the latent of image i flipped horizontally (`has_flip` stores only)."""
+        return self.group[FLIP_ARRAY]
+
+    def _latent_arrays(self) -> list[zarr.Array]:
+        return [self.latents, self.latents_flip] if self.has_flip else [self.latents]
+
     def resize(self, n: int) -> None:
         """Grow or shrink the per-row arrays to `n` rows (metadata only; chunks past `n` go)."""
         c, h, w = self.latent_shape
-        self.latents.resize((n, c, h, w))
+        for array in self._latent_arrays():
+            array.resize((n, c, h, w))
         self.labels.resize((n,))
         self.keys.resize((n,))
 
     def nbytes_stored(self) -> int:
-        """Bytes the latents take in the store, compressed (with their small metadata)."""
-        return int(self.latents.nbytes_stored())
+        """Bytes the latents (flipped ones too) take in the store, compressed (with their small metadata)."""
+        return sum(int(array.nbytes_stored()) for array in self._latent_arrays())
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -242,12 +264,18 @@ class LatentStore(RowStore):
             raise UserError(f"{self.url} has no mean/std statistics: run `revq-pipe stats {self.url}`")
         return mean, std
 
-    def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
-        """Write rows [start, start+len) - chunk-aligned so disjoint writers never share a chunk."""
+    def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray,
+              latents_flip: np.ndarray | None = None) -> None:
+        """Write rows [start, start+len) - chunk-aligned so disjoint writers never share a chunk.
+        A store with flipped latents needs them (`latents_flip`) for the same rows."""
         stop = start + len(latents)
         if start % self.chunk_size or (stop % self.chunk_size and stop != len(self)):
             raise ValueError(f"write [{start}, {stop}) is not aligned to chunks of {self.chunk_size}")
+        if (latents_flip is not None) != self.has_flip:
+            raise ValueError("a store with latents_flip is written with flipped latents, and only such a store")
         self.latents[start:stop] = latents
+        if latents_flip is not None:
+            self.latents_flip[start:stop] = latents_flip
         self.labels[start:stop] = labels
         self.keys[start:stop] = keys
 
@@ -257,8 +285,9 @@ class LatentStore(RowStore):
             arr[:] = values.astype(np.float32)
 
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
-        """Compute the per-dimension mean/std of every stored latent, store them and return them."""
-        mean, std = latent_stats(self.latents)
+        """Compute the per-dimension mean/std of every stored latent (flipped ones too: training
+        draws from both), store them and return them."""
+        mean, std = latent_stats(*self._latent_arrays())
         self.write_stats(mean, std)
         return mean, std
 

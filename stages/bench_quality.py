@@ -31,9 +31,10 @@ from revq_pipe.stages.fit import fit
 log = logging.getLogger(__name__)
 
 MARKER = "revq-bench-quality.json"
-# name -> fit's rectifier options. "paper" is the released code's g(q) = f(q); the others are
-# revq-pipe's residual form g(q) = q + f(q), the identity at initialisation.
-VARIANTS: dict[str, dict[str, str]] = {
+# name -> fit's options. "paper" is the released code's rectifier g(q) = f(q); the others are
+# revq-pipe's residual form g(q) = q + f(q), the identity at initialisation. The first seven are
+# the rectifier ablation (the default set); the rest change training, not the model.
+VARIANTS: dict[str, dict[str, Any]] = {
     "vit": {"rectifier": "vit", "rectifier_form": "residual"},
     "vit-paper": {"rectifier": "vit", "rectifier_form": "paper"},
     "cnn": {"rectifier": "cnn", "rectifier_form": "residual"},
@@ -41,7 +42,12 @@ VARIANTS: dict[str, dict[str, str]] = {
     "mlp": {"rectifier": "mlp", "rectifier_form": "residual"},
     "mlp-paper": {"rectifier": "mlp", "rectifier_form": "paper"},
     "none": {"rectifier": "none"},
+    "vit-kmeans": {"rectifier": "vit", "codebook_init": "kmeans"},
+    "none-kmeans": {"rectifier": "none", "codebook_init": "kmeans"},
+    "vit-noflip": {"rectifier": "vit", "flip": False},
+    "none-noflip": {"rectifier": "none", "flip": False},
 }
+RECTIFIER_ABLATION = list(VARIANTS)[:7]
 
 
 @dataclass
@@ -137,7 +143,7 @@ def bench_quality(
     `out`, and collect validation MSE with and without the rectifier, and PSNR/SSIM with `images`."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    variants = list(variants or VARIANTS)
+    variants = list(variants or RECTIFIER_ABLATION)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")

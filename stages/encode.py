@@ -52,10 +52,12 @@ class EncodeSummary:
     stored_bytes: int
     seconds: float
     already_complete: bool = False
+    flip: bool = False  # the store holds each image's flipped latent too
 
     @property
     def raw_bytes(self) -> int:
-        return self.count * int(np.prod(self.latent_shape)) * np.dtype(self.dtype).itemsize
+        views = 2 if self.flip else 1
+        return views * self.count * int(np.prod(self.latent_shape)) * np.dtype(self.dtype).itemsize
 
     @property
     def compression_ratio(self) -> float:
@@ -76,9 +78,10 @@ class EncodeSummary:
             shown = "; ".join(f"{key}: {reason}" for key, reason in self.skipped[:5])
             more = f"; and {len(self.skipped) - 5} more (all in the store's attrs)" if len(self.skipped) > 5 else ""
             skipped += f" ({shown}{more})"
+        flipped = " (and their flipped images')" if self.flip else ""
         return (f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px"
-                f"{resumed}: {self.count} latents of {shape} stored as {self.dtype} (computed in {self.compute}) "
-                f"in {self.store}, "
+                f"{resumed}: {self.count} latents{flipped} of {shape} stored as {self.dtype} (computed in "
+                f"{self.compute}) in {self.store}, "
                 f"{skipped}. Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
                 f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s.")
@@ -100,6 +103,7 @@ class EncodeJob:
     chunk_size: int
     settings: dict[str, Any]
     resume: Resume  # what to do with whatever is at `out`, and where to start
+    flip: bool = False  # also store the latents of the horizontally flipped images
     progress: bool = True
 
     @property
@@ -132,6 +136,7 @@ def prepare_encode(
     overwrite: bool = False,
     progress: bool = True,
     chunk_size: int | None = None,
+    flip: bool = False,
 ) -> EncodeJob:
     """Check every setting and the store at `out` without loading weights or writing anything.
 
@@ -139,7 +144,8 @@ def prepare_encode(
     storage dtype (float32 also turns off bf16 autocast on CUDA); `workers` DataLoader processes
     decode and resize (default: CPU count, at most 16; 0 decodes in this process); `overwrite`
     replaces a store made with other settings; `chunk_size` rows per Zarr chunk (default: about
-    4 MB of latents).
+    4 MB of latents); `flip` also stores each image's horizontally flipped latent (`latents_flip`,
+    for fit's flip augmentation; twice the encoder work).
     """
     if dtype not in LATENT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
@@ -163,6 +169,8 @@ def prepare_encode(
         "compute": compute,
         "preprocessing": PREPROCESSING,
         "source": image_source.fingerprint(),
+        # Only when on: stores made before the option existed keep their fingerprint.
+        **({"flip": True} if flip else {}),
     })
     refuse_out_inside(str(out), getattr(image_source, "root", None))
     resume = plan_resume(str(out), settings, overwrite)
@@ -171,7 +179,8 @@ def prepare_encode(
     return EncodeJob(
         source=image_source, out=str(out), vae=spec, image_size=size, latent_shape=latent_shape, dtype=dtype,
         device=torch_device, batch_size=batch_size, workers=default_workers(workers), settings=settings,
-        chunk_size=chunk_size or default_chunk_rows(latent_shape, dtype), resume=resume, progress=progress,
+        chunk_size=chunk_size or default_chunk_rows(latent_shape, dtype), resume=resume, flip=flip,
+        progress=progress,
     )
 
 
@@ -185,7 +194,7 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
         pin_memory=job.device.type == "cuda",
     )
     writer = ChunkWriter(lambda: _open_store(job), start, parts=sorted({unit.part for unit in units}),
-                         block_size=job.batch_size, chunk_size=job.chunk_size)
+                         block_size=job.batch_size, chunk_size=job.chunk_size, flip=job.flip)
     bar = _progress_bar(job)
     started = time.perf_counter()
     encoded = 0
@@ -216,10 +225,14 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
 
 
 def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> torch.Tensor:
-    """Launch one block's encode: its latents in the storage dtype, on the device (not waited for)."""
-    z = vae.encode(to_model_input(images.to(vae.device, non_blocking=True)))
-    if tuple(z.shape[1:]) != job.latent_shape:
-        raise RuntimeError(f"{vae.spec.name} produced latents of shape {tuple(z.shape[1:])}, "
+    """Launch one block's encode: its latents in the storage dtype, on the device (not waited for);
+    with `job.flip`, (B, 2, C, H, W) with each flipped image's latent beside its own."""
+    x = to_model_input(images.to(vae.device, non_blocking=True))
+    # The flipped images go through the encoder as a batch of their own, so the unflipped latents
+    # are the very ones an encode without --flip stores.
+    z = torch.stack([vae.encode(x), vae.encode(x.flip(-1))], dim=1) if job.flip else vae.encode(x)
+    if tuple(z.shape[-3:]) != job.latent_shape:
+        raise RuntimeError(f"{vae.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
                            f"expected {job.latent_shape}")
     return z.to(getattr(torch, job.dtype))
 
@@ -233,7 +246,7 @@ def _open_store(job: EncodeJob) -> LatentStore:
     try:
         return LatentStore.create(job.out, n=0, latent_shape=job.latent_shape, dtype=job.dtype,
                                   chunk_size=job.chunk_size, attrs=attrs, overwrite=job.resume.replace,
-                                  unfinished=True)
+                                  unfinished=True, flip=job.flip)
     except FileExistsError as err:  # zarr's mode "w-" found something at `out`
         raise UserError(f"{job.out} already holds data: pass --overwrite to replace it") from err
 
@@ -244,7 +257,7 @@ def _summary(job: EncodeJob, store: LatentStore, *, encoded: int, seconds: float
         store=job.out, source=job.source.describe(), vae=job.vae.name, image_size=job.image_size,
         latent_shape=job.latent_shape, dtype=job.dtype, compute=job.settings["compute"], count=len(store),
         encoded=encoded, resumed_rows=job.resume.progress.rows, skipped=store.skipped,
-        stored_bytes=store.nbytes_stored(), seconds=seconds, already_complete=already_complete,
+        stored_bytes=store.nbytes_stored(), seconds=seconds, already_complete=already_complete, flip=store.has_flip,
     )
 
 

@@ -118,6 +118,7 @@ def fit(
     codes: int | None = None,
     codebook_update: str = "auto",
     codebook_init: str = "random",
+    flip: bool | None = None,
     tensorboard: bool = False,
     progress: bool = True,
 ) -> FitResult:
@@ -125,9 +126,12 @@ def fit(
 
     Writes `config.json` + `model.safetensors` + a model card (loadable with `ReVQ.from_pretrained(out)`),
     `checkpoint.pt`, `metrics.jsonl` and `metrics.png` (and TensorBoard events with `tensorboard`) after
-    every epoch, and `training.json` (the training data and settings; pipeline/fit_outputs.py). With `resume`, continues from the last
-    completed epoch and ends with the same weights as an uninterrupted run (on the CPU bit for bit).
-    `progress` shows bars and logs each epoch at INFO (without it, at DEBUG).
+    every epoch, and `training.json` (the training data and settings; pipeline/fit_outputs.py). With
+    `resume`, continues from the last completed epoch and ends with the same weights as an
+    uninterrupted run (on the CPU bit for bit).
+    `flip` (default: when the store has them) trains on the flipped images' latents as well, one
+    of the two per sample per epoch. `progress` shows bars and logs each epoch at INFO (without
+    it, at DEBUG).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -138,8 +142,11 @@ def fit(
                                         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers,
                                         vae=portable_vae_name(train_store.attrs.get("vae")),
                                         image_size=train_store.attrs.get("image_size"))
+    if flip and not train_store.has_flip:
+        raise UserError(f"{store} holds no flipped latents: encode it with --flip to train with them")
     train = resolve_train_config(preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, reset=reset,
-                                 codebook_update=codebook_update, codebook_init=codebook_init, device=dev)
+                                 codebook_update=codebook_update, codebook_init=codebook_init,
+                                 flip=train_store.has_flip if flip is None else flip, device=dev)
     n = len(train_store)
     if train.batch_size > n:
         raise UserError(f"--batch-size {train.batch_size} is larger than the store ({n} latents)")
@@ -172,7 +179,7 @@ def fit(
     model.preprocessor.set_stats(mean, std)
     model.to(dev).train()
     trainer = Trainer(model, train)
-    loader = LatentLoader(train_store, train.batch_size, dev, seed=train.seed,
+    loader = LatentLoader(train_store, train.batch_size, dev, seed=train.seed, flip=train.flip,
                           resident=checkpoint["resident"] if checkpoint else None)
     val_loader = (LatentLoader(val_store, max(train.batch_size, 256), dev, shuffle=False, drop_last=False)
                   if val_store is not None else None)
@@ -188,8 +195,8 @@ def fit(
             log.log(level, f"  k-means init, {train.kmeans_iters} iterations: quantizer MSE on its sample "
                            f"{kmeans[0]:.4g} -> {kmeans[-1]:.4g}")
         history, start_epoch = [], 0
-    log.log(level, f"  {n} latents, {len(loader)} steps per epoch, data "
-                   f"{'on the device' if loader.resident else 'streamed'}")
+    log.log(level, f"  {n} latents{' and their flipped images' if train.flip else ''}, {len(loader)} steps per "
+                   f"epoch, data {'on the device' if loader.resident else 'streamed'}")
 
     for epoch in range(start_epoch, train.epochs):
         epoch_started = time.perf_counter()

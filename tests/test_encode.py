@@ -139,13 +139,13 @@ def crash_after(monkeypatch, writes: int, after_write: bool) -> list[int]:
     """Make LatentStore.write fail on call number `writes + 1` (before or after it writes)."""
     real_write, starts = store_module.LatentStore.write, []
 
-    def failing_write(self, start, latents, labels, keys):
+    def failing_write(self, start, latents, labels, keys, **flipped):
         starts.append(start)
         if len(starts) > writes:
             if after_write:
-                real_write(self, start, latents, labels, keys)
+                real_write(self, start, latents, labels, keys, **flipped)
             raise InjectedCrash(f"simulated crash at row {start}")
-        real_write(self, start, latents, labels, keys)
+        real_write(self, start, latents, labels, keys, **flipped)
 
     monkeypatch.setattr(store_module.LatentStore, "write", failing_write)
     return starts

@@ -52,6 +52,14 @@ def test_eval_latent_metrics_and_its_result_file(pipeline):
     assert report.latent_mse == pytest.approx(float(((recon - z) ** 2).mean()), rel=1e-5)
     normalise = model.preprocessor.normalize
     assert report.latent_mse_normalised == pytest.approx(float(((normalise(recon) - normalise(z)) ** 2).mean()), rel=1e-5)
+    # the quantizer alone: each token's code vector, merged back, no rectifier
+    with torch.no_grad():
+        codes = torch.stack([model.codebooks[t, ids[:, t]] for t in range(model.config.tokens)], dim=1)
+    quantized = codes.reshape(z.shape)  # the channel split: tokens are the channel-major flattening cut in T runs
+    assert report.quantizer_mse_normalised == pytest.approx(float(((quantized - normalise(z)) ** 2).mean()), rel=1e-5)
+    raw = model.preprocessor.denormalize(quantized)
+    assert report.quantizer_mse == pytest.approx(float(((raw - z) ** 2).mean()), rel=1e-5)
+    assert "quantizer alone" in report.table()
     used = [len(set(ids[:, t].tolist())) / CODES * 100 for t in range(model.config.tokens)]
     assert report.usage_mean_pct == pytest.approx(np.mean(used))
     assert report.usage_min_pct == pytest.approx(min(used))
