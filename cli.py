@@ -1,7 +1,8 @@
 """The `revq-pipe` command line: parse arguments, call a stage function, report.
 
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
-CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands so `--help` stays fast.
+CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands, and each command imports
+only its own stage, so `--help`, `--version` and every command start quickly.
 A `UserError` from any stage becomes one line on stderr and exit status 2. Log records of every
 module go to stderr through the one handler `pipeline.reporting` sets up, beside the progress bars.
 """
@@ -18,19 +19,36 @@ import typer
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.reporting import console_reporting
 
+from revq_pipe.pipeline.config import preset_defaults, preset_help
+
 app = typer.Typer(
     name="revq-pipe",
     help="Quantize-then-Rectify: turn a frozen pre-trained VAE into a VQ image tokenizer.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain help: rich's panels show every flag with a `<bool>` type, as if it took a value.
+    rich_markup_mode=None,
 )
-bench_app = typer.Typer(help="Measure the project's speed beside the reference way, in one run.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure the project's speed beside the reference way, in one run.", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(bench_app, name="bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from revq_pipe import __version__
+
+        typer.echo(f"revq-pipe {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _report_to_console(ctx: typer.Context) -> None:
+def _report_to_console(
+    ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     # Runs before any command; the context exits the reporting when the command has finished.
     ctx.with_resource(console_reporting())
 
@@ -52,21 +70,29 @@ def reports_user_errors(command):
     return wrapper
 
 
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda",
+                         help="Where to compute: auto (CUDA when available), cpu or cuda.")
+OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output made otherwise instead of refusing.")
+RunArg = typer.Argument(..., metavar="RUN", help="Run directory made by `revq-pipe fit` (or import-checkpoint), "
+                        "or a Hugging Face model id user/repo.")
 
 
 @app.command()
 @reports_user_errors
 def encode(
-    source: str = typer.Argument(..., help="ImageFolder directory, a webdataset .tar, a brace pattern or an fsspec URL."),
-    out: str = typer.Option(..., "--out", help="Latent store to write (a Zarr v3 group; local path or fsspec URL)."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Hugging Face model id or local diffusers VAE directory."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", help="Square input size S (default: the VAE's native size, 256 for DC-AE)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1),
+    source: str = typer.Argument(..., metavar="SOURCE", help="ImageFolder directory (class sub-folders -> labels), "
+                                 "a webdataset .tar, a brace pattern or an fsspec URL."),
+    out: str = typer.Option(..., "--out", metavar="STORE", help="Latent store to write (a Zarr v3 group; local path or fsspec URL)."),
+    vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="Hugging Face model id, local diffusers VAE "
+                                      "directory, or revq-pipe-embedded. Default: DC-AE f32c32 when cached or reachable, "
+                                      "else the embedded VAE."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", metavar="S", help="Square input size S (default: the VAE's native size, 256 for DC-AE, 64 for the embedded VAE)."),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, metavar="N", help="Images per VAE batch."),
     device: str = DeviceOpt,
-    dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the latents: float16 or float32 (float32 also disables bf16 autocast)."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: CPU count, at most 16)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with other settings instead of refusing."),
+    dtype: str = typer.Option("float16", "--dtype", metavar="float16|float32", help="Storage dtype of the latents. Compute is "
+                              "bf16 autocast on CUDA (float32 on the CPU); --dtype float32 computes in float32 too."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; 0: in this process)."),
+    overwrite: bool = OverwriteOpt,
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
@@ -79,9 +105,34 @@ def encode(
     typer.echo(summary.report())
 
 
+@app.command("import-latents")
+@reports_user_errors
+def import_latents(
+    files: list[str] = typer.Argument(..., metavar="FILE...", help="Latent files, in order: .pth/.pt (a tensor, or a dict "
+                                      "with latents, labels, keys; loaded with weights_only=True), .npy, .npz, .safetensors."),
+    out: str = typer.Option(..., "--out", metavar="STORE", help="Latent store to write."),
+    vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE the latents came from, recorded so "
+                                      "decode and eval can make images (checked against the latents' shape)."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", metavar="S", help="The image size the latents were encoded at (default: the VAE's native size)."),
+    classes: Optional[Path] = typer.Option(None, "--classes", metavar="FILE", help="Text file naming the labels, one class name per line (label 0 first)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", metavar="float16|float32", help="Storage dtype (default: float16 for float16 files, else float32)."),
+    overwrite: bool = OverwriteOpt,
+):
+    """Turn pre-extracted latents (N, C, H, W) into a latent store, statistics computed as encode does."""
+    from revq_pipe.stages.import_latents import import_latents as run_import
+
+    names = None
+    if classes is not None:
+        if not classes.is_file():
+            raise UserError(f"--classes file not found: {classes}")
+        names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+    typer.echo(run_import(files, out, vae=vae, image_size=image_size, classes=names, dtype=dtype,
+                          overwrite=overwrite).report())
+
+
 @app.command()
 @reports_user_errors
-def stats(store: str = typer.Argument(..., help="Latent store whose mean/std to recompute.")):
+def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
     from revq_pipe.pipeline.store import LatentStore
 
@@ -93,27 +144,32 @@ def stats(store: str = typer.Argument(..., help="Latent store whose mean/std to 
 @app.command()
 @reports_user_errors
 def fit(
-    store: str = typer.Argument(..., help="Latent store made by `revq-pipe encode`."),
-    out: str = typer.Option(..., "--out", help="Run directory to write."),
-    preset: str = typer.Option("512T_NC=16384", "--preset", help="512T_NC=16384, 256T_NC=65536, 256T_NC=262144 or tiny."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr"),
-    val: Optional[str] = typer.Option(None, "--val", help="Latent store for validation MSE each epoch."),
+    store: str = typer.Argument(..., metavar="STORE", help="Latent store made by `revq-pipe encode` or import-latents."),
+    out: str = typer.Option(..., "--out", metavar="RUN", help="Run directory to write."),
+    preset: str = typer.Option("512T_NC=16384", "--preset", metavar="NAME",
+                               help="A preset fixes the code dim d and the codes per token position K (and the "
+                                    "rectifier size, batch and epochs); the tokens per image T = C*H*W/d follow "
+                                    f"from the store's latent shape. {preset_help()}. Use tiny for small stores "
+                                    "(fewer than 8 latents per code memorise the data)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N", help=f"Epochs (default: the preset's; {preset_defaults('epochs')})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Latents per step (default: the preset's; {preset_defaults('batch_size')})."),
+    lr: Optional[float] = typer.Option(None, "--lr", metavar="F", help="Codebook learning rate (default: 0.01; the rectifier's is 0.05 x this), decayed exponentially to 5% over the run."),
+    val: Optional[str] = typer.Option(None, "--val", metavar="STORE", help="Latent store for validation MSE (with and without the rectifier) each epoch."),
     device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed", min=0, help="Seeds every random stream (codebook init, data order, reset noise, rectifier init), each its own."),
+    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seeds every random stream (codebook init, data order, reset noise, rectifier init), each its own."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's checkpoint."),
-    split: Optional[str] = typer.Option(None, "--split", help="Ablation: channel (default) or spatial."),
-    rectifier: Optional[str] = typer.Option(None, "--rectifier", help="Ablation: vit (default), cnn, mlp or none."),
-    rectifier_form: Optional[str] = typer.Option(None, "--rectifier-form", help="residual (default: g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), as the paper's code)."),
-    rectifier_width: Optional[int] = typer.Option(None, "--rectifier-width", min=1, help="Rectifier width (default: the preset's)."),
-    rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, help="Rectifier blocks (default: the preset's)."),
-    codebook_init: str = typer.Option("random", "--codebook-init", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
+    split: Optional[str] = typer.Option(None, "--split", metavar="channel|spatial", help="Ablation: how latents are cut into tokens (default: channel)."),
+    rectifier: Optional[str] = typer.Option(None, "--rectifier", metavar="vit|cnn|mlp|none", help="Ablation: the rectifier network (default: vit)."),
+    rectifier_form: Optional[str] = typer.Option(None, "--rectifier-form", metavar="residual|paper", help="residual (default: g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), as the paper's code)."),
+    rectifier_width: Optional[int] = typer.Option(None, "--rectifier-width", min=1, metavar="W", help=f"Rectifier width (default: the preset's; {preset_defaults('rectifier_width')})."),
+    rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, metavar="L", help=f"Rectifier blocks (default: the preset's; {preset_defaults('rectifier_layers')})."),
+    codebook_init: str = typer.Option("random", "--codebook-init", metavar="random|kmeans", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
     no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
     no_flip: bool = typer.Option(False, "--no-flip", help="Ignore the store's flipped latents (encode --flip); by default fit trains on them too."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
-    codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
-    codebook_update: str = typer.Option("auto", "--codebook-update", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, metavar="T", help="Tokens per image T, off-preset (d becomes C*H*W/T)."),
+    codes: Optional[int] = typer.Option(None, "--codes", min=1, metavar="K", help=f"Codes per token position K, off-preset (default: the preset's; {preset_defaults('codes')})."),
+    codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
+    tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write each epoch's metrics as TensorBoard events into RUN/tensorboard (metrics.jsonl and metrics.png are always written)."),
 ):
     """Train the grouped quantizer and the rectifier from a latent store."""
     from revq_pipe.stages.fit import fit as run_fit
@@ -123,6 +179,7 @@ def fit(
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
         codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
+        tensorboard=tensorboard,
     )
     typer.echo(result.report())
 
@@ -130,60 +187,89 @@ def fit(
 @app.command("export-tokens")
 @reports_user_errors
 def export_tokens(
-    run: str = typer.Argument(..., help="Run directory made by `revq-pipe fit`."),
-    store: str = typer.Argument(..., help="Latent store to tokenize."),
-    out: str = typer.Option(..., "--out", help="Token store to write (Zarr v3 group), or shard folder with --format wds."),
-    batch_size: int = typer.Option(1024, "--batch-size", min=1),
+    run: str = RunArg,
+    store: str = typer.Argument(..., metavar="STORE", help="Latent store to tokenize."),
+    out: str = typer.Option(..., "--out", metavar="TOKENS", help="Token store to write (Zarr v3 group), or the shard folder with --format wds / parquet."),
+    batch_size: int = typer.Option(1024, "--batch-size", min=1, metavar="N", help="Latents per tokenize batch."),
     device: str = DeviceOpt,
-    format: str = typer.Option("zarr", "--format", help="zarr, wds, or zarr+wds."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    format: str = typer.Option("zarr", "--format", metavar="zarr|wds|parquet|zarr+wds", help="zarr: a token store "
+                               "(uint16/uint32 ids, row for row as STORE); wds: webdataset shards {__key__, tokens.npy, "
+                               "cls}; parquet: files of rows key, label, class, tokens; zarr+wds: both, shards in TOKENS-wds."),
+    shard_size: int = typer.Option(10_000, "--shard-size", min=1, metavar="N", help="Rows per webdataset shard or parquet file."),
+    shuffle: bool = typer.Option(False, "--shuffle", help="Write shards in a random order fixed by --seed, not the store's (class-sorted for ImageFolders). The Zarr token store keeps the store's order."),
+    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of the --shuffle order."),
+    overwrite: bool = OverwriteOpt,
 ):
     """Write every image's token ids for downstream model training."""
     from revq_pipe.stages.export_tokens import export_tokens as run_export
 
-    summary = run_export(run, store, out, batch_size=batch_size, device=device, format=format, overwrite=overwrite)
+    summary = run_export(run, store, out, batch_size=batch_size, device=device, format=format, shard_size=shard_size,
+                         shuffle=shuffle, seed=seed, overwrite=overwrite)
     typer.echo(summary.report())
 
 
 @app.command()
 @reports_user_errors
 def decode(
-    run: str = typer.Argument(..., help="Run directory made by `revq-pipe fit`."),
-    tokens: str = typer.Argument(..., help="Token store made by `revq-pipe export-tokens`."),
-    out: str = typer.Option(..., "--out", help="Latent store to write, or (with --vae) a folder of PNG images."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="Decode on through this VAE's decoder to images."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    run: str = RunArg,
+    tokens: str = typer.Argument(..., metavar="TOKENS", help="Token store made by `revq-pipe export-tokens`."),
+    out: str = typer.Option(..., "--out", metavar="PATH", help="Latent store to write, or (with --images) a folder of PNG images."),
+    images: bool = typer.Option(False, "--images", help="Decode on through the VAE decoder to one PNG per key."),
+    vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE for --images (default: the one the run records; giving it implies --images)."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Images per decode batch."),
     device: str = DeviceOpt,
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = OverwriteOpt,
 ):
-    """Map tokens back to latents (and, with --vae, to images)."""
+    """Map tokens back to latents (and, with --images, to images)."""
     from revq_pipe.stages.decode import decode as run_decode
 
-    summary = run_decode(run, tokens, out, vae=vae, batch_size=batch_size, device=device, overwrite=overwrite)
+    summary = run_decode(run, tokens, out, images=images, vae=vae, batch_size=batch_size, device=device,
+                         overwrite=overwrite)
     typer.echo(summary.report())
 
 
 @app.command("eval")
 @reports_user_errors
 def evaluate(
-    run: str = typer.Argument(..., help="Run directory made by `revq-pipe fit`."),
-    store: str = typer.Argument(..., help="Latent store to evaluate on."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="VAE for image-space metrics (needs --images)."),
-    images: Optional[str] = typer.Option(None, "--images", help="The source images of STORE, for PSNR/SSIM."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    run: str = RunArg,
+    store: str = typer.Argument(..., metavar="STORE", help="Latent store to evaluate on."),
+    vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="VAE for image metrics (default: the one the store records)."),
+    images: Optional[str] = typer.Option(None, "--images", metavar="SOURCE", help="The source images of STORE, for PSNR/SSIM (default: the folder or shards the store records, when still there)."),
+    latent_only: bool = typer.Option(False, "--latent-only", help="Skip the image metrics."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Latents per batch."),
     device: str = DeviceOpt,
 ):
-    """Latent MSE, codebook usage and perplexity; PSNR/SSIM with --vae and --images."""
+    """Latent MSE, codebook usage and perplexity; PSNR/SSIM through the VAE. Writes RUN/eval-<store>.json."""
     from revq_pipe.stages.evaluate import evaluate as run_eval
 
-    report = run_eval(run, store, vae=vae, images=images, batch_size=batch_size, device=device)
+    report = run_eval(run, store, vae=vae, images=images, latent_only=latent_only, batch_size=batch_size,
+                      device=device)
     typer.echo(report.table())
+    typer.echo(f"saved to {report.saved_to}")
+
+
+@app.command("import-checkpoint")
+@reports_user_errors
+def import_checkpoint(
+    checkpoint: str = typer.Argument(..., metavar="CKPT", help="The paper's ckpt.pth (a dict with quantizer and decoder state)."),
+    config: str = typer.Option(..., "--config", metavar="YAML", help="The paper's yaml config of that checkpoint (e.g. 512T_NC=16384.yaml)."),
+    preprocessor: str = typer.Option(..., "--preprocessor", metavar="PTH", help="The paper's preprocessor.pth (latent mean and std)."),
+    out: str = typer.Option(..., "--out", metavar="RUN", help="Run directory to write."),
+    vae: str = typer.Option("mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers", "--vae", metavar="ID_OR_DIR", help="The VAE the checkpoint's latents come from."),
+    image_size: int = typer.Option(256, "--image-size", min=1, metavar="S", help="The image size of those latents."),
+    overwrite: bool = OverwriteOpt,
+):
+    """Convert the ReVQ paper's released checkpoint into a run dir for export-tokens, decode and eval."""
+    from revq_pipe.stages.import_checkpoint import import_checkpoint as run_import
+
+    typer.echo(run_import(checkpoint, config, preprocessor, out, vae=vae, image_size=image_size,
+                          overwrite=overwrite).report())
 
 
 @app.command()
 @reports_user_errors
 def demo(
-    out: Path = typer.Option(Path("revq-demo"), "--out", help="Folder for everything the demo writes."),
+    out: Path = typer.Option(Path("revq-demo"), "--out", metavar="DIR", help="Folder for everything the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="Fewer images and epochs (for CI)."),
 ):
     """encode -> fit -> export-tokens -> decode -> eval on bundled photos with the embedded VAE, on the CPU."""
@@ -196,7 +282,7 @@ def demo(
 @bench_app.command("search")
 @reports_user_errors
 def bench_search(
-    shape: str = typer.Option("512T_NC=16384", "--shape", help="512T_NC=16384, 256T_NC=65536, 256T_NC=262144, or G,M,K,d."),
+    shape: str = typer.Option("512T_NC=16384", "--shape", metavar="PRESET|G,M,K,d", help="512T_NC=16384, 256T_NC=65536, 256T_NC=262144, or G,M,K,d."),
     device: str = DeviceOpt,
 ):
     """Nearest-code search: this kernel beside cdist-under-vmap, baddbmm+argmin and an SGEMM peak."""
@@ -209,8 +295,8 @@ def bench_search(
 @reports_user_errors
 def bench_encode(
     device: str = DeviceOpt,
-    images: int = typer.Option(2048, "--images", min=1, help="JPEG images to put in the benchmark shards."),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    images: int = typer.Option(2048, "--images", min=1, metavar="N", help="JPEG images to put in the benchmark shards."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Images per VAE batch."),
 ):
     """Encode images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64."""
     from revq_pipe.stages.bench_encode import bench_encode as run_bench
@@ -221,11 +307,11 @@ def bench_encode(
 @bench_app.command("fit")
 @reports_user_errors
 def bench_fit(
-    preset: str = typer.Option("512T_NC=16384", "--preset"),
+    preset: str = typer.Option("512T_NC=16384", "--preset", metavar="NAME", help=f"The preset whose training step to time. {preset_help()}."),
     device: str = DeviceOpt,
-    steps: int = typer.Option(20, "--steps", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the preset's."),
-    codebook_update: str = typer.Option("auto", "--codebook-update", help="This project's codebook update: auto, sparse or dense."),
+    steps: int = typer.Option(20, "--steps", min=1, metavar="N", help="Training steps timed."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Default: the preset's ({preset_defaults('batch_size')})."),
+    codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="This project's codebook update: auto, sparse or dense."),
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
     from revq_pipe.stages.bench_fit import bench_fit as run_bench
@@ -237,17 +323,17 @@ def bench_fit(
 @bench_app.command("quality")
 @reports_user_errors
 def bench_quality(
-    train: str = typer.Argument(..., help="Latent store to fit on (e.g. revq-demo/latents-train.zarr)."),
-    val: str = typer.Argument(..., help="Latent store of held-out images to score on (e.g. revq-demo/latents-eval.zarr)."),
-    out: Path = typer.Option(Path("revq-bench-quality"), "--out", help="Folder for every variant's run, quality.json and quality.md."),
-    images: Optional[str] = typer.Option(None, "--images", help="VAL's source images, for PSNR/SSIM through the tokens (needs --vae)."),
-    vae: Optional[str] = typer.Option(None, "--vae", help="The VAE both stores were encoded with (e.g. revq-pipe-embedded)."),
-    preset: str = typer.Option("tiny", "--preset"),
-    codes: Optional[str] = typer.Option(None, "--codes", help="Comma-separated K values (default: the preset's K and K/4)."),
-    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-noflip, none-noflip."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    seed: int = typer.Option(0, "--seed", min=0),
+    train: str = typer.Argument(..., metavar="TRAIN", help="Latent store to fit on (e.g. revq-demo/latents-train.zarr)."),
+    val: str = typer.Argument(..., metavar="VAL", help="Latent store of held-out images to score on (e.g. revq-demo/latents-eval.zarr)."),
+    out: Path = typer.Option(Path("revq-bench-quality"), "--out", metavar="DIR", help="Folder for every variant's run, quality.json and quality.md."),
+    images: Optional[str] = typer.Option(None, "--images", metavar="SOURCE", help="VAL's source images, for PSNR/SSIM through the tokens."),
+    vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE both stores were encoded with (default: the one VAL records)."),
+    preset: str = typer.Option("tiny", "--preset", metavar="NAME", help=f"The preset every variant starts from. {preset_help()}."),
+    codes: Optional[str] = typer.Option(None, "--codes", metavar="K,K,...", help="Comma-separated K values (default: the preset's K and K/4)."),
+    variants: Optional[str] = typer.Option(None, "--variants", metavar="NAME,...", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-noflip, none-noflip."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N", help=f"Epochs per variant (default: the preset's; {preset_defaults('epochs')})."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Latents per step (default: the preset's; {preset_defaults('batch_size')})."),
+    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of every variant's random streams."),
     device: str = DeviceOpt,
 ):
     """Rectifier ablation: validation MSE with and without the rectifier, and PSNR, per variant and K."""

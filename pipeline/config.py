@@ -1,10 +1,10 @@
 """Presets and the two configs of a ReVQ run: the model (rebuilds `ReVQ`) and its training.
 
 `ReVQConfig` is everything needed to rebuild the model; `ReVQ.save_pretrained` writes it as the run
-dir's `config.json` (flat, diffusers-style), including a `data` section describing the latent store
-the model was trained on, so later stages can refuse latents from another VAE or shape. `fit` adds a
-`train` section (`TrainConfig`) beside it. Impossible combinations raise `UserError` here, before
-any work starts.
+dir's `config.json` (flat, diffusers-style). It describes the architecture only (and names the VAE
+when that is a hub id or the embedded one), so a published run carries no local paths: where the
+training data came from and how `fit` trained (`TrainConfig`) live in the run's training record
+(pipeline/training_record.py). Impossible combinations raise `UserError` here, before any work starts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_help() -> str:
+    """What each preset fixes, for `--help`: d and K (T follows from the latents), rectifier, batch, epochs."""
+    return "; ".join(f"{name}: d={p['dim']}, K={p['codes']}, rectifier {p['rectifier_width']}x{p['rectifier_layers']}, "
+                     f"batch {p['batch_size']}, {p['epochs']} epochs" for name, p in PRESETS.items())
+
+
+def preset_defaults(key: str) -> str:
+    """One setting's value in every preset, for `--help` ("512T_NC=16384: 256, ..., tiny: 64")."""
+    return ", ".join(f"{name}: {p[key]}" for name, p in PRESETS.items())
+
+
 def use_compile(device: torch.device) -> bool:
     """torch.compile on CUDA only (CPU stays eager and bit-reproducible); REVQ_COMPILE=0 turns it off."""
     return device.type == "cuda" and os.environ.get("REVQ_COMPILE", "1") != "0"
@@ -56,8 +67,10 @@ def _preset(name: str) -> dict[str, Any]:
 class ReVQConfig:
     """The model: preprocessor, splitter, grouped quantizer (T codebooks of K codes of dim d), rectifier.
 
-    `data` records the latent store the model was trained on: its url and its `revq` attrs (vae id,
-    image size, latent shape, dtype, ...). It is empty for a model built by hand.
+    `vae` names the VAE whose latents the model tokenizes, when that name means the same on any
+    machine (a Hugging Face id or `revq-pipe-embedded`; None for a local folder or a model built by
+    hand), and `image_size` the square size its latents were encoded at: what the image API
+    (`ReVQ.tokenize_images`) and the model card need.
     """
 
     latent_shape: tuple[int, int, int]
@@ -71,7 +84,8 @@ class ReVQConfig:
     rectifier_width: int = 64
     rectifier_layers: int = 2
     attention_head_dim: int = 32
-    data: dict[str, Any] = field(default_factory=dict)
+    vae: str | None = None
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         self.latent_shape = tuple(int(v) for v in self.latent_shape)
@@ -80,6 +94,11 @@ class ReVQConfig:
     @property
     def latent_numel(self) -> int:
         return math.prod(self.latent_shape)
+
+    @property
+    def name(self) -> str:
+        """What the model is, in the paper's naming: `{T}T_NC={K}` (e.g. 512T_NC=16384)."""
+        return f"{self.tokens}T_NC={self.codes}"
 
     def validate(self) -> None:
         """Raise `UserError` for a config that cannot be built."""
@@ -110,7 +129,8 @@ class ReVQConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ReVQConfig":
-        """Rebuild from `to_dict()` output; other sections of a run's config.json (`train`) are ignored."""
+        """Rebuild from `to_dict()` output; keys that are not fields (the `data` and `train` sections of
+        config.json files written before the training record existed) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         missing = {"latent_shape", "tokens", "codes", "dim"} - values.keys()
         if missing:
@@ -187,7 +207,8 @@ def resolve_model_config(
     rectifier_form: str | None = None,
     rectifier_width: int | None = None,
     rectifier_layers: int | None = None,
-    data: dict[str, Any] | None = None,
+    vae: str | None = None,
+    image_size: int | None = None,
 ) -> ReVQConfig:
     """The model config for a preset on latents of `latent_shape`, with the user's off-preset choices.
 
@@ -212,7 +233,7 @@ def resolve_model_config(
         rectifier_form=rectifier_form or "residual",
         rectifier_width=rectifier_width if rectifier_width is not None else p["rectifier_width"],
         rectifier_layers=rectifier_layers if rectifier_layers is not None else p["rectifier_layers"],
-        data=dict(data or {}),
+        vae=vae, image_size=image_size,
     )
 
 

@@ -1,14 +1,15 @@
 """A fitted run as the stages after `fit` see it: the model, the data it was fitted on, its identity.
 
-export-tokens, decode and eval all need the same things from RUN: the ReVQ model, the `data`
-section of its config (which VAE and latent shape the run expects), and a fingerprint
+export-tokens, decode and eval all need the same things from RUN: the ReVQ model, its training
+record (which store, VAE and classes it was fitted on, when the run has one), and a fingerprint
 that names the exact weights (sha256 of model.safetensors) so token stores can say what made them.
+RUN is a run directory or a Hugging Face model id (`user/repo`), read through the hub cache.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,11 @@ import torch
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.vae import VaeSpec
+from revq_pipe.pipeline.training_record import read_training_record
+from revq_pipe.pipeline.vae import VaeSpec, hub_offline, hub_unreachable, looks_like_hub_id
+
+# What a published run holds (ReVQ.push_to_hub): all a hub RUN needs.
+HUB_FILES = ("config.json", "model.safetensors", "README.md")
 
 
 @dataclass
@@ -26,18 +31,20 @@ class Run:
     path: Path
     model: Any  # revq_pipe.pipeline.revq.ReVQ (imported lazily: it pulls in the kernels)
     sha256: str
+    record: dict[str, Any] = field(default_factory=dict)  # training.json ({} for a hub model)
 
     @classmethod
     def load(cls, run: str | Path, device: torch.device | str = "cpu") -> "Run":
         """Load RUN/config.json and RUN/model.safetensors; a missing or partial run is a user error."""
         from revq_pipe.pipeline.revq import ReVQ
 
-        path = Path(run)
+        path = run_folder(run)
         for name in ("config.json", "model.safetensors"):
             if not (path / name).is_file():
                 raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
         model = ReVQ.from_pretrained(path, device=device).eval()
-        return cls(path=path, model=model, sha256=_sha256(path / "model.safetensors"))
+        return cls(path=path, model=model, sha256=_sha256(path / "model.safetensors"),
+                   record=read_training_record(path))
 
     @property
     def tokens(self) -> int:
@@ -53,12 +60,13 @@ class Run:
 
     @property
     def data_attrs(self) -> dict[str, Any]:
-        """The `revq` attrs of the latent store the run was fitted on (vae, image size, ...)."""
-        return dict(self.model.config.data.get("revq", {}))
+        """The `revq` attrs of the latent store the run was fitted on (vae, image size, classes, ...)."""
+        return dict((self.record.get("data") or {}).get("revq", {}))
 
     @property
     def vae(self) -> str | None:
-        return self.data_attrs.get("vae")
+        """The VAE of the run's latents: as its training store records it, else as config.json names it."""
+        return self.data_attrs.get("vae") or self.model.config.vae
 
     def token_attrs(self) -> dict[str, Any]:
         """What a token store records about the run that made it."""
@@ -80,7 +88,7 @@ class Run:
     @property
     def image_size(self) -> int | None:
         """The square image size the run's latents were encoded at."""
-        return self.data_attrs.get("image_size")
+        return self.data_attrs.get("image_size") or self.model.config.image_size
 
     def check_vae(self, spec: VaeSpec) -> None:
         """Refuse a VAE whose decoder cannot be the run's: another architecture or latent shape."""
@@ -90,6 +98,25 @@ class Run:
         if self.image_size is not None and spec.latent_shape(self.image_size) != self.latent_shape:
             raise UserError(f"--vae {spec.name} makes latents of shape {list(spec.latent_shape(self.image_size))} "
                             f"at {self.image_size} px, but the run's are {list(self.latent_shape)}")
+
+
+def run_folder(run: str | Path) -> Path:
+    """The local folder of RUN: the directory itself, or a hub model's snapshot in the Hugging Face
+    cache (downloaded first unless the hub is offline)."""
+    path = Path(run).expanduser()
+    if path.is_dir() or path.exists() or not looks_like_hub_id(str(run)):
+        if not path.is_dir():
+            raise UserError(f"run directory not found: {run}")
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
+
+    cache_only = not hub_offline() and hub_unreachable() is not None  # no waiting on the client's retries
+    try:
+        return Path(snapshot_download(str(run), allow_patterns=list(HUB_FILES), local_files_only=cache_only))
+    except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:
+        raise UserError(f"{run} is neither a run directory nor a model on the Hugging Face hub (or in its "
+                        f"cache): {str(err).splitlines()[0]}") from err
 
 
 def _sha256(path: Path) -> str:

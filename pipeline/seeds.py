@@ -1,4 +1,4 @@
-"""Independent random streams for training, all derived from the one `--seed`.
+"""Independent random streams for training (and export-tokens' shuffled order), all derived from one `--seed`.
 
 Each purpose draws from its own stream, `numpy.random.SeedSequence(seed).spawn`'s child for that
 purpose, and per-epoch streams are that child's own children (SeedSequence with the spawn key
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 # The order is part of the streams' definition (it is the spawn key): append, never reorder.
-STREAMS = ("codebook_init", "data_order", "reset_noise", "rectifier_init")
+STREAMS = ("codebook_init", "data_order", "reset_noise", "rectifier_init", "export_order")
 
 
 def stream_seed(seed: int, stream: str, *index: int) -> int:

@@ -289,7 +289,8 @@ class Cursor:
 
 
 class ImageFolderSource:
-    """A directory of images: class sub-folders (labels in sorted order) or a flat folder (-1)."""
+    """A directory of images: class sub-folders (labels in sorted order) or a flat folder (-1).
+    `classes` names the labels: label i is the folder classes[i] (empty for a flat folder)."""
 
     kind = "folder"
 
@@ -354,6 +355,7 @@ class WebDatasetSource:
 
     def __init__(self, spec: str, urls: list[str]):
         self.spec, self.urls = spec, urls
+        self.classes: list[str] = []  # samples carry integer labels (`cls`) only, no class names
 
     @classmethod
     def expand(cls, spec: str) -> "WebDatasetSource":
@@ -402,6 +404,11 @@ def open_source(spec: str) -> ImageSource:
     if path.is_file():
         raise UserError(f"{spec} is a file, not an image folder or a webdataset .tar shard")
     raise UserError(f"source not found: {spec}")
+
+
+def recorded_source(fingerprint: dict) -> str | None:
+    """Where a latent store's images were, from the source fingerprint encode recorded (attrs `source`)."""
+    return fingerprint.get("root") or fingerprint.get("spec")
 
 
 def _is_image_name(name: str) -> bool:

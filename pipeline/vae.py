@@ -140,7 +140,7 @@ def resolve_vae(spec: str | None) -> VaeSpec:
         if path.resolve() == EMBEDDED_VAE_DIR.resolve():
             return _embedded_spec()  # one name wherever the package is installed
         return _resolve_local(path.resolve(), name=str(path.resolve()))
-    if spec.startswith((".", "/", "~")) or not _looks_like_hub_id(spec):
+    if spec.startswith((".", "/", "~")) or not looks_like_hub_id(spec):
         raise UserError(f"VAE directory not found: {spec} (and it is not a Hugging Face model id owner/name)")
     return _resolve_hub(spec)
 
@@ -149,8 +149,8 @@ def _resolve_default() -> VaeSpec:
     cached = cached_hub_spec(DEFAULT_VAE_ID)
     if cached is not None:
         return cached
-    unreachable = None if _hub_offline() else _hub_unreachable()
-    if _hub_offline():
+    unreachable = None if hub_offline() else hub_unreachable()
+    if hub_offline():
         reason = "it is not cached and the hub is offline (HF_HUB_OFFLINE)"
     elif unreachable:
         reason = f"it is not cached and the hub cannot be reached: {unreachable}"
@@ -189,10 +189,10 @@ def _resolve_hub(repo_id: str) -> VaeSpec:
     cached = cached_hub_spec(repo_id)
     if cached is not None:
         return cached
-    if _hub_offline():
+    if hub_offline():
         raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, "
                         f"and the hub is offline (HF_HUB_OFFLINE)")
-    unreachable = _hub_unreachable()
+    unreachable = hub_unreachable()
     if unreachable:
         raise UserError(f"VAE {repo_id} is not a local directory and not in the Hugging Face cache, and "
                         f"the hub cannot be reached ({unreachable})")
@@ -215,7 +215,7 @@ def _resolve_hub(repo_id: str) -> VaeSpec:
     raise UserError(f"Hugging Face model {repo_id} has no config.json (nor vae/config.json)")
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the hub cannot be reached, or None. One TCP connect with a short timeout: the hub
     client's own retries would otherwise spend half a minute per file on a machine offline."""
     from huggingface_hub import constants
@@ -261,12 +261,20 @@ def _read_config(path: Path) -> dict:
         raise UserError(f"cannot read VAE config {path}: {err}") from err
 
 
-def _hub_offline() -> bool:
+def portable_vae_name(name: str | None) -> str | None:
+    """A VAE name that means the same on any machine (a hub id, `revq-pipe-embedded`), or None for
+    a local folder (stores record those as absolute paths): what a published config.json may name."""
+    return None if name is None or Path(name).is_absolute() else name
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE)."""
     from huggingface_hub import constants
 
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def _looks_like_hub_id(spec: str) -> bool:
+def looks_like_hub_id(spec: str) -> bool:
+    """Whether `spec` has the form of a Hugging Face model id, owner/name."""
     parts = spec.split("/")
     return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)

@@ -44,6 +44,7 @@ def decode(
     tokens: str,
     out: str,
     *,
+    images: bool = False,
     vae: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
@@ -51,7 +52,8 @@ def decode(
     progress: bool = True,
 ) -> DecodeSummary:
     """Decode the token store `tokens` with the run at `run` into a latent store at `out`, or, with
-    `vae`, into PNG images under the folder `out` (one per key, the key's extension replaced)."""
+    `images` (or a `vae`), into PNG images under the folder `out` (one per key, the key's extension
+    replaced) through `vae`, by default the VAE the run records."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     if same_location(out, tokens):
@@ -60,12 +62,17 @@ def decode(
     run_info = Run.load(run, dev)
     store = TokenStore.open(tokens)
     check_tokens_match_run(store, run_info)
+    images = images or vae is not None
+    if images and vae is None:
+        vae = run_info.vae
+        if vae is None:
+            raise UserError(f"{run} does not record the VAE its latents came from: pass --vae")
     started = time.perf_counter()
-    if vae is None:
-        _decode_to_latent_store(run_info, store, out, batch_size, overwrite, progress)
-    else:
+    if images:
         _decode_to_images(run_info, store, out, vae, batch_size, dev, overwrite, progress)
-    return DecodeSummary(out=str(out), count=len(store), kind="latents" if vae is None else "images",
+    else:
+        _decode_to_latent_store(run_info, store, out, batch_size, overwrite, progress)
+    return DecodeSummary(out=str(out), count=len(store), kind="images" if images else "latents",
                          seconds=time.perf_counter() - started)
 
 

@@ -106,6 +106,7 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
         "decoded latents": out / "decoded-eval.zarr",
         "decoded images": out / "decoded-eval-images",
         "comparison": out / "comparison.png",
+        "training plot": out / "run" / "metrics.png",  # fit's curves, shown beside the comparison
     }
     level = logging.INFO if progress else logging.DEBUG
     log.log(level, f"revq-pipe demo{' --quick' if quick else ''}: the whole ReVQ pipeline on the CPU, offline, "
@@ -153,7 +154,7 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
     step(6, "eval")
     evaluation = evaluate(str(paths["run"]), str(paths["eval latents"]), vae=vae, images=str(paths["eval images"]),
                           device="cpu", progress=progress)
-    paths["eval report"] = paths["run"] / "eval.json"
+    paths["eval report"] = Path(evaluation.saved_to)
     write_comparison(paths["comparison"], paths["eval latents"], paths["eval images"], paths["decoded images"], vae)
     return DemoResult(out=out, paths=paths, evaluation=evaluation, seconds=time.perf_counter() - started)
 

@@ -79,8 +79,9 @@ class EncodeSummary:
             more = f"; and {len(self.skipped) - 5} more (all in the store's attrs)" if len(self.skipped) > 5 else ""
             skipped += f" ({shown}{more})"
         flipped = " (and their flipped images')" if self.flip else ""
-        return (f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px "
-                f"({self.compute}){resumed}: {self.count} latents{flipped} of {shape} {self.dtype} in {self.store}, "
+        return (f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px"
+                f"{resumed}: {self.count} latents{flipped} of {shape} stored as {self.dtype} (computed in "
+                f"{self.compute}) in {self.store}, "
                 f"{skipped}. Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
                 f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s.")
@@ -241,7 +242,7 @@ def _open_store(job: EncodeJob) -> LatentStore:
     if job.resume.store is not None:
         return job.resume.store
     attrs = {**job.settings, "count": 0, "chunk_size": job.chunk_size, "encoder": _encoder_attrs(job),
-             **skipped_attrs([])}
+             "classes": job.source.classes, **skipped_attrs([])}
     try:
         return LatentStore.create(job.out, n=0, latent_shape=job.latent_shape, dtype=job.dtype,
                                   chunk_size=job.chunk_size, attrs=attrs, overwrite=job.resume.replace,

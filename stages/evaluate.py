@@ -3,7 +3,8 @@
 Latent space: MSE between the store's latents and their quantize-then-rectify reconstruction, raw
 and in the run's normalised space (the space training minimises), the same for the quantizer alone
 (without the rectifier), codebook usage and perplexity.
-Image space (with a VAE and the source images): PSNR and SSIM against the preprocessed originals
+Image space (through the VAE and source images the store records, or those given): PSNR and SSIM
+against the preprocessed originals
 of the VAE's own reconstruction (the ceiling any tokenizer on this VAE can reach) and of the
 reconstruction through the tokens; LPIPS and rFID of the latter too when their pretrained networks
 are on this machine (they are reported as skipped otherwise, with the reason).
@@ -11,9 +12,11 @@ are on this machine (they are reported as skipped otherwise, with the reason).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.metrics import image_psnr_ssim
+from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
 from revq_pipe.pipeline.reporting import table_text
@@ -30,18 +34,20 @@ from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import latent_metrics
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.sources import open_source
+from revq_pipe.pipeline.sources import open_source, recorded_source
 from revq_pipe.pipeline.vae import VaeSpec, resolve_vae
 
-NO_IMAGES = "skipped (needs --vae and --images)"
+EVAL_PREFIX = "eval-"
 
 
 @dataclass
 class EvalReport:
-    """Evaluation numbers of one run on one latent store; `table()` renders them, eval.json holds them."""
+    """Evaluation numbers of one run on one latent store; `table()` renders them, RUN/eval-<store>.json
+    holds them."""
 
     run: str
     store: str
+    store_url: str  # the store's absolute location: which store a result file belongs to
     count: int
     tokens: int
     codes: int
@@ -58,6 +64,7 @@ class EvalReport:
     image: dict[str, float] | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    saved_to: str | None = None  # the result file in the run dir
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,16 +100,20 @@ def evaluate(
     *,
     vae: str | None = None,
     images: str | None = None,
+    latent_only: bool = False,
     batch_size: int = 256,
     device: str = "auto",
     progress: bool = True,
 ) -> EvalReport:
-    """Evaluate the run at `run` on the latent store `store`; writes RUN/eval.json.
+    """Evaluate the run at `run` on the latent store `store`; writes RUN/eval-<store name>.json.
 
-    With `vae` and `images` (the source `store` was encoded from), also PSNR/SSIM in image space.
+    Image metrics (PSNR/SSIM, LPIPS/rFID where possible) go through `vae` on the source images
+    `images`; each defaults to what the store records (its VAE, the folder or shards it was encoded
+    from). When a default is not at hand they are skipped with the reason; a given one must work.
+    `latent_only` skips them.
     """
-    if (vae is None) != (images is None):
-        raise UserError("image metrics need both --vae and --images (the images the store was encoded from)")
+    if latent_only and (vae is not None or images is not None):
+        raise UserError("--latent-only skips the image metrics: it cannot go with --vae or --images")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     dev = resolve_device(device)
@@ -111,11 +122,8 @@ def evaluate(
     run_info.check_store(latents)
     if len(latents) == 0:
         raise UserError(f"{store} holds no latents to evaluate on")
-    spec = None
-    if vae is not None:  # check the image inputs before any work
-        spec = resolve_vae(vae)
-        run_info.check_vae(spec)
-        open_source(images)
+    spec, images, why_not = (None, None, "skipped (--latent-only)") if latent_only else \
+        _image_inputs(run_info, latents, vae, images)  # checked before any work
     started = time.perf_counter()
 
     loader = LatentLoader(latents, batch_size, dev, shuffle=False, drop_last=False)
@@ -126,13 +134,49 @@ def evaluate(
                 bar.update(len(z))
 
         metrics = latent_metrics(run_info.model, batches())
-    report = EvalReport(run=str(run), store=str(store), count=len(latents), tokens=run_info.tokens,
-                        codes=run_info.codes, **metrics, skipped={"lpips": NO_IMAGES, "rfid": NO_IMAGES})
+    report = EvalReport(run=str(run), store=str(store), store_url=absolute_url(store), count=len(latents), tokens=run_info.tokens,
+                        codes=run_info.codes, **metrics)
     if spec is not None:
         report.image, report.skipped = _image_metrics(run_info, latents, spec, images, batch_size, dev, progress)
+    else:
+        report.skipped = {name: why_not for name in ("psnr/ssim", "lpips", "rfid")}
     report.seconds = time.perf_counter() - started
-    (run_info.path / "eval.json").write_text(json.dumps(report.to_dict(), indent=1))
+    path = result_path(run_info.path, store)
+    report.saved_to = str(path)
+    path.write_text(json.dumps(report.to_dict(), indent=1))
     return report
+
+
+def result_path(run_dir: Path, store: str) -> Path:
+    """RUN/eval-<store name>.json: one result file per evaluated store, so evaluating another store
+    keeps this one's. A different store of the same name gets its URL's digest added."""
+    name = (PurePosixPath(str(store).rstrip("/")).name.removesuffix(".zarr") or "store").replace(" ", "_")
+    url = absolute_url(store)
+    path = run_dir / f"{EVAL_PREFIX}{name}.json"
+    if path.is_file() and json.loads(path.read_text()).get("store_url") not in (None, url):
+        path = run_dir / f"{EVAL_PREFIX}{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}.json"
+    return path
+
+
+def _image_inputs(run: Run, latents: LatentStore, vae: str | None, images: str | None
+                  ) -> tuple[VaeSpec | None, str | None, str | None]:
+    """(VAE, source images, None) for the image metrics, or (None, None, why they are skipped).
+    Defaults come from the store's record; what the user named must work (else a UserError)."""
+    vae_name = vae or latents.attrs.get("vae") or run.vae
+    source = images or recorded_source(latents.attrs.get("source") or {})
+    try:
+        if vae_name is None:
+            raise UserError("the store does not record its VAE: pass --vae")
+        if source is None:
+            raise UserError("the store does not record its source images: pass --images")
+        spec = resolve_vae(vae_name)
+        run.check_vae(spec)
+        open_source(source)
+    except UserError as err:
+        if vae is not None or images is not None:
+            raise
+        return None, None, f"skipped ({err})"
+    return spec, source, None
 
 
 def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, batch_size: int, device,

@@ -1,39 +1,31 @@
 """`revq-pipe export-tokens`: every image's token ids, for training generators on them.
 
 Reads a latent store chunk by chunk, tokenizes it with a fitted run (quantization only: the
-rectifier is not needed to find ids), and writes a token store (Zarr), webdataset shards of
-{__key__, tokens.npy, cls}, or both. Both outputs resume where a killed export stopped, and the
-resumed result is identical to an uninterrupted one.
+rectifier is not needed to find ids), and writes a token store (Zarr, row for row as the latent
+store), shards for training loaders (webdataset {__key__, tokens.npy, cls}, or parquet rows of key,
+label, class, tokens; in store order or a seeded shuffle; pipeline/token_shards.py), or a token
+store and webdataset shards. Every output resumes where a killed export stopped, and the resumed
+result is identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-import numpy as np
-import webdataset as wds
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import absolute_url, exists, local_path, same_location
+from revq_pipe.pipeline.paths import absolute_url, exists, same_location
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
 
-FORMATS = ("zarr", "wds", "zarr+wds")
-# Samples per webdataset shard: ~1.5 KiB each for T=512 (ids + tar headers), so ~70 MiB shards.
-SHARD_ROWS = 50_000
-SHARD_PATTERN = "tokens-%06d.tar"
-# Shards are written under this suffix and renamed when complete, so a `*.tar` glob never sees a
-# half-written shard and a resumed export knows which shards are done.
-PARTIAL_SUFFIX = ".partial"
+FORMATS = ("zarr", "wds", "parquet", "zarr+wds")
 
 
 @dataclass
@@ -60,7 +52,8 @@ class ExportSummary:
         if "zarr" in self.format:
             lines.append(f"token store: {self.out}")
         if self.shards:
-            lines.append(f"webdataset shards: {len(self.shards)} in {Path(self.shards[0]).parent}")
+            kind = "parquet files" if "parquet" in self.format else "webdataset shards"
+            lines.append(f"{kind}: {len(self.shards)} in {Path(self.shards[0]).parent}")
         return "\n".join(lines)
 
 
@@ -72,15 +65,19 @@ def export_tokens(
     batch_size: int = 1024,
     device: str = "auto",
     format: str = "zarr",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    shuffle: bool = False,
+    seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExportSummary:
     """Tokenize every latent of `store` with the run at `run` and write the ids to `out`.
 
-    format "zarr" writes a token store at `out`; "wds" writes webdataset shards into the folder
-    `out`; "zarr+wds" writes the token store at `out` and the shards into `<out>-wds`.
-    An existing output made from the same run and store is resumed; one made otherwise is refused
-    unless `overwrite`.
+    format "zarr" writes a token store at `out`; "wds" webdataset shards and "parquet" parquet files
+    of `shard_size` rows into the folder `out`; "zarr+wds" the token store at `out` and the shards
+    into `<out>-wds`. With `shuffle`, shards hold the rows in a random order fixed by `seed` (the
+    token store keeps the latent store's order). An existing output made from the same run, store
+    and settings is resumed; one made otherwise is refused unless `overwrite`.
     """
     if format not in FORMATS:
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
@@ -93,7 +90,9 @@ def export_tokens(
     latents = LatentStore.open(store)
     run_info.check_store(latents)
     model = run_info.model
-    attrs = {**run_info.token_attrs(), "store": absolute_url(store)}
+    classes = list(latents.attrs.get("classes", []))
+    attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
+    shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
@@ -103,12 +102,13 @@ def export_tokens(
         summary.resumed_from = tokens.rows_done
         _fill_token_store(tokens, latents, model, batch_size, progress)
         if format == "zarr+wds":
-            summary.shards = _write_shards(f"{str(out).rstrip('/')}-wds", attrs, len(latents), overwrite,
-                                           lambda start: _rows_from_token_store(tokens, start), progress)
+            rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
+            summary.shards = _shards(f"{str(out).rstrip('/')}-wds", "wds", shard_attrs, rows, len(latents),
+                                     shard_size, shuffle, seed, classes, overwrite, progress)
     else:
-        summary.shards = _write_shards(out, attrs, len(latents), overwrite,
-                                       lambda start: _rows_from_latents(latents, model, batch_size, start),
-                                       progress)
+        rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
+        summary.shards = _shards(out, format, shard_attrs, rows, len(latents), shard_size, shuffle, seed, classes,
+                                 overwrite, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -138,7 +138,13 @@ def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_siz
         tokens.finish()
 
 
-Rows = Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]
+def _shards(out: str, format: str, attrs: dict, rows, count: int, shard_size: int, shuffle: bool, seed: int,
+            classes: list[str], overwrite: bool, progress: bool) -> list[str]:
+    if shuffle:
+        rows = shuffled_rows(rows, count, seed)
+    return write_shards(out, {**attrs, "format": format}, rows, count=count, format=format, shard_size=shard_size,
+                        classes=classes, key=wds_key if format == "wds" else str, overwrite=overwrite,
+                        progress=progress)
 
 
 def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:
@@ -161,48 +167,3 @@ def wds_key(key: str) -> str:
     file name, so the image's extension goes ("cat/001.jpg" -> "cat/001") and other dots become "_"."""
     stem, _ = posixpath.splitext(str(key))
     return stem.replace(".", "_")
-
-
-def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
-    """Write `count` samples as shards of SHARD_ROWS into the folder `out`, after the shards already complete."""
-    folder = local_path(out)
-    if folder is None:
-        raise UserError("webdataset shards are written to a local folder, not a URL")
-    manifest = folder / "export.json"
-    if folder.exists() and not overwrite:
-        if not manifest.exists() or _read_json(manifest) != attrs:
-            raise UserError(f"{folder} holds other files or tokens of another run or store: "
-                            "pass --overwrite to replace them")
-    elif folder.exists():
-        for stale in [*folder.glob("tokens-*.tar"), *folder.glob(f"tokens-*.tar{PARTIAL_SUFFIX}"), manifest]:
-            stale.unlink(missing_ok=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, attrs)
-
-    total_shards = -(-count // SHARD_ROWS)
-    names = [str(folder / (SHARD_PATTERN % i)) for i in range(total_shards)]
-    done = 0
-    while done < total_shards and os.path.exists(names[done]):
-        done += 1
-    start = done * SHARD_ROWS
-    if start < count:
-        writer = wds.ShardWriter(str(folder / (SHARD_PATTERN + PARTIAL_SUFFIX)), maxcount=SHARD_ROWS,
-                                 maxsize=float("inf"), start_shard=done, verbose=0,
-                                 post=lambda name: os.replace(name, name[: -len(PARTIAL_SUFFIX)]),
-                                 mtime=0.0)  # a fixed mtime makes re-runs byte-identical
-        with tqdm(total=count, initial=start, unit="img", desc="webdataset shards", disable=not progress) as bar:
-            for ids, labels, keys in rows_from(start):
-                for row, label, key in zip(ids, labels, keys):
-                    writer.write({"__key__": wds_key(key), "tokens.npy": row, "cls": int(label)})
-                bar.update(len(ids))
-        # Only a finished run closes the last shard: an exception above leaves it `.partial`.
-        writer.close()
-    return names
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,19 +30,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from revq_pipe.pipeline.checkpoint import check_resume, load_checkpoint, save_checkpoint, write_metrics
+from revq_pipe.pipeline.checkpoint import check_resume, load_checkpoint, save_checkpoint
 from revq_pipe.pipeline.codebook_init import init_codebooks
-from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.config import PRESETS, ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.fit_outputs import FitOutputs
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
+from revq_pipe.pipeline.vae import portable_vae_name
 
 log = logging.getLogger(__name__)
+
+# Fewer latents per code than this and the codebooks tend to memorise the training set.
+MIN_LATENTS_PER_CODE = 8
 
 
 class TrainingStopped(UserError):
@@ -63,7 +69,7 @@ class FitResult:
     def report(self) -> str:
         last = self.history[-1] if self.history else {}
         m = self.model_config
-        lines = [f"fit: {self.run_dir} ({m.preset}: T={m.tokens}, K={m.codes}, d={m.dim}, "
+        lines = [f"fit: {self.run_dir} ({m.name}, preset {m.preset}: T={m.tokens}, K={m.codes}, d={m.dim}, "
                  f"rectifier {m.rectifier}) - {self.epochs_done}/{self.train_config.epochs} epochs"
                  + (f", resumed at epoch {self.started_at_epoch + 1}" if self.started_at_epoch else "")
                  + f", {self.seconds:.1f} s"]
@@ -75,7 +81,8 @@ class FitResult:
                 lines.append(f"  validation latent MSE {last['val_mse']:.4g} (normalised), "
                              f"{last['val_mse_raw']:.4g} (raw); quantizer alone {last['val_mse_quantizer']:.4g} "
                              f"(normalised)")
-        lines.append(f"  load it: ReVQ.from_pretrained({str(self.run_dir)!r}); metrics in {self.run_dir / 'metrics.jsonl'}")
+        lines.append(f"  load it: ReVQ.from_pretrained({str(self.run_dir)!r}); metrics in {self.run_dir / 'metrics.jsonl'}"
+                     f", curves in {self.run_dir / 'metrics.png'}")
         return "\n".join(lines)
 
 
@@ -112,13 +119,16 @@ def fit(
     codebook_update: str = "auto",
     codebook_init: str = "random",
     flip: bool | None = None,
+    tensorboard: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train a ReVQ tokenizer on the latent store `store` into the run dir `out`.
 
-    Writes `config.json` + `model.safetensors` (loadable with `ReVQ.from_pretrained(out)`),
-    `checkpoint.pt` and `metrics.jsonl` after every epoch. With `resume`, continues from the last
-    completed epoch and ends with the same weights as an uninterrupted run (on the CPU bit for bit).
+    Writes `config.json` + `model.safetensors` + a model card (loadable with `ReVQ.from_pretrained(out)`),
+    `checkpoint.pt`, `metrics.jsonl` and `metrics.png` (and TensorBoard events with `tensorboard`) after
+    every epoch, and `training.json` (the training data and settings; pipeline/fit_outputs.py). With
+    `resume`, continues from the last completed epoch and ends with the same weights as an
+    uninterrupted run (on the CPU bit for bit).
     `flip` (default: when the store has them) trains on the flipped images' latents as well, one
     of the two per sample per epoch. `progress` shows bars and logs each epoch at INFO (without
     it, at DEBUG).
@@ -129,18 +139,18 @@ def fit(
     data = {"url": absolute_url(train_store.url), "count": len(train_store), "revq": train_store.attrs}
     model_config = resolve_model_config(preset, train_store.latent_shape, tokens=tokens, codes=codes,
                                         split=split, rectifier=rectifier, rectifier_form=rectifier_form,
-                                        rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, data=data)
+                                        rectifier_width=rectifier_width, rectifier_layers=rectifier_layers,
+                                        vae=portable_vae_name(train_store.attrs.get("vae")),
+                                        image_size=train_store.attrs.get("image_size"))
     if flip and not train_store.has_flip:
         raise UserError(f"{store} holds no flipped latents: encode it with --flip to train with them")
     train = resolve_train_config(preset, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, reset=reset,
                                  codebook_update=codebook_update, codebook_init=codebook_init,
                                  flip=train_store.has_flip if flip is None else flip, device=dev)
     n = len(train_store)
-    if model_config.codes > n:
-        raise UserError(f"K={model_config.codes} codes per position need at least {model_config.codes} latents "
-                        f"for the initial sample, but {store} holds {n}: pass --codes {n} or fewer")
     if train.batch_size > n:
         raise UserError(f"--batch-size {train.batch_size} is larger than the store ({n} latents)")
+    check_codes_fit_data(model_config, n, store, from_preset=codes is None)
     val_store = None
     if val is not None:
         val_store = LatentStore.open(val)
@@ -157,6 +167,8 @@ def fit(
     if checkpoint is not None:
         check_resume(checkpoint, model_config, train, data, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    outputs = FitOutputs(run_dir, {"data": data, "val": _store_record(val_store), "train": train.to_dict()},
+                         tensorboard=tensorboard, resumed_at=checkpoint["epoch"] if checkpoint else 0)
 
     level = logging.INFO if progress else logging.DEBUG
     log.log(level, f"fit {store} -> {out} on {dev}\n  model: {json.dumps({**model_config.to_dict(), 'data': data['url']})}"
@@ -175,8 +187,7 @@ def fit(
         trainer.load_state_dict(checkpoint["trainer"])
         history, start_epoch = list(checkpoint["metrics"]), checkpoint["epoch"]
         # A crash between the checkpoint and the files written after it leaves those one epoch behind.
-        write_metrics(run_dir, history)
-        model.save_pretrained(run_dir, train=train.to_dict())
+        outputs.epoch_done(model, history)
         log.log(level, f"  resuming after epoch {start_epoch}")
     else:
         kmeans = init_codebooks(model, loader, train)
@@ -217,12 +228,41 @@ def fit(
         save_checkpoint(run_dir, {"epoch": epoch + 1, "trainer": trainer.state_dict(),
                                   "model_config": model_config.to_dict(), "train_config": train.to_dict(),
                                   "data": data, "resident": loader.resident, "metrics": history})
-        write_metrics(run_dir, history)
-        model.save_pretrained(run_dir, train=train.to_dict())
+        outputs.epoch_done(model, history)
         log.log(level, _epoch_line(metrics, train.epochs))
+    outputs.close()
 
     return FitResult(run_dir, model_config, train, epochs_done=len(history), started_at_epoch=start_epoch,
                      history=history, seconds=time.perf_counter() - started)
+
+
+def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset: bool) -> None:
+    """Refuse K codes per position that N latents cannot initialise (K > N), and warn where they
+    would be memorised rather than learned (K > N/8: fewer than 8 latents per code), naming a fix:
+    the tiny preset (with K = N/8 where its 128 codes are too many), or K = N/8 rounded down to a
+    power of two."""
+    k = config.codes
+    if k <= n // MIN_LATENTS_PER_CODE:
+        return
+    sensible = 2 ** int(math.log2(n // MIN_LATENTS_PER_CODE)) if n >= MIN_LATENTS_PER_CODE else None
+    tiny = PRESETS["tiny"]["codes"]
+    fixes = []
+    if from_preset and config.preset != "tiny" and sensible is not None:
+        # the tiny preset's smaller rectifier and batch suit small stores too
+        fixes.append(f"--preset tiny (K={tiny})" if sensible >= tiny else f"--preset tiny --codes {sensible}")
+    if sensible is not None:
+        fixes.append(f"--codes {sensible} (at most N/{MIN_LATENTS_PER_CODE})")
+    fix = " or ".join(fixes) if fixes else f"a store of at least {MIN_LATENTS_PER_CODE * k} latents"
+    what = f"K={k} codes per position" + (f" (preset {config.preset})" if from_preset else " (--codes)")
+    if k > n:
+        raise UserError(f"{what} need at least {k} latents to start from, and about {MIN_LATENTS_PER_CODE * k} "
+                        f"not to memorise them, but {store} holds {n}: use {fix}")
+    log.warning(f"warning: {what} for {n} latents, fewer than {MIN_LATENTS_PER_CODE} per code: the codebooks "
+                f"may memorise the training latents; consider {fix}")
+
+
+def _store_record(store: LatentStore | None) -> dict[str, Any] | None:
+    return None if store is None else {"url": absolute_url(store.url), "count": len(store)}
 
 
 def _epoch_line(m: dict[str, Any], epochs: int) -> str:

@@ -41,10 +41,14 @@ def test_demo_quick_runs_to_the_end_and_its_outputs_load(tmp_path):
     assert decoded.latents.shape == held_out.latents.shape and decoded.require_stats()
     assert len(list((out / "decoded-eval-images").rglob("*.png"))) == QUICK.eval_images
 
-    evaluation = json.loads((out / "run" / "eval.json").read_text())
+    evaluation = json.loads((out / "run" / "eval-latents-eval.json").read_text())
     assert evaluation["count"] == QUICK.eval_images
     assert all(np.isfinite(evaluation["image"][name]) for name in ("psnr_vae", "psnr_tokens", "ssim_vae", "ssim_tokens"))
 
+    # the training curves are listed beside the comparison picture
+    assert f"training plot   {out / 'run' / 'metrics.png'}" in text and f"comparison      {out / 'comparison.png'}" in text
+    with Image.open(out / "run" / "metrics.png") as plot:
+        assert plot.width > 500 and plot.height > 400
     with Image.open(out / "comparison.png") as sheet:
         tile = 2 * EMBEDDED_IMAGE_SIZE
         assert sheet.height == 3 * tile and sheet.width > COMPARISON_COUNT * tile

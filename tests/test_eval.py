@@ -1,8 +1,10 @@
-"""eval (latent and image metrics, eval.json) and decode through a real VAE to PNG images."""
+"""eval (latent and image metrics, one result file per store, defaults from the store's record) and
+decode through a real VAE to PNG images."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -39,8 +41,8 @@ def pipeline(tmp_path_factory, photo_folder, tiny_dc_vae_dir):
     return {"store": store, "run": root / "run", "vae": str(tiny_dc_vae_dir), "images": str(photo_folder)}
 
 
-def test_eval_latent_metrics_and_eval_json(pipeline):
-    report = evaluate(str(pipeline["run"]), pipeline["store"], device="cpu", progress=False)
+def test_eval_latent_metrics_and_its_result_file(pipeline):
+    report = evaluate(str(pipeline["run"]), pipeline["store"], latent_only=True, device="cpu", progress=False)
 
     model = ReVQ.from_pretrained(pipeline["run"], device="cpu")
     z = torch.from_numpy(LatentStore.open(pipeline["store"]).latents[:])
@@ -64,9 +66,10 @@ def test_eval_latent_metrics_and_eval_json(pipeline):
     assert 1 <= report.perplexity <= CODES
     assert report.image is None
 
-    saved = json.loads((pipeline["run"] / "eval.json").read_text())
+    assert report.saved_to == str(pipeline["run"] / "eval-latents.json")
+    saved = json.loads((pipeline["run"] / "eval-latents.json").read_text())
     assert saved["latent_mse"] == report.latent_mse and saved["count"] == PHOTO_COUNT
-    assert set(saved["skipped"]) == {"lpips", "rfid"}
+    assert set(saved["skipped"]) == {"psnr/ssim", "lpips", "rfid"}
     table = report.table()
     assert "latent MSE" in table and "LPIPS" in table and "skipped" in table
 
@@ -99,7 +102,48 @@ def test_eval_image_metrics_match_the_reconstructions(pipeline):
         assert (name in report.image) != (name in report.skipped)
         assert name in report.image or report.skipped[name].startswith("skipped (")
     assert "PSNR" in report.table()
-    assert json.loads((pipeline["run"] / "eval.json").read_text())["image"] == report.image
+    assert json.loads((pipeline["run"] / "eval-latents.json").read_text())["image"] == report.image
+
+
+def test_eval_defaults_to_the_vae_and_images_the_store_records(pipeline):
+    """Plain `revq-pipe eval RUN STORE` measures the images: the store records its VAE and source."""
+    result = CliRunner().invoke(app, ["eval", str(pipeline["run"]), pipeline["store"], "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "PSNR VAE only / through tokens" in result.stdout and "eval-latents.json" in result.stdout
+    defaulted = json.loads((pipeline["run"] / "eval-latents.json").read_text())["image"]
+    explicit = evaluate(str(pipeline["run"]), pipeline["store"], vae=pipeline["vae"], images=pipeline["images"],
+                        device="cpu", progress=False).image
+    assert defaulted == pytest.approx(explicit)
+
+
+def test_eval_skips_images_whose_recorded_source_is_gone(pipeline, tmp_path):
+    moved = tmp_path / "photos"
+    shutil.copytree(pipeline["images"], moved)
+    store = str(tmp_path / "latents.zarr")
+    encode(str(moved), store, vae=pipeline["vae"], image_size=TINY_IMAGE_SIZE, device="cpu", dtype="float32",
+           workers=0, progress=False)
+    shutil.rmtree(moved)
+    report = evaluate(str(pipeline["run"]), store, device="cpu", progress=False)
+    assert report.image is None and "source not found" in report.skipped["psnr/ssim"]
+    # named explicitly, the same missing source is an error, not a skip
+    with pytest.raises(UserError, match="source not found"):
+        evaluate(str(pipeline["run"]), store, images=str(moved), device="cpu", progress=False)
+
+
+def test_eval_writes_one_result_file_per_store(pipeline, tmp_path):
+    other = tmp_path / "held-out.zarr"
+    shutil.copytree(pipeline["store"], other)
+    for store in (pipeline["store"], str(other)):
+        assert CliRunner().invoke(app, ["eval", str(pipeline["run"]), store, "--latent-only"]).exit_code == 0
+    first = json.loads((pipeline["run"] / "eval-latents.json").read_text())
+    second = json.loads((pipeline["run"] / "eval-held-out.json").read_text())
+    assert first["store"] == pipeline["store"] and second["store"] == str(other)
+    # another store of the same name keeps its own file too
+    same_name = tmp_path / "elsewhere" / "latents.zarr"
+    shutil.copytree(pipeline["store"], same_name)
+    report = evaluate(str(pipeline["run"]), str(same_name), latent_only=True, device="cpu", progress=False)
+    assert report.saved_to != str(pipeline["run"] / "eval-latents.json")
+    assert json.loads((pipeline["run"] / "eval-latents.json").read_text())["store"] == pipeline["store"]
 
 
 def test_psnr_and_ssim_match_their_formulas_and_scikit_image_on_constructed_errors():
@@ -157,6 +201,14 @@ def test_decode_with_vae_writes_one_png_per_key(pipeline, tmp_path):
     with pytest.raises(UserError, match="--overwrite"):
         decode(str(pipeline["run"]), tokens, str(images), vae=pipeline["vae"], device="cpu", progress=False)
 
+    # `--images` alone decodes through the VAE the run records: the same PNGs
+    recorded = tmp_path / "recorded"
+    result = CliRunner().invoke(app, ["decode", str(pipeline["run"]), tokens, "--out", str(recorded), "--images",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    for png in pngs:
+        assert (recorded / png.relative_to(images)).read_bytes() == png.read_bytes()
+
 
 def test_vae_of_another_architecture_is_refused(pipeline, tiny_kl_vae_dir):
     with pytest.raises(UserError, match="not the VAE"):
@@ -165,8 +217,8 @@ def test_vae_of_another_architecture_is_refused(pipeline, tiny_kl_vae_dir):
 
 
 @pytest.mark.parametrize("extra, reason", [
-    (["--vae", "{vae}"], "both --vae and --images"),
-    (["--images", "{images}"], "both --vae and --images"),
+    (["--latent-only", "--vae", "{vae}"], "cannot go with --vae"),
+    (["--vae", "{run}/missing"], "VAE directory not found"),
     (["--vae", "{vae}", "--images", "{run}/missing"], "source not found"),
     (["--batch-size", "0"], "batch-size"),
 ])

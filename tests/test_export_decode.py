@@ -65,7 +65,7 @@ def test_export_writes_uint32_ids_for_more_than_65536_codes(tmp_path):
     # A one-token model keeps a 70,000-code codebook small; its ids need uint32.
     store = latent_store(tmp_path / "latents.zarr", shape=(1, 2, 2), count=8)
     config = ReVQConfig(latent_shape=(1, 2, 2), tokens=1, codes=70_000, dim=4, rectifier="none",
-                        data={"url": store.url, "revq": store.attrs})
+                        vae=VAE_ID)
     model = ReVQ(config)
     model.preprocessor.set_stats(*store.require_stats())
     model.save_pretrained(tmp_path / "run")
@@ -151,9 +151,8 @@ def read_shards(folder) -> list[dict]:
 
 def test_webdataset_shards_hold_keys_tokens_and_labels(fitted, tmp_path, monkeypatch):
     store, run = fitted
-    monkeypatch.setattr(export_module, "SHARD_ROWS", 12)
     out = tmp_path / "tokens.zarr"
-    export_tokens(str(run), store.url, str(out), device="cpu", format="zarr+wds", progress=False)
+    export_tokens(str(run), store.url, str(out), device="cpu", format="zarr+wds", shard_size=12, progress=False)
 
     tokens = TokenStore.open(str(out))
     samples = read_shards(tmp_path / "tokens.zarr-wds")
@@ -166,17 +165,17 @@ def test_webdataset_shards_hold_keys_tokens_and_labels(fitted, tmp_path, monkeyp
 
 def test_webdataset_resume_after_injected_failure_gives_identical_shards(fitted, tmp_path, monkeypatch):
     store, run = fitted
-    monkeypatch.setattr(export_module, "SHARD_ROWS", 12)
     clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-    export_tokens(str(run), store.url, str(clean), device="cpu", format="wds", progress=False)
+    export_tokens(str(run), store.url, str(clean), device="cpu", format="wds", shard_size=12, progress=False)
 
     with monkeypatch.context() as patch:
         fail_on_call(patch, wds.TarWriter, "write", failing_call=30)  # inside the third shard
         with pytest.raises(RuntimeError, match="injected"):
-            export_tokens(str(run), store.url, str(resumed), device="cpu", format="wds", progress=False)
+            export_tokens(str(run), store.url, str(resumed), device="cpu", format="wds", shard_size=12,
+                          progress=False)
     assert sorted(p.name for p in resumed.glob("tokens-*.tar")) == ["tokens-000000.tar", "tokens-000001.tar"]
 
-    export_tokens(str(run), store.url, str(resumed), device="cpu", format="wds", progress=False)
+    export_tokens(str(run), store.url, str(resumed), device="cpu", format="wds", shard_size=12, progress=False)
     names = sorted(p.name for p in clean.glob("tokens-*"))
     assert names == sorted(p.name for p in resumed.glob("tokens-*")) and len(names) == 4
     for name in names:
@@ -250,8 +249,8 @@ def test_cli_export_and_decode(fitted, tmp_path):
 
 
 @pytest.mark.parametrize("args, reason", [
-    (["export-tokens", "{run}", "{store}", "--out", "{tmp}/t.zarr", "--format", "parquet"], "unknown --format"),
-    (["export-tokens", "{tmp}/no-run", "{store}", "--out", "{tmp}/t.zarr"], "not a fitted run"),
+    (["export-tokens", "{run}", "{store}", "--out", "{tmp}/t.zarr", "--format", "csv"], "unknown --format"),
+    (["export-tokens", "{tmp}/no-run", "{store}", "--out", "{tmp}/t.zarr"], "run directory not found"),
     (["export-tokens", "{run}", "{tmp}/no-store", "--out", "{tmp}/t.zarr"], "no Zarr store"),
     (["decode", "{run}", "{store}", "--out", "{tmp}/d.zarr"], "not a token store"),
     (["export-tokens", "{run}", "{store}", "--out", "{tmp}/t.zarr", "--device", "tpu"], "unknown device"),

@@ -1,6 +1,7 @@
 """`fit` end to end on small stores of clustered latents: learning, reset, resume, reload, CLI errors."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,9 +77,14 @@ def test_the_run_dir_follows_the_design_and_loads_back_reproducing_the_validatio
                 "val_mse_quantizer_raw", "usage_mean_pct", "usage_min_pct",
                 "perplexity", "epoch_seconds", "samples_per_s"):
         assert all(np.isfinite(m[key]) for m in lines), key
+    # config.json describes the model alone; the training data and settings are in training.json
     config = json.loads((out / "config.json").read_text())
-    assert config["data"]["revq"]["vae"] == "test-vae" and config["data"]["count"] == 1024
-    assert config["train"]["epochs"] == 4 and (out / "checkpoint.pt").is_file()
+    assert config["tokens"] == 32 and config["codes"] == 8 and config["vae"] == "test-vae"
+    assert "data" not in config and "train" not in config and str(stores["root"]) not in json.dumps(config)
+    record = json.loads((out / "training.json").read_text())
+    assert record["data"]["revq"]["vae"] == "test-vae" and record["data"]["count"] == 1024
+    assert record["data"]["url"] == str(Path(stores["train"]).resolve())
+    assert record["train"]["epochs"] == 4 and (out / "checkpoint.pt").is_file()
 
     model = ReVQ.from_pretrained(out)
     val = LatentStore.open(stores["val"])

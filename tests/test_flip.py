@@ -90,7 +90,7 @@ def test_fit_uses_the_flipped_latents_unless_told_not_to(stores, tmp_path):
                                       "--codes", "8", "--batch-size", "16", "--device", "cpu", "--epochs", "1",
                                       "--no-flip"])
     assert result.exit_code == 0, result.stderr
-    assert json.loads((tmp_path / "cli" / "config.json").read_text())["train"]["flip"] is False
+    assert json.loads((tmp_path / "cli" / "training.json").read_text())["train"]["flip"] is False
     with pytest.raises(UserError, match="holds no flipped latents"):
         fit(stores["plain"].url, str(tmp_path / "bad"), flip=True, **kwargs)
 

@@ -50,8 +50,8 @@ def test_split_then_merge_is_the_identity(split, shape, tokens):
 
 def small_model(rectifier="vit", split="channel", codes=16, shape=(8, 4, 4)):
     torch.manual_seed(0)
-    model = ReVQ(resolve_model_config("tiny", shape, codes=codes, rectifier=rectifier, split=split,
-                                      data={"url": "/somewhere", "revq": {"vae": "test-vae"}}))
+    model = ReVQ(resolve_model_config("tiny", shape, codes=codes, rectifier=rectifier, split=split, vae="test-vae",
+                                      image_size=32))
     model.preprocessor.set_stats(torch.randn(np.prod(shape)), torch.rand(np.prod(shape)) + 0.5)
     return model.eval()
 
@@ -82,9 +82,9 @@ def test_bad_inputs_are_user_errors():
 @pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp", "none"])
 def test_save_pretrained_round_trips_through_config_json_and_safetensors(tmp_path, rectifier):
     model = small_model(rectifier=rectifier, split="spatial")
-    model.save_pretrained(tmp_path, train={"epochs": 3})
+    model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["data"]["revq"]["vae"] == "test-vae" and config["train"] == {"epochs": 3}
+    assert config["vae"] == "test-vae" and config["image_size"] == 32 and config["rectifier"] == rectifier
     assert set(load_file(tmp_path / "model.safetensors")) == set(model.state_dict())
     loaded = ReVQ.from_pretrained(tmp_path, device="cpu")
     assert loaded.config == model.config and not loaded.training

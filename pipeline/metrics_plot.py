@@ -1,0 +1,57 @@
+"""metrics.png: a fit's per-epoch curves on one page, redrawn after every epoch.
+
+Four panels: the two training losses, validation latent MSE with and without the rectifier (when
+the run validates), code usage, and perplexity. Drawn on a bare matplotlib `Figure` with the Agg
+canvas: no pyplot, so no global figure state and no display is needed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# (panel title, y label, [(metrics.jsonl key, legend label)])
+PANELS = (
+    ("training losses", "MSE (normalised)", [("codebook_loss", "codebook (quantizer alone)"),
+                                             ("rectifier_loss", "rectifier")]),
+    ("validation latent MSE", "MSE (normalised)", [("val_mse", "with rectifier"),
+                                                   ("val_mse_quantizer", "quantizer alone")]),
+    ("code usage", "% of codes chosen", [("usage_mean_pct", "training, mean over positions"),
+                                         ("usage_min_pct", "training, worst position"),
+                                         ("val_usage_mean_pct", "validation, mean")]),
+    ("perplexity", "exp(entropy), mean over positions", [("perplexity", "training"),
+                                                         ("val_perplexity", "validation")]),
+)
+
+
+def plot_metrics(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Draw the curves of `history` (metrics.jsonl's rows) into the PNG `path`, atomically."""
+    figure = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    if title:
+        figure.suptitle(title)
+    epochs = [row["epoch"] for row in history]
+    for axes, (panel, ylabel, series) in zip(figure.subplots(2, 2).flat, PANELS):
+        axes.set_title(panel)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.set_ylabel(ylabel)
+        drawn = False
+        for key, label in series:
+            points = [(epoch, row[key]) for epoch, row in zip(epochs, history) if key in row]
+            if points:
+                axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+                drawn = True
+        if drawn:
+            axes.legend(fontsize="small")
+        else:
+            axes.text(0.5, 0.5, "not measured (fit without --val)", ha="center", va="center",
+                      transform=axes.transAxes, color="gray")
+    tmp = path.with_name(path.name + ".tmp.png")
+    figure.savefig(tmp, dpi=90)
+    os.replace(tmp, path)

@@ -1,0 +1,44 @@
+"""`revq-pipe import-checkpoint`: the ReVQ paper's released weights -> a revq-pipe run dir.
+
+The converted run holds config.json, model.safetensors and a model card like a fitted one, and a
+training record naming the files it came from, so `export-tokens`, `decode` and `eval` take it as
+RUN (see pipeline/paper_checkpoint.py for the mapping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paper_checkpoint import paper_model
+from revq_pipe.pipeline.training_record import write_training_record
+from revq_pipe.pipeline.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
+
+
+@dataclass
+class ImportedRun:
+    out: Path
+    config: object  # ReVQConfig
+
+    def report(self) -> str:
+        c = self.config
+        return (f"Converted the paper's checkpoint into {self.out}: {c.name} (T={c.tokens}, K={c.codes}, d={c.dim}, "
+                f"rectifier {c.rectifier} {c.rectifier_width}x{c.rectifier_layers}, paper form), VAE {c.vae} at "
+                f"{c.image_size} px. Use it as RUN: revq-pipe export-tokens {self.out} STORE --out TOKENS")
+
+
+def import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str, *, vae: str = DEFAULT_VAE_ID,
+                      image_size: int = HUB_IMAGE_SIZE, overwrite: bool = False) -> ImportedRun:
+    """Convert `checkpoint` (ckpt.pth) with its yaml `config` and `preprocessor` (preprocessor.pth)
+    into the run dir `out`; the latents it tokenizes come from `vae` at `image_size`."""
+    run_dir = Path(out)
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty: pass --overwrite to write into it")
+    model = paper_model(checkpoint, config, preprocessor, vae=vae, image_size=image_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(run_dir)
+    write_training_record(run_dir, {"imported_from": {"checkpoint": str(Path(checkpoint).resolve()),
+                                                      "config": str(Path(config).resolve()),
+                                                      "preprocessor": str(Path(preprocessor).resolve())}})
+    return ImportedRun(run_dir, model.config)

@@ -1,0 +1,73 @@
+"""The command line as a user first meets it: help on every option, flags that look like flags,
+preset-derived defaults, --version, and a start-up that imports nothing heavy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import version
+
+import click
+import typer
+from typer.testing import CliRunner
+
+from revq_pipe.cli import app
+
+runner = CliRunner()
+
+
+def all_commands():
+    """(words, click command) of every command, bench's sub-commands included."""
+    root = typer.main.get_command(app)
+    for name, command in root.commands.items():
+        if isinstance(command, click.Group):
+            for sub_name, sub in command.commands.items():
+                yield [name, sub_name], sub
+        else:
+            yield [name], command
+
+
+def test_every_option_is_described_and_flags_show_no_value():
+    for words, command in all_commands():
+        text = runner.invoke(app, [*words, "--help"], terminal_width=200).stdout
+        assert "<bool>" not in text, words
+        for param in command.params:
+            if param.name == "help":
+                continue
+            assert param.help, f"{' '.join(words)} {param.opts[0]} has no help"
+            if isinstance(param, click.Option) and param.is_flag:
+                # the flag's line is the flag, then its description: no metavar between
+                line = next(line for line in text.splitlines() if line.strip().startswith(param.opts[0] + " "))
+                assert line.split(param.opts[0], 1)[1].strip().startswith(param.help[:20]), line
+
+
+def test_fit_help_says_what_a_preset_fixes_and_shows_its_defaults():
+    text = " ".join(runner.invoke(app, ["fit", "--help"], terminal_width=200).stdout.split())
+    assert "A preset fixes the code dim d and the codes per token position K" in text
+    assert "T = C*H*W/d follow from the store's latent shape" in text
+    assert "tiny: d=4, K=128" in text and "512T_NC=16384: d=4, K=16384" in text
+    assert "Epochs (default: the preset's; 512T_NC=16384: 100, 256T_NC=65536: 100, 256T_NC=262144: 100, tiny: 20)" in text
+    assert "tiny: 64" in text  # the batch size
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"revq-pipe {version('revq-pipe')}"
+
+
+def test_help_and_version_start_without_torch():
+    # Each command imports its own stage when it runs; help and --version need none of them.
+    code = ("import sys\nfrom revq_pipe.cli import app\n"
+            "for args in (['--version'], ['fit', '--help'], ['export-tokens', '--help'], ['eval', '--help']):\n"
+            "    try:\n        app(args)\n    except SystemExit:\n        pass\n"
+            "heavy = [m for m in ('torch', 'zarr', 'diffusers', 'dask', 'pyarrow', 'matplotlib') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_from_revq_pipe_import_revq():
+    from revq_pipe import ReVQ
+    from revq_pipe.pipeline.revq import ReVQ as defined
+
+    assert ReVQ is defined
