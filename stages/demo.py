@@ -52,7 +52,7 @@ class DemoSize:
 # About 1.5 minutes on an idle 2-core CPU; more crops and epochs keep helping. The quick demo is a
 # short fit, not a token one: enough steps that its pictures are recognisable (README, "The demo").
 FULL = DemoSize(train_images=2048, eval_images=64, epochs=20, codes=128, batch_size=64)
-QUICK = DemoSize(train_images=256, eval_images=16, epochs=4, codes=64, batch_size=32)
+QUICK = DemoSize(train_images=512, eval_images=16, epochs=3, codes=64, batch_size=32)
 # The training store is encoded with --flip and fit starts from k-means codes: on the demo's data
 # both lower the held-out MSE at equal steps (README, "Quality"), most where training is short.
 CODEBOOK_INIT = "kmeans"
