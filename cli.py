@@ -115,7 +115,10 @@ def fit(
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
     codebook_update: str = typer.Option("auto", "--codebook-update", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
 ):
-    """Train the grouped quantizer and the rectifier from a latent store."""
+    """Train the grouped quantizer and the rectifier from a latent store.
+
+    On several GPUs or machines, start it with torchrun, e.g. `torchrun --nproc-per-node 8 $(which revq-pipe) fit ...`: it trains data-parallel, --batch-size stays the global batch and rank 0 writes the run.
+    """
     from revq_pipe.stages.fit import fit as run_fit
 
     result = run_fit(
@@ -124,7 +127,8 @@ def fit(
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
         codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
     )
-    typer.echo(result.report())
+    if result.rank == 0:  # under torchrun, one report
+        typer.echo(result.report())
 
 
 @app.command("export-tokens")
