@@ -117,7 +117,7 @@ class DataParallelGroup:
         return tensor
 
     def mean(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The mean of `tensor` over all processes (a new tensor)."""
+        """The mean of `tensor` over all processes (on one process, `tensor` itself)."""
         return self.sum_(tensor.clone()) / self.world_size if self.distributed else tensor
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:

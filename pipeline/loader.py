@@ -87,7 +87,7 @@ class LatentLoader:
         picked[order] = self.store.latents.get_orthogonal_selection((np.asarray(indices)[order],))
         return self._to_device(picked)
 
-    def _share(self, batch):
+    def _share(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
         """This process's rows of a global batch (all of them on one process); empty when a short
         last batch has fewer rows than processes."""
         return batch[self.group.share(len(batch))]
