@@ -171,7 +171,10 @@ def fit(
     codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write each epoch's metrics as TensorBoard events into RUN/tensorboard (metrics.jsonl and metrics.png are always written)."),
 ):
-    """Train the grouped quantizer and the rectifier from a latent store."""
+    """Train the grouped quantizer and the rectifier from a latent store.
+
+    On several GPUs or machines, start it with torchrun, e.g. `torchrun --nproc-per-node 8 $(which revq-pipe) fit ...`: it trains data-parallel, --batch-size stays the global batch and rank 0 writes the run.
+    """
     from revq_pipe.stages.fit import fit as run_fit
 
     result = run_fit(
@@ -181,7 +184,8 @@ def fit(
         codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
         tensorboard=tensorboard,
     )
-    typer.echo(result.report())
+    if result.rank == 0:  # under torchrun, one report
+        typer.echo(result.report())
 
 
 @app.command("export-tokens")

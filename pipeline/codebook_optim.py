@@ -2,6 +2,7 @@
 chosen codes, behind one interface so the training loop never asks which one it has:
 
     quantized, loss = optimizer.learn(ids, tokens)   # one update from a batch's chosen codes
+    optimizer.apply(ids, token_grads)                # the same from given token gradients (data parallel)
     optimizer.param_groups[0]["lr"] = lr             # one learning-rate rule for every optimizer
     optimizer.flush()                                # codebooks as dense AdamW has them (epoch end)
     optimizer.forget(positions, codes)               # moved codes lose their moments (reset)
@@ -11,7 +12,7 @@ Sparse AdamW: each step reads and writes only the codes that were chosen.
 
 A step of ReVQ training chooses B*T codes out of T*K (at bs 128 on 256T_NC=262144: 32,768 of 67
 million), and only those receive gradient from `mse(tokens, quantized)`. Dense AdamW still reads and
-writes all T*K*d parameters and both moment buffers every step (and autograd first materialises a
+writes all T*K*d parameters and both moment buffers every step (and first materialises a
 dense, mostly zero gradient): on that preset more time than the whole step budget allows.
 
 What dense AdamW does to a code between two steps that choose it is fixed by the code's moments:
@@ -30,9 +31,19 @@ Gradients arrive per token; duplicates are summed per code after a sort, clipped
 (the number `clip_grad_norm_` computes on the dense gradient), and every duplicate then writes the
 same value, so a step has no host synchronisation. There is no weight decay: the recipe uses none
 for codebooks.
+
+Both optimizers take the mse gradient per token in closed form, 2 (quantized - tokens) / numel,
+instead of through autograd: data-parallel training (pipeline/distributed.py) gathers these token
+gradients from every process and applies the global batch's update everywhere. The per-code sums
+run in a stable order with torch's deterministic algorithms, so the same tokens give the same
+codebook bits on every process and at every thread count (torch's default sums use atomic adds
+on CUDA, and on the CPU too for large batches).
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,25 +78,62 @@ def chosen_codes(codebooks: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return codebooks[torch.arange(codebooks.shape[0], device=ids.device), ids]
 
 
-class DenseAdamW(torch.optim.AdamW):
-    """torch's AdamW over the whole (T, K, d) codebook, gradients through autograd, clipped by their
-    global norm: the reference code's update, with the codebook optimizers' interface."""
+@torch.no_grad()
+def quantize_with_gradients(codebooks: torch.Tensor, ids: torch.Tensor, tokens: torch.Tensor, *,
+                            shares: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chosen codes (B, T, d) of `tokens`, the loss mse(tokens, quantized) on them, and the
+    gradient of the global batch's loss with respect to each chosen code, where this batch is one
+    of `shares` equal parts of the global batch (the loss is a mean over all of it)."""
+    quantized = chosen_codes(codebooks, ids)
+    loss = F.mse_loss(quantized, tokens)
+    return quantized, loss, (quantized - tokens) * (2.0 / (tokens.numel() * shares))
+
+
+@contextmanager
+def deterministic_sums() -> Iterator[None]:
+    """torch's deterministic implementations for the scatter sums inside (index_add_ on CUDA and
+    index_put_(accumulate=True) on the CPU use atomic adds otherwise), restoring the setting after."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
+class LearnsFromTokens:
+    """`learn` for a codebook optimizer that has `codebooks` and `apply(ids, token_grads)`."""
+
+    codebooks: torch.nn.Parameter
+
+    def learn(self, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update from the chosen codes `ids` (B, T) of `tokens` (B, T, d) with loss
+        mse(tokens, quantized); returns the codes before the update and the loss."""
+        quantized, loss, token_grads = quantize_with_gradients(self.codebooks, ids, tokens)
+        self.apply(ids, token_grads)
+        return quantized, loss
+
+
+class DenseAdamW(LearnsFromTokens, torch.optim.AdamW):
+    """torch's AdamW over the whole (T, K, d) codebook, clipped by the gradient's global norm: the
+    reference code's update, with the codebook optimizers' interface. The dense gradient is what
+    autograd makes of the token gradients (their sum per code), built directly."""
 
     def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, max_grad_norm: float = 1.0,
                  fused: bool | None = None):
         super().__init__([codebooks], lr=lr, weight_decay=0.0, fused=fused)
         self.codebooks, self.max_grad_norm = codebooks, max_grad_norm
 
-    def learn(self, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update from the chosen codes `ids` (B, T) of `tokens` (B, T, d) with loss
-        mse(tokens, quantized); returns the codes before the update (detached) and the loss."""
-        quantized = chosen_codes(self.codebooks, ids)
-        loss = F.mse_loss(quantized, tokens)
-        loss.backward()
+    @torch.no_grad()
+    def apply(self, ids: torch.Tensor, token_grads: torch.Tensor) -> None:
+        """One update from the chosen codes `ids` (B, T) and d loss / d quantized token (B, T, d)."""
+        positions = torch.arange(self.codebooks.shape[0], device=ids.device)
+        with deterministic_sums():
+            grad = torch.zeros_like(self.codebooks).index_put_((positions, ids), token_grads, accumulate=True)
+        self.codebooks.grad = grad
         torch.nn.utils.clip_grad_norm_([self.codebooks], self.max_grad_norm)
         self.step()
         self.zero_grad(set_to_none=True)
-        return quantized.detach(), loss.detach()
 
     def flush(self) -> None:
         """Nothing is pending: every code was updated at every step."""
@@ -99,7 +147,7 @@ class DenseAdamW(torch.optim.AdamW):
             state["exp_avg_sq"][positions, codes] = 0
 
 
-class SparseAdamW:
+class SparseAdamW(LearnsFromTokens):
     """AdamW over the codes of a (T, K, d) codebook, touching only the chosen codes each step."""
 
     def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
@@ -135,16 +183,6 @@ class SparseAdamW:
             self._lr_tensor_cache = torch.tensor(self.lr, dtype=torch.float32, device=self.codebooks.device)
         return self._lr_tensor_cache
 
-    @torch.no_grad()
-    def learn(self, ids: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One update from the chosen codes `ids` (B, T) of `tokens` (B, T, d) with loss
-        mse(tokens, quantized); returns the codes before the update and the loss. No autograd graph:
-        d mse / d quantized is 2 (quantized - tokens) / numel, in closed form."""
-        quantized = chosen_codes(self.codebooks, ids)
-        loss = F.mse_loss(quantized, tokens)
-        self.step(ids, (quantized - tokens) * (2.0 / tokens.numel()))
-        return quantized, loss
-
     def _catch_up(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
                   missed: torch.Tensor) -> None:
         """Apply, in place, the `missed` (N,) zero-gradient AdamW steps that followed step `last`."""
@@ -160,20 +198,21 @@ class SparseAdamW:
         v.mul_(beta2 ** missed)
 
     @torch.no_grad()
-    def step(self, ids: torch.Tensor, token_grads: torch.Tensor) -> torch.Tensor:
+    def apply(self, ids: torch.Tensor, token_grads: torch.Tensor) -> torch.Tensor:
         """Apply one update. `ids` (B, T) chosen codes; `token_grads` (B, T, d) d loss / d quantized token.
 
         Returns the gradient's global norm before clipping (a 0-dim tensor on the device).
         """
         t, k, d = self.codebooks.shape
         rows = (ids + torch.arange(t, device=ids.device) * k).reshape(-1)
-        rows, order = torch.sort(rows)
+        rows, order = torch.sort(rows, stable=True)  # duplicates in batch order: one summation order
         grads = token_grads.reshape(-1, d)[order].float()
         # Segment ids of equal rows in sorted order; per-code gradient = sum over its segment.
         starts = torch.ones_like(rows, dtype=torch.bool)
         starts[1:] = rows[1:] != rows[:-1]
         segment = torch.cumsum(starts, 0) - 1
-        per_code = torch.zeros_like(grads).index_add_(0, segment, grads)
+        with deterministic_sums():
+            per_code = torch.zeros_like(grads).index_add_(0, segment, grads)
         norm = torch.linalg.vector_norm(per_code)
         g = per_code[segment] * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 

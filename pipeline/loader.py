@@ -12,6 +12,11 @@ tokenizer and diffusion pipelines do it, without decoding an image again.
 
 The order of an epoch (and its flip choices) depends only on (seed, epoch) - the `data_order`
 random stream, shared with no other purpose (seeds.py) - so a resumed run sees the same batches.
+
+Data parallel (pipeline/distributed.py): `batch_size` is the global batch and every process walks
+the same global order, yielding only its `share` of each batch; a run sees the same global batches
+with any number of processes, also when it resumes with another. Each process holds the whole
+store when resident and reads every block when streaming (the reads are not divided).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from revq_pipe.pipeline.distributed import DataParallelGroup
 from revq_pipe.pipeline.seeds import stream_generator
 from revq_pipe.pipeline.store import LatentStore
 
@@ -41,19 +47,23 @@ def free_memory(device: torch.device) -> int:
 
 
 class LatentLoader:
-    """Batches of raw latents (float32, on `device`) from a latent store, one seeded order per epoch."""
+    """Batches of raw latents (float32, on `device`) from a latent store, one seeded order per epoch;
+    with a `group` of several processes, this process's share of each global batch."""
 
     def __init__(self, store: LatentStore, batch_size: int, device: torch.device, *, shuffle: bool = True,
-                 drop_last: bool = True, seed: int = 0, resident: bool | None = None, flip: bool = False):
+                 drop_last: bool = True, seed: int = 0, resident: bool | None = None, flip: bool = False,
+                 group: DataParallelGroup = DataParallelGroup()):
         if flip and not store.has_flip:
             raise ValueError(f"{store.url} holds no flipped latents (encode it with --flip)")
         self.store, self.batch_size, self.device = store, batch_size, device
         self.shuffle, self.drop_last, self.seed, self.flip = shuffle, drop_last, seed, flip
+        self.group = group
         self.n = len(store)
         arrays = [store.latents, store.latents_flip] if flip else [store.latents]
-        if resident is None:
+        if resident is None:  # one mode for all processes: the two modes order an epoch differently
             nbytes = len(arrays) * self.n * math.prod(store.latent_shape) * store.latents.dtype.itemsize
-            resident = nbytes <= RESIDENT_FRACTION * free_memory(device)
+            copies = group.copies_in_host_memory(device)
+            resident = group.all_true(copies * nbytes <= RESIDENT_FRACTION * free_memory(device))
         self.resident = resident
         # Resident with flips: rows [0, n) the originals, [n, 2n) their flipped images' latents.
         self.data = (torch.cat([torch.from_numpy(np.asarray(array[:])) for array in arrays]).to(device)
@@ -77,6 +87,11 @@ class LatentLoader:
         picked[order] = self.store.latents.get_orthogonal_selection((np.asarray(indices)[order],))
         return self._to_device(picked)
 
+    def _share(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """This process's rows of a global batch (all of them on one process); empty when a short
+        last batch has fewer rows than processes."""
+        return batch[self.group.share(len(batch))]
+
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
         if self.device.type == "cuda":
@@ -89,7 +104,9 @@ class LatentLoader:
             order = order + self.n * torch.randint(0, 2, (self.n,), generator=generator)
         order = order.to(self.device)
         for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield self.data.index_select(0, order[start:start + self.batch_size]).float()
+            share = self._share(order[start:start + self.batch_size])
+            if len(share):
+                yield self.data.index_select(0, share).float()
 
     def _streamed_batches(self, generator: torch.Generator) -> Iterator[torch.Tensor]:
         chunk = self.store.chunk_size
@@ -122,8 +139,11 @@ class LatentLoader:
                 block = np.concatenate([carry, block]) if len(carry) else block
                 full = len(block) // self.batch_size
                 for b in range(min(full, remaining)):
-                    yield self._to_device(block[b * self.batch_size:(b + 1) * self.batch_size])
+                    share = self._share(block[b * self.batch_size:(b + 1) * self.batch_size])
+                    if len(share):
+                        yield self._to_device(share)
                 remaining -= min(full, remaining)
                 carry = block[full * self.batch_size:]
-            if remaining and len(carry):  # the last, partial batch (drop_last=False)
-                yield self._to_device(carry)
+            share = self._share(carry)
+            if remaining and len(share):  # the last, partial batch (drop_last=False)
+                yield self._to_device(share)

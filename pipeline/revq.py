@@ -18,7 +18,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -158,11 +158,16 @@ def usage_stats(counts: torch.Tensor) -> dict[str, float]:
 
 
 @torch.no_grad()
-def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor]) -> dict[str, float]:
+def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor], *,
+                   sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Quantize-then-rectify quality over batches of raw latents: the latent MSE in the model's
     normalised space (the one training minimises) and raw, the same two for the quantizer alone
     (codebook vectors, no rectifier: what the rectifier must beat), plus code usage and perplexity
-    (`usage_stats`). fit's per-epoch validation and `revq-pipe eval` both report these numbers."""
+    (`usage_stats`). fit's per-epoch validation and `revq-pipe eval` both report these numbers.
+
+    When each of several processes holds part of the batches, `sum_over_processes` (summing a tensor
+    over them, in place) turns the squared-error sums, element counts and code counts into the
+    whole set's before any mean is taken."""
     counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int64, device=model.device)
     # rows: rectified normalised, rectified raw, quantizer-only normalised, quantizer-only raw
     squared_errors = torch.zeros(4, dtype=torch.float64, device=model.device)
@@ -176,6 +181,10 @@ def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor]) -> dict[str, 
             squared_errors[row + 1] += (model.preprocessor.denormalize(reconstruction) - z).square().sum(
                 dtype=torch.float64)
         numel += z.numel()
+    if sum_over_processes is not None:
+        sum_over_processes(squared_errors)
+        sum_over_processes(counts)
+        numel = int(sum_over_processes(torch.tensor(numel, dtype=torch.int64, device=model.device)))
     normalised, raw, quantizer_normalised, quantizer_raw = (squared_errors / max(numel, 1)).tolist()
     return {"latent_mse_normalised": normalised, "latent_mse": raw,
             "quantizer_mse_normalised": quantizer_normalised, "quantizer_mse": quantizer_raw, **usage_stats(counts)}

@@ -13,6 +13,11 @@ its state is what a checkpoint holds. The loop that drives it (stages/fit.py) re
 
 A non-finite value raises `NonFiniteTraining` naming the step: the search refuses NaN/inf latents
 or codebooks (`kernels.NonFiniteError`), and `check` reads the losses back and refuses NaN/inf there.
+
+With a `DataParallelGroup` of several processes (pipeline/distributed.py), each process steps on its
+share of the global batch: the codebook update is the global batch's on every process, the rectifier
+is wrapped in DistributedDataParallel, and the losses `check` reads, the epoch's activation counts
+(before the reset) and the validation sums are those of all processes together.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 from revq_pipe.kernels import NonFiniteError
 from revq_pipe.pipeline.codebook_optim import codebook_optimizer
 from revq_pipe.pipeline.config import TrainConfig, use_compile
+from revq_pipe.pipeline.distributed import DataParallelGroup
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import ReVQ, latent_metrics, usage_stats
 from revq_pipe.pipeline.seeds import stream_generator
@@ -45,12 +51,12 @@ class NonFiniteTraining(Exception):
 class Trainer:
     """The model, its two optimizers and one training step; `state_dict` is what a checkpoint holds."""
 
-    def __init__(self, model: ReVQ, train: TrainConfig):
-        self.model, self.train = model, train
+    def __init__(self, model: ReVQ, train: TrainConfig, group: DataParallelGroup = DataParallelGroup()):
+        self.model, self.train, self.group = model, train, group
         device = model.device
         self.cuda = device.type == "cuda"
-        self.codebook_opt = codebook_optimizer(train.codebook_update, model.codebooks, lr=train.lr,
-                                               max_grad_norm=train.grad_clip)
+        self.codebook_opt = group.shared_codebook_update(codebook_optimizer(
+            train.codebook_update, model.codebooks, lr=train.lr, max_grad_norm=train.grad_clip))
         self.rectifier_params = list(model.rectifier.parameters())
         self.rectifier_opt = (
             torch.optim.AdamW(self.rectifier_params, lr=train.lr * train.rectifier_lr_scale,
@@ -63,9 +69,9 @@ class Trainer:
             self.schedule.append((self.rectifier_opt, train.rectifier_lr_scale))
         # Bf16 autocast and compilation pay off on the GPU only (the rectifier is bound by the memory
         # traffic of its small ops); the CPU path stays eager fp32 and bit-reproducible.
-        self.rectify = model.rectifier
+        self.rectify = group.data_parallel(model.rectifier)
         if use_compile(device) and self.rectifier_params:
-            self.rectify = torch.compile(model.rectifier)
+            self.rectify = torch.compile(self.rectify)
         self.counts = torch.zeros(model.config.tokens, model.config.codes, dtype=torch.int32, device=device)
         self.sync_every = SYNC_EVERY_CUDA if self.cuda else 1
         self.losses: list[torch.Tensor] = []  # this epoch's [codebook, rectifier] loss per step, on the device
@@ -111,7 +117,7 @@ class Trainer:
         done = len(self.losses)
         if done == self.checked or (done - self.checked < self.sync_every and not last):
             return None
-        window = torch.stack(self.losses[self.checked:done])
+        window = self.group.mean(torch.stack(self.losses[self.checked:done]))  # every process stops alike
         finite = torch.isfinite(window).all(dim=1)
         if not bool(finite.all()):
             bad = int((~finite).nonzero()[0, 0])
@@ -123,7 +129,9 @@ class Trainer:
     def end_epoch(self, epoch: int) -> dict[str, float]:
         """The epoch's mean losses and code usage, then the Non-Activation Reset (when enabled)."""
         self.codebook_opt.flush()  # codebooks and moments as dense AdamW has them now
-        losses = torch.stack(self.losses).mean(dim=0).tolist() if self.losses else [float("nan")] * 2
+        losses = (self.group.mean(torch.stack(self.losses).mean(dim=0)).tolist() if self.losses
+                  else [float("nan")] * 2)
+        self.group.sum_(self.counts)  # the reset moves the codes no process chose
         metrics = {"codebook_loss": losses[0], "rectifier_loss": losses[1], **usage_stats(self.counts)}
         moved = 0
         if self.train.reset:
@@ -134,6 +142,7 @@ class Trainer:
             # Moments of a moved code describe its old place; dense AdamW's would have decayed to ~0
             # over an epoch without gradient anyway.
             self.codebook_opt.forget(positions, codes)
+        self.group.check_identical(f"the codebooks after epoch {epoch + 1}", self.model.codebooks)
         return {**metrics, "codes_reset": moved}
 
     @torch.inference_mode()
@@ -141,7 +150,7 @@ class Trainer:
         """Latent MSE on a store (normalised and raw) of quantize-then-rectify and of the quantizer
         alone, and its code usage, in eval mode."""
         self.model.eval()
-        metrics = latent_metrics(self.model, loader.epoch())
+        metrics = latent_metrics(self.model, loader.epoch(), sum_over_processes=self.group.sum_)
         self.model.train()
         return {"val_mse": metrics["latent_mse_normalised"], "val_mse_raw": metrics["latent_mse"],
                 "val_mse_quantizer": metrics["quantizer_mse_normalised"],

@@ -13,6 +13,9 @@ metrics.
 The codebook loss is the quantizer's own latent MSE on the batch (tokens are a permutation of the
 normalised latent), so it and the rectifier loss are directly comparable: the rectifier helps where
 its loss is the lower one. Validation reports both on held-out latents each epoch.
+
+Under torchrun, `fit` trains data-parallel (pipeline/distributed.py): `batch_size` stays the global
+batch, each process steps on its share, and rank 0 alone writes the run dir and reports.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from revq_pipe.pipeline.checkpoint import check_resume, load_checkpoint, save_ch
 from revq_pipe.pipeline.codebook_init import init_codebooks
 from revq_pipe.pipeline.config import PRESETS, ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.distributed import DataParallelGroup, in_process_group
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.fit_outputs import FitOutputs
 from revq_pipe.pipeline.loader import LatentLoader
@@ -65,6 +69,7 @@ class FitResult:
     started_at_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    rank: int = 0  # this process's, under torchrun: only rank 0's result is worth reporting
 
     def report(self) -> str:
         last = self.history[-1] if self.history else {}
@@ -96,6 +101,7 @@ def _open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]
     return store, mean, std
 
 
+@in_process_group
 def fit(
     store: str,
     out: str,
@@ -134,7 +140,9 @@ def fit(
     it, at DEBUG).
     """
     started = time.perf_counter()
-    dev = resolve_device(device)
+    group = DataParallelGroup.current()
+    progress = progress and group.is_writer
+    dev = group.local_device(resolve_device(device))
     train_store, mean, std = _open_training_store(store)
     data = {"url": absolute_url(train_store.url), "count": len(train_store), "revq": train_store.attrs}
     model_config = resolve_model_config(preset, train_store.latent_shape, tokens=tokens, codes=codes,
@@ -151,6 +159,7 @@ def fit(
     if train.batch_size > n:
         raise UserError(f"--batch-size {train.batch_size} is larger than the store ({n} latents)")
     check_codes_fit_data(model_config, n, store, from_preset=codes is None)
+    group.require_divisible(train.batch_size)
     val_store = None
     if val is not None:
         val_store = LatentStore.open(val)
@@ -159,16 +168,21 @@ def fit(
                             f"the training store {train_store.latent_shape}")
 
     run_dir = Path(out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"--out {out} is a file, not a run directory")
-    checkpoint = load_checkpoint(run_dir, dev) if resume else None
-    if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    if checkpoint is not None:
-        check_resume(checkpoint, model_config, train, data, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    outputs = FitOutputs(run_dir, {"data": data, "val": _store_record(val_store), "train": train.to_dict()},
-                         tensorboard=tensorboard, resumed_at=checkpoint["epoch"] if checkpoint else 0)
+    with group.together():  # every process reads the run dir before rank 0 writes to it
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserError(f"--out {out} is a file, not a run directory")
+        checkpoint = load_checkpoint(run_dir, dev) if resume else None
+        if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
+            raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        if checkpoint is not None:
+            check_resume(checkpoint, model_config, train, data, run_dir)
+    group.require_same(checkpoint["epoch"] if checkpoint else None,
+                       f"the checkpoint in {out} (it must lie on a file system every machine sees)")
+    outputs = None  # rank 0 alone writes the run dir
+    if group.is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        outputs = FitOutputs(run_dir, {"data": data, "val": _store_record(val_store), "train": train.to_dict()},
+                             tensorboard=tensorboard, resumed_at=checkpoint["epoch"] if checkpoint else 0)
 
     level = logging.INFO if progress else logging.DEBUG
     log.log(level, f"fit {store} -> {out} on {dev}\n  model: {json.dumps({**model_config.to_dict(), 'data': data['url']})}"
@@ -178,25 +192,29 @@ def fit(
         model = ReVQ(model_config)
     model.preprocessor.set_stats(mean, std)
     model.to(dev).train()
-    trainer = Trainer(model, train)
+    trainer = Trainer(model, train, group)
     loader = LatentLoader(train_store, train.batch_size, dev, seed=train.seed, flip=train.flip,
-                          resident=checkpoint["resident"] if checkpoint else None)
-    val_loader = (LatentLoader(val_store, max(train.batch_size, 256), dev, shuffle=False, drop_last=False)
+                          resident=checkpoint["resident"] if checkpoint else None, group=group)
+    val_loader = (LatentLoader(val_store, max(train.batch_size, 256), dev, shuffle=False, drop_last=False, group=group)
                   if val_store is not None else None)
     if checkpoint is not None:
         trainer.load_state_dict(checkpoint["trainer"])
         history, start_epoch = list(checkpoint["metrics"]), checkpoint["epoch"]
         # A crash between the checkpoint and the files written after it leaves those one epoch behind.
-        outputs.epoch_done(model, history)
-        log.log(level, f"  resuming after epoch {start_epoch}")
+        if outputs is not None:
+            outputs.epoch_done(model, history)
+        log.log(level, f"  resuming after epoch {start_epoch}" + _processes_note(checkpoint, group))
     else:
         kmeans = init_codebooks(model, loader, train)
+        group.broadcast_(model.codebooks.data)  # k-means sums on a GPU may differ in the last bit
         if kmeans:
             log.log(level, f"  k-means init, {train.kmeans_iters} iterations: quantizer MSE on its sample "
                            f"{kmeans[0]:.4g} -> {kmeans[-1]:.4g}")
         history, start_epoch = [], 0
     log.log(level, f"  {n} latents{' and their flipped images' if train.flip else ''}, {len(loader)} steps per "
-                   f"epoch, data {'on the device' if loader.resident else 'streamed'}")
+                   f"epoch, data {'on the device' if loader.resident else 'streamed'}"
+                   + (f", {group.world_size} processes of {train.batch_size // group.world_size} latents a step"
+                      if group.distributed else ""))
 
     for epoch in range(start_epoch, train.epochs):
         epoch_started = time.perf_counter()
@@ -225,15 +243,25 @@ def fit(
                        samples_per_s=len(loader) * train.batch_size / max(train_seconds, 1e-9))
         history.append(metrics)
 
-        save_checkpoint(run_dir, {"epoch": epoch + 1, "trainer": trainer.state_dict(),
-                                  "model_config": model_config.to_dict(), "train_config": train.to_dict(),
-                                  "data": data, "resident": loader.resident, "metrics": history})
-        outputs.epoch_done(model, history)
+        if outputs is not None:
+            save_checkpoint(run_dir, {"epoch": epoch + 1, "trainer": trainer.state_dict(),
+                                      "model_config": model_config.to_dict(), "train_config": train.to_dict(),
+                                      "data": data, "resident": loader.resident, "metrics": history,
+                                      "world_size": group.world_size})
+            outputs.epoch_done(model, history)
         log.log(level, _epoch_line(metrics, train.epochs))
-    outputs.close()
+    if outputs is not None:
+        outputs.close()
 
     return FitResult(run_dir, model_config, train, epochs_done=len(history), started_at_epoch=start_epoch,
-                     history=history, seconds=time.perf_counter() - started)
+                     history=history, seconds=time.perf_counter() - started, rank=group.rank)
+
+
+def _processes_note(checkpoint: dict[str, Any], group: DataParallelGroup) -> str:
+    """Resuming with another number of processes is exact in the data (the same global batches) and
+    in the codebooks; only the rectifier's gradient sums round in another order."""
+    before = checkpoint.get("world_size", 1)
+    return f" (trained on {before} processes until now, on {group.world_size} from here)" if before != group.world_size else ""
 
 
 def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset: bool) -> None:

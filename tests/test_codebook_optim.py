@@ -25,7 +25,7 @@ def train_side_by_side(unchosen_steps: int, window: int | None = None):
         token_grads = torch.randn(len(ids), 1, 2, generator=generator) * 0.1  # norm below 1: no clipping
         dense.grad = torch.zeros_like(dense).index_put_((torch.zeros_like(ids), ids), token_grads, accumulate=True)
         adamw.step()
-        opt.step(ids, token_grads)
+        opt.apply(ids, token_grads)
         code_1_path.append(dense.detach()[0, 1].clone())
     opt.flush()
     return opt, sparse, dense, adamw, code_1_path

@@ -172,16 +172,16 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_c
 
 
 def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, monkeypatch):
-    real_step, calls = SparseAdamW.step, {"n": 0}
+    real_apply, calls = SparseAdamW.apply, {"n": 0}
 
-    def poisoning_step(self, ids, grads):
+    def poisoning_apply(self, ids, grads):
         calls["n"] += 1
-        norm = real_step(self, ids, grads)
+        norm = real_apply(self, ids, grads)
         if calls["n"] == 4 + 1:
             self.codebooks.data[0, 0, 0] = float("inf")
         return norm
 
-    monkeypatch.setattr(SparseAdamW, "step", poisoning_step)
+    monkeypatch.setattr(SparseAdamW, "apply", poisoning_apply)
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 2: codebooks contains NaN or inf"):
         fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none", codebook_update="sparse"))
 

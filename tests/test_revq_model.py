@@ -181,7 +181,7 @@ def dense_step(dense, adamw, ids, x):
 def sparse_step(sparse, opt, ids, x):
     with torch.no_grad():
         q = sparse[torch.arange(sparse.shape[0]), ids]
-    return opt.step(ids, (q - x) * (2.0 / x.numel()))
+    return opt.apply(ids, (q - x) * (2.0 / x.numel()))
 
 
 def test_sparse_adamw_is_dense_adamw_when_every_code_gets_gradient_every_step():
@@ -211,7 +211,7 @@ def test_sparse_adamw_touches_only_chosen_codes_and_its_flush_lands_where_dense_
             chosen = torch.zeros(3, 5, dtype=torch.bool)
             chosen[positions, ids] = True
             before, m_before = sparse.detach().clone(), opt.exp_avg.clone()
-            opt.step(ids, token_grads)
+            opt.apply(ids, token_grads)
             assert torch.equal(sparse[~chosen], before[~chosen])
             assert torch.equal(opt.exp_avg[~chosen], m_before[~chosen])
         opt.flush()

@@ -1,0 +1,57 @@
+"""`fit` under torchrun for tests/test_distributed_fit.py, with each rank keeping its own record.
+
+Usage: torchrun --nproc-per-node N ddp_fit_driver.py SPEC_JSON
+SPEC_JSON: {"record": DIR, "runs": [{"name": NAME, "fit": {fit's keyword arguments}}, ...],
+            optional "kill": {"rank": R, "step": S}, optional "drift": {"rank": R}}
+
+Every rank writes DIR/NAME-rank<r>.json: the sha256 of its own codebooks after each epoch end,
+computed here, independently of the code under test. With "kill", rank R sends itself SIGKILL
+before its S-th training step (counted from 1 over all runs), as a node failure would; torchrun
+then ends the other ranks. With "drift", rank R moves one code by 1e-3 before each epoch end,
+which fit must notice.
+"""
+
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from revq_pipe.pipeline.trainer import Trainer
+from revq_pipe.stages.fit import fit
+
+
+def main(spec: dict) -> None:
+    rank = int(os.environ["RANK"])
+    record = Path(spec["record"])
+    record.mkdir(parents=True, exist_ok=True)
+    kill, drift = spec.get("kill"), spec.get("drift")
+    real_step, real_end_epoch = Trainer.step, Trainer.end_epoch
+    steps = {"done": 0}
+    hashes: list[str] = []
+    current = {"name": ""}
+
+    def step(self, z):
+        steps["done"] += 1
+        if kill and kill["rank"] == rank and steps["done"] == kill["step"]:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_step(self, z)
+
+    def end_epoch(self, epoch):
+        if drift and drift["rank"] == rank:
+            self.model.codebooks.data[0, 0] += 1e-3
+        metrics = real_end_epoch(self, epoch)
+        hashes.append(hashlib.sha256(self.model.codebooks.detach().cpu().numpy().tobytes()).hexdigest())
+        (record / f"{current['name']}-rank{rank}.json").write_text(json.dumps(hashes))
+        return metrics
+
+    Trainer.step, Trainer.end_epoch = step, end_epoch
+    for run in spec["runs"]:
+        current["name"] = run["name"]
+        hashes.clear()
+        fit(**run["fit"])
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
