@@ -115,6 +115,22 @@ class FrozenVae:
             return output.latent_dist.mean
         return output.latent
 
+    def encode_block(self, images: torch.Tensor, *, latent_shape: tuple[int, int, int], dtype: str,
+                     flip: bool = False) -> torch.Tensor:
+        """One block's latents from uint8 images (B, 3, S, S): in the storage `dtype`, on the device (not
+        waited for); with `flip`, (B, 2, C, H, W) with each flipped image's latent beside its own.
+        Every encode path calls this, so a latent depends on its block alone."""
+        from revq_pipe.pipeline.sources import to_model_input
+
+        x = to_model_input(images.to(self.device, non_blocking=True))
+        # The flipped images go through the encoder as a batch of their own, so the unflipped latents
+        # are the very ones an encode without --flip stores.
+        z = torch.stack([self.encode(x), self.encode(x.flip(-1))], dim=1) if flip else self.encode(x)
+        if tuple(z.shape[-3:]) != tuple(latent_shape):
+            raise RuntimeError(f"{self.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
+                               f"expected {tuple(latent_shape)}")
+        return z.to(getattr(torch, dtype))
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in about [-1, 1] from (B, C, H, W) latents."""

@@ -25,7 +25,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
-from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source, to_model_input
+from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
 from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
 
@@ -204,7 +204,10 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
             for block in loader:
                 if block.error:
                     raise UserError(block.error)
-                latents = _encode_block(vae, block.images, job) if len(block.images) else None
+                latents = None
+                if len(block.images):
+                    latents = vae.encode_block(block.images, latent_shape=job.latent_shape, dtype=job.dtype,
+                                               flip=job.flip)
                 encoded += len(block.images)
                 block.images = None  # the writer needs only the bookkeeping
                 writer.submit(block, latents)
@@ -222,19 +225,6 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
         raise UserError(f"no decodable images in {job.source.describe()}: "
                         f"{len(writer.skipped)} samples skipped ({reasons})")
     return _summary(job, store, encoded=encoded, seconds=time.perf_counter() - started)
-
-
-def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> torch.Tensor:
-    """Launch one block's encode: its latents in the storage dtype, on the device (not waited for);
-    with `job.flip`, (B, 2, C, H, W) with each flipped image's latent beside its own."""
-    x = to_model_input(images.to(vae.device, non_blocking=True))
-    # The flipped images go through the encoder as a batch of their own, so the unflipped latents
-    # are the very ones an encode without --flip stores.
-    z = torch.stack([vae.encode(x), vae.encode(x.flip(-1))], dim=1) if job.flip else vae.encode(x)
-    if tuple(z.shape[-3:]) != job.latent_shape:
-        raise RuntimeError(f"{vae.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
-                           f"expected {job.latent_shape}")
-    return z.to(getattr(torch, job.dtype))
 
 
 def _open_store(job: EncodeJob) -> LatentStore:
