@@ -125,23 +125,24 @@ class StagedEncode:
 
     @property
     def staged_positions(self) -> int:
-        """Source samples in the pieces staged before this run."""
+        """Source samples in the pieces staged so far."""
         return sum(record.positions for record in self.records.values())
 
     @property
     def staged_rows(self) -> int:
-        """Latents staged before this run (or all of them, once laid out)."""
+        """Latents staged so far (all of them, once laid out)."""
         return len(self.store) if self.laid_out else sum(record.rows for record in self.records.values())
 
     def encode(self, client, cluster_size: int, bar) -> int:
-        """Encode every piece not staged yet, on `cluster_size` dask workers; the number of images encoded."""
+        """Encode every piece not staged yet, on `cluster_size` dask workers; the images encoded."""
         if self.laid_out:
             return 0
         tasks = [EncodeTask(self.settings, units) for units in self._plan(cluster_size)]
-        pieces = [record for written in run_tasks(client, encode_task, tasks, name="encode", job=self.settings.job,
-                                                  bar=bar) for record in written]
-        self.records.update({(record.part, record.piece): record for record in pieces})
-        return sum(record.rows for record in pieces)
+        before = self.staged_rows
+        run_tasks(client, encode_task, tasks, name="encode", job=self.settings.job, bar=bar)
+        # The staging is the record of what every attempt of every task staged.
+        self.records = staged_records(self.staging)
+        return self.staged_rows - before
 
     def finish(self, client, cluster_size: int, bar_for: Callable[[int], Any]) -> LatentStore:
         """Copy the pieces into the final chunks, compute the statistics and mark the store complete.
@@ -238,7 +239,7 @@ class EncodeTask:
     units: list  # FolderBlockUnit (one block) or ShardUnit (a shard from a piece's first sample on)
 
 
-def encode_task(task: EncodeTask) -> list[PieceRecord]:
+def encode_task(task: EncodeTask) -> None:
     """Decode and encode the task's units block by block, staging each piece once all its blocks
     are in; pieces an earlier attempt staged are skipped. Runs on a worker."""
     from torch.utils.data import DataLoader
@@ -252,7 +253,6 @@ def encode_task(task: EncodeTask) -> list[PieceRecord]:
                         num_workers=min(_decode_processes(settings), len(units)),
                         pin_memory=vae.device.type == "cuda")
     pieces = PieceAssembler(settings)
-    written = []
     with vae.autocast(settings.full_precision):
         for block in loader:
             if block.error:
@@ -262,11 +262,10 @@ def encode_task(task: EncodeTask) -> list[PieceRecord]:
                 latents = vae.encode_block(block.images, latent_shape=settings.latent_shape, dtype=settings.dtype,
                                            flip=settings.flip).cpu().numpy()
             for piece in pieces.add(block, latents):
-                written.append(piece.write_to(staging))
+                piece.write_to(staging)
             report_progress(settings.job, block.size)
     if pieces.waiting:
         raise RuntimeError(f"blocks of pieces {sorted(pieces.waiting)} never completed")
-    return written
 
 
 def unstaged_units(units: list, staging, span: int) -> list:
@@ -304,7 +303,7 @@ class Piece:
                  settings: EncodeSettings):
         self.part, self.index, self.blocks, self.settings = part, index, blocks, settings
 
-    def write_to(self, staging) -> PieceRecord:
+    def write_to(self, staging) -> None:
         """Write the piece's arrays, then its completion record (so a half-written piece has none)."""
         blocks = [block for block, _ in self.blocks]
         rows = [latents for _, latents in self.blocks if latents is not None]
@@ -327,7 +326,6 @@ class Piece:
             if len(data):
                 array[...] = data
         group.attrs[PIECE_RECORD] = asdict(record)
-        return record
 
 
 class PieceAssembler:
