@@ -68,9 +68,8 @@ def task_runs(items: Sequence[int], cluster_size: int) -> list[list[int]]:
     return runs
 
 
-def run_tasks(client, function: Callable[[Any], Any], tasks: Sequence[Any], *, name: str, job: str,
-              bar) -> list[Any]:
-    """Run `function(task)` for every task on the cluster and return the results in task order.
+def run_tasks(client, function: Callable[[Any], None], tasks: Sequence[Any], *, name: str, job: str, bar) -> None:
+    """Run `function(task)` for every task on the cluster (the tasks write their results themselves).
 
     `bar` (tqdm) advances by the images the workers report (`report_progress`) on the job's topic.
     The first task that still fails after TASK_RETRIES cancels the others and its error is raised.
@@ -84,7 +83,6 @@ def run_tasks(client, function: Callable[[Any], Any], tasks: Sequence[Any], *, n
     try:
         for future in as_completed(futures):
             future.result()  # raises the task's error
-        return [future.result() for future in futures]
     except BaseException:
         client.cancel(futures)
         raise

@@ -18,12 +18,13 @@ import importlib.util
 import logging
 import os
 import re
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import filesystem
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from distributed import Client
 
 LOCAL_SPEC = re.compile(r"local(?::(\d+))?")
 ADDRESS_SPEC = re.compile(r"(tcp|tls|ws|wss|ucx)://[^\s/]+:\d+|[\w.-]+:\d+")
@@ -33,7 +34,7 @@ WORKER_WAIT_S = 60  # how long a scheduler with no workers yet is given to get o
 
 
 @contextlib.contextmanager
-def cluster_client(spec: str) -> Iterator["distributed.Client"]:  # noqa: F821
+def cluster_client(spec: str) -> Iterator[Client]:
     """A dask Client for `spec` (see the module docstring), closed (with a local cluster) on exit."""
     local = LOCAL_SPEC.fullmatch(spec)
     if local:
@@ -50,24 +51,20 @@ def cluster_client(spec: str) -> Iterator["distributed.Client"]:  # noqa: F821
                         f"not {spec!r}")
 
 
-def describe(client) -> str:
+def describe(client: Client) -> str:
     """`N dask workers` and, when there is one to open, where the dashboard is."""
     workers = len(client.scheduler_info(n_workers=-1)["workers"])
     text = f"{workers} dask worker{'s' if workers != 1 else ''}"
     link = client.dashboard_link
-    # The scheduler serves the dashboard's pages only where bokeh is installed.
-    if link and client.run_on_scheduler(_has_bokeh):
+    # A scheduler serves the dashboard's pages only with bokeh installed; a remote one's we cannot see.
+    if link and (client.cluster is None or importlib.util.find_spec("bokeh") is not None):
         text += f", dashboard {link}"
     elif link:
-        text += " (pip install bokeh where the scheduler runs for dask's dashboard)"
+        text += " (pip install bokeh for dask's dashboard)"
     return text
 
 
-def _has_bokeh() -> bool:
-    return importlib.util.find_spec("bokeh") is not None
-
-
-def worker_hosts(client) -> dict[str, int]:
+def worker_hosts(client: Client) -> dict[str, int]:
     """How many workers each host runs: a task's share of its machine's CPUs follows from it."""
     counts: dict[str, int] = {}
     for info in client.scheduler_info(n_workers=-1)["workers"].values():
