@@ -310,6 +310,22 @@ def bench_encode(
     typer.echo(run_bench(device=device, images=images, batch_size=batch_size).report())
 
 
+@bench_app.command("cluster")
+@reports_user_errors
+def bench_cluster(
+    images: int = typer.Option(512, "--images", min=1, metavar="N", help="Photo crops to encode and export."),
+    workers: int = typer.Option(2, "--workers", min=1, metavar="N", help="Workers of the cluster timed beside local:1."),
+    chunk_size: int = typer.Option(32, "--chunk-size", min=1, metavar="N", help="Rows per store chunk: the unit tasks share out."),
+    codes: int = typer.Option(16384, "--codes", min=1, metavar="K", help="Codes per token position of the export model (d = 4)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, metavar="N", help="Interleaved rounds; each row reports the median."),
+):
+    """encode and export-tokens on --cluster local:N beside local:1 and one process, on the same photos."""
+    from revq_pipe.stages.bench_cluster import bench_cluster as run_bench
+
+    typer.echo(run_bench(images=images, workers=workers, chunk_size=chunk_size, codes=codes,
+                         repeats=repeats).report())
+
+
 @bench_app.command("fit")
 @reports_user_errors
 def bench_fit(

@@ -244,10 +244,12 @@ def test_killed_export_job_resumes_to_the_identical_token_store(fitted, tmp_path
 
 @pytest.mark.slow
 def test_bench_cluster_times_one_and_two_workers_and_finds_their_stores_equal():
-    result = runner.invoke(app, ["bench", "cluster", "--images", "48", "--chunk-size", "8", "--codes", "64"])
+    result = runner.invoke(app, ["bench", "cluster", "--images", "48", "--chunk-size", "8", "--codes", "64",
+                                 "--repeats", "1"])
     assert result.exit_code == 0, result.output
-    for row in ("encode, one process", "encode --cluster local:1", "encode --cluster local:2",
-                "export-tokens --cluster local:1", "export-tokens --cluster local:2"):
+    for row in ("encode one process (no --cluster)", "encode --cluster local:1", "encode --cluster local:2",
+                "export-tokens one process (no --cluster)", "export-tokens --cluster local:1",
+                "export-tokens --cluster local:2"):
         assert row in result.output
     assert "every store equals the single-process encode's and export's: yes" in result.output
 
