@@ -254,13 +254,9 @@ def encode_task(task: EncodeTask) -> None:
                         pin_memory=vae.device.type == "cuda")
     pieces = PieceAssembler(settings)
     with vae.autocast(settings.full_precision):
-        for block in loader:
-            if block.error:
-                raise UserError(block.error)
-            latents = None
-            if len(block.images):
-                latents = vae.encode_block(block.images, latent_shape=settings.latent_shape, dtype=settings.dtype,
-                                           flip=settings.flip).cpu().numpy()
+        for block, latents in vae.encode_blocks(loader, latent_shape=settings.latent_shape, dtype=settings.dtype,
+                                                flip=settings.flip):
+            latents = latents.cpu().numpy() if latents is not None else None
             for piece in pieces.add(block, latents):
                 piece.write_to(staging)
             report_progress(settings.job, block.size)

@@ -16,7 +16,7 @@ import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -130,6 +130,19 @@ class FrozenVae:
             raise RuntimeError(f"{self.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
                                f"expected {tuple(latent_shape)}")
         return z.to(getattr(torch, dtype))
+
+    def encode_blocks(self, blocks: Iterable, *, latent_shape: tuple[int, int, int], dtype: str,
+                      flip: bool = False) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """Each decoded block (pipeline/sources.py) with its latents from `encode_block` (None when no
+        image of it decoded); a block that reports a broken source (an unreadable shard) raises its
+        reason as a UserError. Iterate inside `autocast`."""
+        for block in blocks:
+            if block.error:
+                raise UserError(block.error)
+            latents = None
+            if len(block.images):
+                latents = self.encode_block(block.images, latent_shape=latent_shape, dtype=dtype, flip=flip)
+            yield block, latents
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

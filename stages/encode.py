@@ -250,13 +250,8 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     writer.start()
     try:
         with vae.autocast(job.full_precision):
-            for block in loader:
-                if block.error:
-                    raise UserError(block.error)
-                latents = None
-                if len(block.images):
-                    latents = vae.encode_block(block.images, latent_shape=job.latent_shape, dtype=job.dtype,
-                                               flip=job.flip)
+            for block, latents in vae.encode_blocks(loader, latent_shape=job.latent_shape, dtype=job.dtype,
+                                                    flip=job.flip):
                 encoded += len(block.images)
                 block.images = None  # the writer needs only the bookkeeping
                 writer.submit(block, latents)
