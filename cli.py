@@ -73,6 +73,10 @@ def reports_user_errors(command):
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda",
                          help="Where to compute: auto (CUDA when available), cpu or cuda.")
 OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output made otherwise instead of refusing.")
+ClusterOpt = typer.Option(None, "--cluster", metavar="local[:N]|ADDRESS",
+                          help="Run on a dask cluster: local (one worker per GPU; 2 without CUDA), local:N "
+                               "workers on this machine, or the address of a running scheduler "
+                               "(tcp://host:8786). The output is the same as without it.")
 RunArg = typer.Argument(..., metavar="RUN", help="Run directory made by `revq-pipe fit` (or import-checkpoint), "
                         "or a Hugging Face model id user/repo.")
 
@@ -91,16 +95,17 @@ def encode(
     device: str = DeviceOpt,
     dtype: str = typer.Option("float16", "--dtype", metavar="float16|float32", help="Storage dtype of the latents. Compute is "
                               "bf16 autocast on CUDA (float32 on the CPU); --dtype float32 computes in float32 too."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; 0: in this process)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; with --cluster, per dask worker: its machine's CPUs shared among its dask workers; 0: in the encoding process)."),
     overwrite: bool = OverwriteOpt,
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
+    cluster: Optional[str] = ClusterOpt,
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
     from revq_pipe.stages.encode import encode as run_encode
 
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip,
+        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip, cluster=cluster,
     )
     typer.echo(summary.report())
 
@@ -203,12 +208,13 @@ def export_tokens(
     shuffle: bool = typer.Option(False, "--shuffle", help="Write shards in a random order fixed by --seed, not the store's (class-sorted for ImageFolders). The Zarr token store keeps the store's order."),
     seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of the --shuffle order."),
     overwrite: bool = OverwriteOpt,
+    cluster: Optional[str] = ClusterOpt,
 ):
     """Write every image's token ids for downstream model training."""
     from revq_pipe.stages.export_tokens import export_tokens as run_export
 
     summary = run_export(run, store, out, batch_size=batch_size, device=device, format=format, shard_size=shard_size,
-                         shuffle=shuffle, seed=seed, overwrite=overwrite)
+                         shuffle=shuffle, seed=seed, overwrite=overwrite, cluster=cluster)
     typer.echo(summary.report())
 
 
@@ -306,6 +312,22 @@ def bench_encode(
     from revq_pipe.stages.bench_encode import bench_encode as run_bench
 
     typer.echo(run_bench(device=device, images=images, batch_size=batch_size).report())
+
+
+@bench_app.command("cluster")
+@reports_user_errors
+def bench_cluster(
+    images: int = typer.Option(512, "--images", min=1, metavar="N", help="Photo crops to encode and export."),
+    workers: int = typer.Option(2, "--workers", min=1, metavar="N", help="Workers of the cluster timed beside local:1."),
+    chunk_size: int = typer.Option(32, "--chunk-size", min=1, metavar="N", help="Rows per store chunk: the unit tasks share out."),
+    codes: int = typer.Option(16384, "--codes", min=1, metavar="K", help="Codes per token position of the export model (d = 4)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, metavar="N", help="Interleaved rounds; each row reports the median."),
+):
+    """encode and export-tokens on --cluster local:N beside local:1 and one process, on the same photos."""
+    from revq_pipe.stages.bench_cluster import bench_cluster as run_bench
+
+    typer.echo(run_bench(images=images, workers=workers, chunk_size=chunk_size, codes=codes,
+                         repeats=repeats).report())
 
 
 @bench_app.command("fit")

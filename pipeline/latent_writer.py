@@ -14,12 +14,9 @@ either way, so the finished store is identical to one from an uninterrupted run 
 block size; another one resumes just as correctly, but GPU kernels may round the latents after
 the resume point differently in the last bits).
 
-Scale-out (several GPUs or machines) attaches at `ChunkWriter`: every chunk is one
-`LatentStore.write` of whole chunks, so writers never share a chunk object. What one process
-decides alone is the row offset of each part, since skips before a part shift it; to split the
-work, give rank r the parts r::W (`source.units`), have each rank first count the decodable
-samples of its parts (or write its own store), agree on part offsets with an all-gather, and let
-each rank write the chunks that fall wholly in its rows (the boundary chunks by one of them).
+`encode --cluster` (pipeline/staged_encode.py) writes the same store without this writer: its
+tasks stage pieces made of the same blocks, and once every piece is in, a copy lays their rows
+out in these positions.
 """
 
 from __future__ import annotations

@@ -77,10 +77,17 @@ class TokenStore(RowStore):
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
         """Write the next whole chunk (or the last, shorter one) at `rows_done`, then commit it."""
         start = self.rows_done
-        stop = start + len(tokens)
-        if stop > len(self) or (len(tokens) != self.chunk_size and stop != len(self)):
+        if len(tokens) != self.chunk_size and start + len(tokens) != len(self):
             raise ValueError(f"append of {len(tokens)} rows at {start} is not one chunk of {self.chunk_size}")
+        self.write(start, tokens, labels, keys)
+        self.commit(start + len(tokens))
+
+    def write(self, start: int, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
+        """Write rows [start, start+len) of whole chunks, so writers of disjoint chunk ranges
+        (export-tokens --cluster) never share a chunk object; commits nothing."""
+        stop = start + len(tokens)
+        if start % self.chunk_size or stop > len(self) or (stop % self.chunk_size and stop != len(self)):
+            raise ValueError(f"write [{start}, {stop}) is not aligned to chunks of {self.chunk_size}")
         self.tokens[start:stop] = tokens.astype(self.tokens.dtype, copy=False)
         self.labels[start:stop] = labels
         self.keys[start:stop] = keys
-        self.commit(stop)

@@ -16,7 +16,7 @@ import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 from urllib.parse import urlparse
 
 import torch
@@ -114,6 +114,35 @@ class FrozenVae:
         if self.spec.class_name == "AutoencoderKL":
             return output.latent_dist.mean
         return output.latent
+
+    def encode_block(self, images: torch.Tensor, *, latent_shape: tuple[int, int, int], dtype: str,
+                     flip: bool = False) -> torch.Tensor:
+        """One block's latents from uint8 images (B, 3, S, S): in the storage `dtype`, on the device (not
+        waited for); with `flip`, (B, 2, C, H, W) with each flipped image's latent beside its own.
+        Every encode path calls this, so a latent depends on its block alone."""
+        from revq_pipe.pipeline.sources import to_model_input
+
+        x = to_model_input(images.to(self.device, non_blocking=True))
+        # The flipped images go through the encoder as a batch of their own, so the unflipped latents
+        # are the very ones an encode without --flip stores.
+        z = torch.stack([self.encode(x), self.encode(x.flip(-1))], dim=1) if flip else self.encode(x)
+        if tuple(z.shape[-3:]) != tuple(latent_shape):
+            raise RuntimeError(f"{self.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
+                               f"expected {tuple(latent_shape)}")
+        return z.to(getattr(torch, dtype))
+
+    def encode_blocks(self, blocks: Iterable, *, latent_shape: tuple[int, int, int], dtype: str,
+                      flip: bool = False) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """Each decoded block (pipeline/sources.py) with its latents from `encode_block` (None when no
+        image of it decoded); a block that reports a broken source (an unreadable shard) raises its
+        reason as a UserError. Iterate inside `autocast`."""
+        for block in blocks:
+            if block.error:
+                raise UserError(block.error)
+            latents = None
+            if len(block.images):
+                latents = self.encode_block(block.images, latent_shape=latent_shape, dtype=dtype, flip=flip)
+            yield block, latents
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -8,24 +8,30 @@ The source is read as blocks (pipeline/sources.py), each encoded as one GPU batc
 (pipeline/latent_writer.py) puts them back in source order and commits resume progress after
 every chunk. Re-running an interrupted encode with the same settings resumes it and ends with the
 store an uninterrupted run writes (pipeline/resume.py decides resume, refuse or replace).
+With `cluster`, tasks on a dask cluster encode ranges of the source into the same store
+(pipeline/staged_encode.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from revq_pipe.pipeline.chunk_tasks import new_job_id
+from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location, worker_hosts
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
+from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
-from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source, to_model_input
+from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
+from revq_pipe.pipeline.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
 from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
 
@@ -53,6 +59,7 @@ class EncodeSummary:
     seconds: float
     already_complete: bool = False
     flip: bool = False  # the store holds each image's flipped latent too
+    cluster: str | None = None  # the dask cluster that encoded, in words
 
     @property
     def raw_bytes(self) -> int:
@@ -84,7 +91,7 @@ class EncodeSummary:
                 f"{self.compute}) in {self.store}, "
                 f"{skipped}. Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
                 f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
-                f"{self.images_per_second:.1f} images/s.")
+                f"{self.images_per_second:.1f} images/s{f' on {self.cluster}' if self.cluster else ''}.")
 
 
 @dataclass
@@ -105,22 +112,64 @@ class EncodeJob:
     resume: Resume  # what to do with whatever is at `out`, and where to start
     flip: bool = False  # also store the latents of the horizontally flipped images
     progress: bool = True
+    cluster_attrs: dict[str, Any] = field(default_factory=dict)  # how a --cluster encode ran, for the record
 
     @property
     def full_precision(self) -> bool:
         return self.dtype == "float32"
 
 
-def encode(source: str, out: str, *, vae: str | None = None, **options: Any) -> EncodeSummary:
+def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None = None,
+           **options: Any) -> EncodeSummary:
     """Encode SOURCE (ImageFolder dir or webdataset shards) into the latent store `out` with the VAE
     `vae` (a hub id or a local diffusers folder; None: the default VAE), `options` as in
-    `prepare_encode`. Re-running an interrupted call resumes it; bad input raises UserError.
+    `prepare_encode`; with `cluster` (local, local:N or a scheduler address), on a dask cluster.
+    Re-running an interrupted call resumes it; bad input raises UserError.
     """
     spec = resolve_vae(vae)
+    if cluster is not None:
+        return encode_on_cluster(source, out, spec, cluster, **options)
     job = prepare_encode(source, out, spec, **options)
     if job.resume.store is not None and job.resume.store.complete:
         return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
+    if job.resume.store is not None and is_staged(job.resume.store):
+        raise UserError(f"{out} is being written by `encode --cluster`: run that again (any cluster) to finish it, "
+                        f"or pass --overwrite")
     return run_encode(job, spec.load(job.device))
+
+
+def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, device: str = "auto",
+                      workers: int | None = None, **options: Any) -> EncodeSummary:
+    """`encode` by tasks on a dask cluster, each encoding whole chunks of the source's order into the
+    one store (pipeline/staged_encode.py); the store equals a single-process encode's. `workers`:
+    DataLoader processes per dask worker (default: its machine's CPUs shared among its workers)."""
+    shared_location(out, "--out")
+    shared_location(source, "SOURCE")
+    with cluster_client(cluster) as client:
+        log.info(f"encode on {describe(client)}")
+        # The workers' device decides the compute precision, which the settings fingerprint holds.
+        worker_device = client.submit(resolve_device, device, pure=False).result()
+        job = prepare_encode(source, absolute_url(out), spec, device=worker_device, workers=workers, **options)
+        if job.resume.store is not None and job.resume.store.complete:
+            return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
+        if job.resume.store is not None and not is_staged(job.resume.store) and job.resume.store.rows_done:
+            raise UserError(f"{out} was partly written by an encode without --cluster: run that again to finish it, "
+                            f"or pass --overwrite")
+        hosts = worker_hosts(client)
+        job.cluster_attrs = {"cluster": cluster, "dask_workers": sum(hosts.values()), "workers": workers}
+        settings = EncodeSettings(
+            store=job.out, job=new_job_id(), vae_name=spec.name, vae_config_sha256=spec.config_sha256(),
+            device=job.device.type, image_size=job.image_size, batch_size=job.batch_size,
+            span=piece_span(job.chunk_size, job.batch_size), latent_shape=job.latent_shape, dtype=job.dtype,
+            flip=job.flip, full_precision=job.full_precision, decode_workers=workers, hosts=hosts)
+        staged, cluster_size = StagedEncode(job.source, _open_store(job), settings), sum(hosts.values())
+        resumed_rows, started = staged.staged_rows, time.perf_counter()
+        with _progress_bar(job, initial=staged.staged_positions) as bar:
+            encoded = staged.encode(client, cluster_size, bar)
+        store = staged.finish(client, cluster_size, lambda rows: _progress_bar(job, total=rows, desc="lay out"))
+        summary = _summary(job, store, encoded=encoded, seconds=time.perf_counter() - started)
+        summary.store, summary.resumed_rows, summary.cluster = out, resumed_rows, f"{cluster_size} dask workers"
+        return summary
 
 
 def prepare_encode(
@@ -130,7 +179,7 @@ def prepare_encode(
     *,
     image_size: int | None = None,
     batch_size: int = 64,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     dtype: str = "float16",
     workers: int | None = None,
     overwrite: bool = False,
@@ -156,7 +205,7 @@ def prepare_encode(
         log.warning(spec.note)
     size = image_size or spec.default_image_size
     latent_shape = spec.latent_shape(size)
-    torch_device = resolve_device(device)
+    torch_device = device if isinstance(device, torch.device) else resolve_device(device)
     compute = "bf16-autocast" if torch_device.type == "cuda" and dtype != "float32" else "float32"
     settings = fingerprinted({
         "format_version": FORMAT_VERSION,
@@ -201,10 +250,8 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     writer.start()
     try:
         with vae.autocast(job.full_precision):
-            for block in loader:
-                if block.error:
-                    raise UserError(block.error)
-                latents = _encode_block(vae, block.images, job) if len(block.images) else None
+            for block, latents in vae.encode_blocks(loader, latent_shape=job.latent_shape, dtype=job.dtype,
+                                                    flip=job.flip):
                 encoded += len(block.images)
                 block.images = None  # the writer needs only the bookkeeping
                 writer.submit(block, latents)
@@ -222,19 +269,6 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
         raise UserError(f"no decodable images in {job.source.describe()}: "
                         f"{len(writer.skipped)} samples skipped ({reasons})")
     return _summary(job, store, encoded=encoded, seconds=time.perf_counter() - started)
-
-
-def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> torch.Tensor:
-    """Launch one block's encode: its latents in the storage dtype, on the device (not waited for);
-    with `job.flip`, (B, 2, C, H, W) with each flipped image's latent beside its own."""
-    x = to_model_input(images.to(vae.device, non_blocking=True))
-    # The flipped images go through the encoder as a batch of their own, so the unflipped latents
-    # are the very ones an encode without --flip stores.
-    z = torch.stack([vae.encode(x), vae.encode(x.flip(-1))], dim=1) if job.flip else vae.encode(x)
-    if tuple(z.shape[-3:]) != job.latent_shape:
-        raise RuntimeError(f"{vae.spec.name} produced latents of shape {tuple(z.shape[-3:])}, "
-                           f"expected {job.latent_shape}")
-    return z.to(getattr(torch, job.dtype))
 
 
 def _open_store(job: EncodeJob) -> LatentStore:
@@ -266,16 +300,18 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
     import diffusers
 
     return {"batch_size": job.batch_size, "device": job.device.type, "workers": job.workers,
-            "torch": torch.__version__, "diffusers": diffusers.__version__}
+            "torch": torch.__version__, "diffusers": diffusers.__version__, **job.cluster_attrs}
 
 
-def _progress_bar(job: EncodeJob):
+def _progress_bar(job: EncodeJob, *, initial: int | None = None, total: int | None = None, desc: str = "encode"):
+    """Images of the source (or `total` of something else) done, from `initial` (default: the resume point)."""
     from tqdm.auto import tqdm
 
-    total = job.source.known_count
-    done = job.resume.progress.cursor.index if total is not None else 0
+    total = total or job.source.known_count
+    if initial is None:
+        initial = job.resume.progress.cursor.index if total is not None else 0
     options = {} if job.progress else {"disable": True}  # unset, TQDM_DISABLE=1 still wins
-    return tqdm(total=total, initial=done, unit="img", desc="encode", dynamic_ncols=True, **options)
+    return tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True, **options)
 
 
 def _human_bytes(n: float) -> str:

@@ -5,11 +5,13 @@ rectifier is not needed to find ids), and writes a token store (Zarr, row for ro
 store), shards for training loaders (webdataset {__key__, tokens.npy, cls}, or parquet rows of key,
 label, class, tokens; in store order or a seeded shuffle; pipeline/token_shards.py), or a token
 store and webdataset shards. Every output resumes where a killed export stopped, and the resumed
-result is identical to an uninterrupted one.
+result is identical to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token
+store (pipeline/token_tasks.py).
 """
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from revq_pipe.pipeline.chunk_tasks import new_job_id
+from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import absolute_url, exists, same_location
@@ -24,8 +28,10 @@ from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
+from revq_pipe.pipeline.token_tasks import TokenizeTask, fill_on_cluster, written_on_cluster
 
 FORMATS = ("zarr", "wds", "parquet", "zarr+wds")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +76,7 @@ def export_tokens(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    cluster: str | None = None,
 ) -> ExportSummary:
     """Tokenize every latent of `store` with the run at `run` and write the ids to `out`.
 
@@ -77,7 +84,9 @@ def export_tokens(
     of `shard_size` rows into the folder `out`; "zarr+wds" the token store at `out` and the shards
     into `<out>-wds`. With `shuffle`, shards hold the rows in a random order fixed by `seed` (the
     token store keeps the latent store's order). An existing output made from the same run, store
-    and settings is resumed; one made otherwise is refused unless `overwrite`.
+    and settings is resumed; one made otherwise is refused unless `overwrite`. With `cluster` (local,
+    local:N or a scheduler address), tasks on a dask cluster write the token store (formats zarr and
+    zarr+wds), which equals a single-process export's.
     """
     if format not in FORMATS:
         raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
@@ -85,7 +94,12 @@ def export_tokens(
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     if same_location(out, store):
         raise UserError("--out must not be the latent store itself")
-    dev = resolve_device(device)
+    if cluster is not None:
+        if "zarr" not in format:
+            raise UserError("--cluster writes a token store: use --format zarr, or zarr+wds for shards made from it")
+        shared_location(out, "--out")
+        shared_location(store, "STORE")
+    dev = resolve_device(device if cluster is None else "cpu")  # with a cluster, the workers compute
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
     run_info.check_store(latents)
@@ -98,9 +112,12 @@ def export_tokens(
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
     if "zarr" in format:
-        tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
+        tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
         summary.resumed_from = tokens.rows_done
-        _fill_token_store(tokens, latents, model, batch_size, progress)
+        if cluster is None:
+            _fill_token_store(tokens, latents, model, batch_size, progress)
+        elif not tokens.complete:
+            _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
         if format == "zarr+wds":
             rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
             summary.shards = _shards(f"{str(out).rstrip('/')}-wds", "wds", shard_attrs, rows, len(latents),
@@ -113,12 +130,16 @@ def export_tokens(
     return summary
 
 
-def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
+def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool,
+                    on_cluster: bool = False) -> TokenStore:
     """The token store to fill: an unfinished one from the same run and store, or a new one."""
     if not overwrite and exists(out):
         existing = TokenStore.open(out, mode="r+")
         if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
             raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
+        if not on_cluster and written_on_cluster(existing):
+            raise UserError(f"{out} is being written by `export-tokens --cluster`: run that again (any cluster) "
+                            f"to finish it, or pass --overwrite")
         return existing
     # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
     return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,
@@ -136,6 +157,20 @@ def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_siz
             bar.update(stop - start)
     if not tokens.complete:
         tokens.finish()
+
+
+def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, latents: LatentStore, device: str,
+                     batch_size: int, progress: bool) -> None:
+    """Fill the token store with tasks on the dask cluster `cluster` (pipeline/token_tasks.py)."""
+    local_run = Path(run).expanduser()
+    task = TokenizeTask(run=str(local_run.resolve()) if local_run.is_dir() else run, run_sha256=run_info.sha256,
+                        store=absolute_url(latents.url), tokens=absolute_url(tokens.url), device=device,
+                        batch_size=batch_size, job=new_job_id())
+    with cluster_client(cluster) as client:
+        log.info(f"export-tokens on {describe(client)}")
+        cluster_size = len(client.scheduler_info(n_workers=-1)["workers"])
+        fill_on_cluster(client, tokens, task, cluster_size, lambda done: tqdm(
+            total=len(tokens), initial=done, unit="img", desc="export-tokens", disable=not progress))
 
 
 def _shards(out: str, format: str, attrs: dict, rows, count: int, shard_size: int, shuffle: bool, seed: int,

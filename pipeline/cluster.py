@@ -1,0 +1,152 @@
+"""Where `--cluster` work runs: a dask.distributed cluster started here, or one already running.
+
+    local        one worker process per visible GPU (2 on a machine without CUDA)
+    local:N      N worker processes on this machine
+    tcp://HOST:PORT (or any dask address)   the scheduler of a cluster started elsewhere
+                 (dask-jobqueue on SLURM, dask-kubernetes, `dask scheduler` + `dask worker`)
+
+Workers run one task at a time (one GPU each). A local cluster on GPUs uses dask-cuda's
+LocalCUDACluster when it is installed, else pins CUDA_VISIBLE_DEVICES per worker itself; on the
+CPU each worker gets an equal share of the cores for torch. Local workers are started
+non-daemonic so that a task can start DataLoader processes that decode images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import re
+from typing import TYPE_CHECKING, Iterator
+
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.paths import filesystem
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+LOCAL_SPEC = re.compile(r"local(?::(\d+))?")
+ADDRESS_SPEC = re.compile(r"(tcp|tls|ws|wss|ucx)://[^\s/]+:\d+|[\w.-]+:\d+")
+CPU_LOCAL_WORKERS = 2
+CONNECT_TIMEOUT_S = 10
+WORKER_WAIT_S = 60  # how long a scheduler with no workers yet is given to get one
+
+
+@contextlib.contextmanager
+def cluster_client(spec: str) -> Iterator[Client]:
+    """A dask Client for `spec` (see the module docstring), closed (with a local cluster) on exit."""
+    local = LOCAL_SPEC.fullmatch(spec)
+    if local:
+        workers = int(local.group(1)) if local.group(1) else _default_local_workers()
+        if workers < 1:
+            raise UserError(f"--cluster {spec}: a local cluster needs at least one worker")
+        with _local_client(workers) as client:
+            yield client
+    elif ADDRESS_SPEC.fullmatch(spec):
+        with _remote_client(spec) as client:
+            yield client
+    else:
+        raise UserError(f"--cluster takes local, local:N or a scheduler address such as tcp://host:8786, "
+                        f"not {spec!r}")
+
+
+def describe(client: Client) -> str:
+    """`N dask workers` and, when there is one to open, where the dashboard is."""
+    workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    text = f"{workers} dask worker{'s' if workers != 1 else ''}"
+    link = client.dashboard_link
+    # A scheduler serves the dashboard's pages only with bokeh installed; a remote one's we cannot see.
+    if link and (client.cluster is None or importlib.util.find_spec("bokeh") is not None):
+        text += f", dashboard {link}"
+    elif link:
+        text += " (pip install bokeh for dask's dashboard)"
+    return text
+
+
+def worker_hosts(client: Client) -> dict[str, int]:
+    """How many workers each host runs: a task's share of its machine's CPUs follows from it."""
+    counts: dict[str, int] = {}
+    for info in client.scheduler_info(n_workers=-1)["workers"].values():
+        counts[info["host"]] = counts.get(info["host"], 0) + 1
+    return counts
+
+
+def shared_location(url: str, what: str) -> None:
+    """Refuse a location the workers cannot see: fsspec's memory:// lives inside one process."""
+    fs, _ = filesystem(url)
+    if "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        raise UserError(f"{what} {url} is in this process's memory, which dask workers cannot reach: "
+                        f"use a path or URL every worker can open")
+
+
+def _default_local_workers() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else CPU_LOCAL_WORKERS
+
+
+@contextlib.contextmanager
+def _local_client(workers: int):
+    import dask
+    from distributed import Client
+
+    # DataLoader workers are child processes of the dask worker; daemonic processes may have none.
+    # The setting is read whenever a nanny (re)starts its worker, so it holds for the cluster's life.
+    nanny_log = logging.getLogger("distributed.nanny")
+    level = nanny_log.level
+    try:
+        with dask.config.set({"distributed.worker.daemon": False}):
+            with _local_cluster(workers) as cluster, Client(cluster) as client:
+                try:
+                    yield client
+                finally:
+                    # Workers that imported torch take seconds to exit, and the nanny kills them with
+                    # a warning, after every result is written: not worth a line for the user.
+                    nanny_log.setLevel(logging.ERROR)
+    finally:
+        nanny_log.setLevel(level)
+
+
+def _local_cluster(workers: int):
+    import torch
+    from distributed import LocalCluster
+
+    if not torch.cuda.is_available():
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        # The nanny sets OMP_NUM_THREADS=1 in its workers by default; give torch each worker's share.
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                            env={"OMP_NUM_THREADS": str(max(1, cpus // workers))})
+    if importlib.util.find_spec("dask_cuda") is not None:
+        from dask_cuda import LocalCUDACluster
+
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1)
+    return _pinned_gpu_cluster(workers, torch.cuda.device_count())
+
+
+def _pinned_gpu_cluster(workers: int, gpus: int):
+    """A local cluster whose worker i sees GPU i (round robin when there are more workers than GPUs)
+    as its cuda:0, as dask-cuda does: a SpecCluster of nannies with their own CUDA_VISIBLE_DEVICES."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
+    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]}}}
+             for i in range(workers)}
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
+
+
+@contextlib.contextmanager
+def _remote_client(address: str):
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as err:
+        raise UserError(f"cannot reach the dask scheduler at {address}: {str(err).splitlines()[0]}") from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise UserError(f"the dask scheduler at {address} has no workers (waited {WORKER_WAIT_S} s)") from None
+        yield client
