@@ -20,13 +20,14 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from revq_pipe.kernels import nearest_code
 from revq_pipe.pipeline.config import ReVQConfig, read_run_config
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.rectifier import build_rectifier
+from revq_pipe.pipeline.weights import CHECKSUM_KEY, file_sha256, load_verified
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -242,14 +243,15 @@ class ReVQ(nn.Module):
         return np.concatenate(outputs).astype(out_dtype, copy=False)
 
     def save_pretrained(self, run_dir: str | Path, *, train: dict[str, Any] | None = None) -> None:
-        """Write `config.json` (+ a `train` section when given) and `model.safetensors`, each atomically."""
+        """Write `model.safetensors`, then `config.json` (with the weights' sha256, and a `train`
+        section when given), each atomically."""
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         tmp = run_dir / (WEIGHTS_NAME + ".tmp")
         save_file(state, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, run_dir / WEIGHTS_NAME)
-        config = self.config.to_dict()
+        config = {**self.config.to_dict(), CHECKSUM_KEY: file_sha256(run_dir / WEIGHTS_NAME)}
         if train is not None:
             config["train"] = train
         tmp = run_dir / (CONFIG_NAME + ".tmp")
@@ -261,13 +263,13 @@ class ReVQ(nn.Module):
         """Load a run dir (config.json + model.safetensors) in eval mode, on `device` (default CPU)."""
         from revq_pipe.pipeline.device import resolve_device
 
-        config = ReVQConfig.from_dict(read_run_config(run_dir))
+        recorded = read_run_config(run_dir)
         weights = Path(run_dir) / WEIGHTS_NAME
         if not weights.is_file():
             raise UserError(f"{run_dir} has no {WEIGHTS_NAME}: the run has not finished an epoch yet")
-        model = cls(config)
+        model = cls(ReVQConfig.from_dict(recorded))
         try:
-            model.load_state_dict(load_file(str(weights)))
+            model.load_state_dict(load_verified(weights, recorded.get(CHECKSUM_KEY)))
         except RuntimeError as err:
             raise UserError(f"{weights} does not match {run_dir}/{CONFIG_NAME}: {err}") from err
         if device is not None:

@@ -7,7 +7,6 @@ that names the exact weights (sha256 of model.safetensors) so token stores can s
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.vae import VaeSpec
+from revq_pipe.pipeline.weights import file_sha256
 
 
 @dataclass
@@ -37,7 +37,7 @@ class Run:
             if not (path / name).is_file():
                 raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
         model = ReVQ.from_pretrained(path, device=device).eval()
-        return cls(path=path, model=model, sha256=_sha256(path / "model.safetensors"))
+        return cls(path=path, model=model, sha256=file_sha256(path / "model.safetensors"))
 
     @property
     def tokens(self) -> int:
@@ -91,10 +91,3 @@ class Run:
             raise UserError(f"--vae {spec.name} makes latents of shape {list(spec.latent_shape(self.image_size))} "
                             f"at {self.image_size} px, but the run's are {list(self.latent_shape)}")
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
