@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, os_error_line
 from revq_pipe.pipeline.reporting import console_reporting
 
 app = typer.Typer(
@@ -36,7 +36,9 @@ def _report_to_console(ctx: typer.Context) -> None:
 
 
 def reports_user_errors(command):
-    """Turn a UserError into `error: <reason>` on stderr and exit status 2, with no traceback."""
+    """Turn a UserError, or a file system failure the user can fix (os_error_line), into
+    `error: <reason>` on stderr and exit status 2, with no traceback; Ctrl-C into exit status 130
+    and a hint (the stage's own, when it raised KeyboardInterrupt with one)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -45,8 +47,14 @@ def reports_user_errors(command):
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: run the same command again to resume", err=True)
+        except OSError as err:
+            line = os_error_line(err)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as err:
+            typer.echo(f"interrupted: {str(err) or 'run the same command again to resume'}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -67,13 +75,14 @@ def encode(
     dtype: str = typer.Option("float16", "--dtype", help="Storage dtype of the latents: float16 or float32 (float32 also disables bf16 autocast)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="DataLoader worker processes (default: CPU count, at most 16)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a store made with other settings instead of refusing."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Follow links in an image folder that lead out of it."),
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
     from revq_pipe.stages.encode import encode as run_encode
 
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite,
+        dtype=dtype, workers=workers, overwrite=overwrite, follow_links=follow_links,
     )
     typer.echo(summary.report())
 

@@ -12,6 +12,7 @@ store an uninterrupted run writes (pipeline/resume.py decides resume, refuse or 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ from torch.utils.data import DataLoader
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
+from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
 from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source, to_model_input
-from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
+from revq_pipe.pipeline.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
+                                      remove_partial_writes, skipped_attrs)
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
 
 log = logging.getLogger(__name__)
@@ -112,10 +115,11 @@ def encode(source: str, out: str, *, vae: str | None = None, **options: Any) -> 
     `prepare_encode`. Re-running an interrupted call resumes it; bad input raises UserError.
     """
     spec = resolve_vae(vae)
-    job = prepare_encode(source, out, spec, **options)
-    if job.resume.store is not None and job.resume.store.complete:
-        return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
-    return run_encode(job, spec.load(job.device))
+    with output_lease(out, "encode"):
+        job = prepare_encode(source, out, spec, **options)
+        if job.resume.store is not None and job.resume.store.complete:
+            return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
+        return run_encode(job, spec.load(job.device))
 
 
 def prepare_encode(
@@ -131,6 +135,7 @@ def prepare_encode(
     overwrite: bool = False,
     progress: bool = True,
     chunk_size: int | None = None,
+    follow_links: bool = False,
 ) -> EncodeJob:
     """Check every setting and the store at `out` without loading weights or writing anything.
 
@@ -138,13 +143,13 @@ def prepare_encode(
     storage dtype (float32 also turns off bf16 autocast on CUDA); `workers` DataLoader processes
     decode and resize (default: CPU count, at most 16; 0 decodes in this process); `overwrite`
     replaces a store made with other settings; `chunk_size` rows per Zarr chunk (default: about
-    4 MB of latents).
+    4 MB of latents); `follow_links` lets an ImageFolder tree's links lead out of it.
     """
     if dtype not in LATENT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
         raise UserError("--batch-size and chunk size must be at least 1, --workers at least 0")
-    image_source = open_source(source)
+    image_source = open_source(source, follow_links)
     if spec.note:
         log.warning(spec.note)
     size = image_size or spec.default_image_size
@@ -202,8 +207,12 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
                 if block.skipped:
                     bar.set_postfix(skipped=len(start.skipped) + writer.skipped_seen)
         store = writer.finish()
-    except BaseException:
+    except BaseException as err:
         writer.abort()
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = writer.store.rows_done if writer.store is not None else 0
+            raise UserError(f"no space left on the device of {job.out}: the {kept} latents committed so far are "
+                            f"kept; free some space and run the same command again to resume") from None
         raise
     finally:
         bar.close()
@@ -226,6 +235,7 @@ def _encode_block(vae: FrozenVae, images: torch.Tensor, job: EncodeJob) -> torch
 def _open_store(job: EncodeJob) -> LatentStore:
     """The store to write into: the one being resumed, or a new one (made at the first write)."""
     if job.resume.store is not None:
+        remove_partial_writes(job.out)  # what a killed writer left of the chunk it was writing
         return job.resume.store
     attrs = {**job.settings, "count": 0, "chunk_size": job.chunk_size, "encoder": _encoder_attrs(job),
              **skipped_attrs([])}

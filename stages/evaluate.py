@@ -111,6 +111,7 @@ def evaluate(
     run_info.check_store(latents)
     if len(latents) == 0:
         raise UserError(f"{store} holds no latents to evaluate on")
+    latents.check_finite()
     spec = None
     if vae is not None:  # check the image inputs before any work
         spec = resolve_vae(vae)

@@ -8,6 +8,7 @@ resumed result is identical to an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import absolute_url, exists, local_path, same_location
+from revq_pipe.pipeline.lease import contents, output_lease
+from revq_pipe.pipeline.paths import absolute_url, inside_parts, local_path, refuse_collisions, same_location
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore, token_dtype
@@ -92,37 +94,42 @@ def export_tokens(
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
     run_info.check_store(latents)
+    latents.check_finite()
     model = run_info.model
     attrs = {**run_info.token_attrs(), "store": absolute_url(store)}
+    shard_folder = f"{str(out).rstrip('/')}-wds" if format == "zarr+wds" else out
+    if "wds" in format:  # before anything is written
+        refuse_collisions([wds_key(key) for key in latents.keys[:]], latents.keys, "webdataset __key__")
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
-    if "zarr" in format:
-        tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
-        summary.resumed_from = tokens.rows_done
-        _fill_token_store(tokens, latents, model, batch_size, progress)
+    with contextlib.ExitStack() as leases:
+        for output in {out, shard_folder}:
+            leases.enter_context(output_lease(output, "export-tokens"))
+        if "zarr" in format:
+            tokens = _open_or_create(out, latents, run_info, attrs, overwrite)
+            summary.resumed_from = tokens.rows_done
+            _fill_token_store(tokens, latents, model, batch_size, progress)
         if format == "zarr+wds":
-            summary.shards = _write_shards(f"{str(out).rstrip('/')}-wds", attrs, len(latents), overwrite,
+            summary.shards = _write_shards(shard_folder, attrs, len(latents), overwrite,
                                            lambda start: _rows_from_token_store(tokens, start), progress)
-    else:
-        summary.shards = _write_shards(out, attrs, len(latents), overwrite,
-                                       lambda start: _rows_from_latents(latents, model, batch_size, start),
-                                       progress)
+        elif format == "wds":
+            summary.shards = _write_shards(shard_folder, attrs, len(latents), overwrite,
+                                           lambda start: _rows_from_latents(latents, model, batch_size, start),
+                                           progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
 def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool) -> TokenStore:
     """The token store to fill: an unfinished one from the same run and store, or a new one."""
-    if not overwrite and exists(out):
-        existing = TokenStore.open(out, mode="r+")
-        if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
-            raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
+    existing = TokenStore.reopen(out, {**attrs, "count": len(latents)}, overwrite)
+    if existing is not None:
         return existing
     # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
     return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,
-                             chunk_size=latents.chunk_size, attrs=attrs, overwrite=overwrite)
+                             chunk_size=latents.chunk_size, attrs=attrs, overwrite=True)
 
 
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
@@ -157,10 +164,15 @@ def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int)
 
 
 def wds_key(key: str) -> str:
-    """A store key as a webdataset __key__: webdataset cuts a sample's key at the first dot of the
-    file name, so the image's extension goes ("cat/001.jpg" -> "cat/001") and other dots become "_"."""
+    """A store key as a webdataset __key__, which names the sample's tar members: a relative path
+    inside the shard (no leading /, no `..`: `tarfile.extractall` would write outside its folder),
+    without the image's extension, since webdataset cuts a key at the first dot of the file name
+    ("cat/001.jpg" -> "cat/001", "/abs/../x.y.jpg" -> "abs/x_y")."""
     stem, _ = posixpath.splitext(str(key))
-    return stem.replace(".", "_")
+    parts = inside_parts(stem)
+    if not parts:
+        raise UserError(f"the key {key!r} names no sample: it has no name left inside a shard")
+    return "/".join(parts).replace(".", "_")
 
 
 def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from, progress: bool) -> list[str]:
@@ -169,11 +181,12 @@ def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from,
     if folder is None:
         raise UserError("webdataset shards are written to a local folder, not a URL")
     manifest = folder / "export.json"
-    if folder.exists() and not overwrite:
-        if not manifest.exists() or _read_json(manifest) != attrs:
+    there = contents(folder)
+    if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
+        if _read_json(manifest) != attrs:
             raise UserError(f"{folder} holds other files or tokens of another run or store: "
                             "pass --overwrite to replace them")
-    elif folder.exists():
+    elif there:
         for stale in [*folder.glob("tokens-*.tar"), *folder.glob(f"tokens-*.tar{PARTIAL_SUFFIX}"), manifest]:
             stale.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
@@ -200,9 +213,14 @@ def _write_shards(out: str, attrs: dict, count: int, overwrite: bool, rows_from,
     return names
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write_json(path: Path, value: dict) -> None:
-    path.write_text(json.dumps(value, indent=1))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
