@@ -121,6 +121,7 @@ def fit(
     tokens: Optional[int] = typer.Option(None, "--tokens", min=1, help="Tokens per image T, off-preset."),
     codes: Optional[int] = typer.Option(None, "--codes", min=1, help="Codes per token position K, off-preset."),
     codebook_update: str = typer.Option("auto", "--codebook-update", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: remove what an earlier fit wrote in the run directory."),
 ):
     """Train the grouped quantizer and the rectifier from a latent store."""
     from revq_pipe.stages.fit import fit as run_fit
@@ -129,7 +130,7 @@ def fit(
         store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
-        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init,
+        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, overwrite=overwrite,
     )
     typer.echo(result.report())
 

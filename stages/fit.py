@@ -29,7 +29,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from revq_pipe.pipeline.checkpoint import check_resume, load_checkpoint, save_checkpoint, write_metrics
+from revq_pipe.pipeline.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
+                                           start_over, write_metrics)
 from revq_pipe.pipeline.codebook_init import init_codebooks
 from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.device import resolve_device
@@ -37,6 +38,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.revq import ReVQ
+from revq_pipe.pipeline.run_guard import guards_run_dir
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
@@ -89,6 +91,7 @@ def _open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]
     return store, mean, std
 
 
+@guards_run_dir
 def fit(
     store: str,
     out: str,
@@ -111,14 +114,17 @@ def fit(
     codes: int | None = None,
     codebook_update: str = "auto",
     codebook_init: str = "random",
+    overwrite: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train a ReVQ tokenizer on the latent store `store` into the run dir `out`.
 
     Writes `config.json` + `model.safetensors` (loadable with `ReVQ.from_pretrained(out)`),
     `checkpoint.pt` and `metrics.jsonl` after every epoch. With `resume`, continues from the last
-    completed epoch and ends with the same weights as an uninterrupted run (on the CPU bit for bit).
-    `progress` shows bars and logs each epoch at INFO (without it, at DEBUG).
+    completed epoch and ends with the same weights as an uninterrupted run (on the CPU bit for bit
+    at the same thread count: pipeline/determinism.py); with `epochs` beyond the run's, it extends
+    the run (`TrainConfig.lr_at` says how the learning rate goes on). `overwrite` starts over in
+    place. `progress` shows bars and logs each epoch at INFO (without it, at DEBUG).
     """
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -145,10 +151,16 @@ def fit(
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--out {out} is a file, not a run directory")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out, --overwrite starts it over: pass one of them")
+    if overwrite:
+        start_over(run_dir)
     checkpoint = load_checkpoint(run_dir, dev) if resume else None
     if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
-        raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise UserError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start it "
+                        f"over, or choose another --out")
     if checkpoint is not None:
+        train = continued_train_config(checkpoint, train, epochs)
         check_resume(checkpoint, model_config, train, data, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -172,6 +184,9 @@ def fit(
         write_metrics(run_dir, history)
         model.save_pretrained(run_dir, train=train.to_dict())
         log.log(level, f"  resuming after epoch {start_epoch}")
+        if train.epochs > train.lr_decay_epochs:
+            log.log(level, f"  extended to {train.epochs} epochs: the learning rate decays over the first "
+                           f"{train.lr_decay_epochs} as before, then stays at {train.lr_at(train.lr_decay_epochs):.3g}")
     else:
         kmeans = init_codebooks(model, loader, train)
         if kmeans:
@@ -201,7 +216,8 @@ def fit(
                                   f"{kept} (try a lower --lr)") from None
         train_seconds = time.perf_counter() - epoch_started
 
-        metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), **trainer.end_epoch(epoch)}
+        metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), "lr_decay_epochs": train.lr_decay_epochs,
+                   **trainer.end_epoch(epoch)}
         if val_loader is not None:
             metrics.update(trainer.validate(val_loader))
         metrics.update(epoch_seconds=time.perf_counter() - epoch_started,
