@@ -7,6 +7,7 @@ local), or any other fsspec URL (`memory://`, `s3://`, `simplecache::...`: remot
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 import fsspec
@@ -56,10 +57,11 @@ def exists(url: str | Path) -> bool:
 
 
 def inside_parts(key: str) -> tuple[str, ...]:
-    """The parts of a key read as a relative path that stay inside a folder: no root, no `..`, no
-    `.`, no empty parts. Keys come from data (a webdataset's __key__ can be anything), so every
-    file or tar member named after a key goes through here."""
-    return tuple(part for part in PurePosixPath(str(key)).parts if part not in ("/", "..", "."))
+    """The parts of a key read as a relative path that stay inside a folder: no root (`/`, `//`),
+    no `..`, no `.`, no empty parts, and `\\` read as a separator too (it is one where Windows
+    extracts a tar). Keys come from data (a webdataset's __key__ can be anything), so every file or
+    tar member named after a key goes through here."""
+    return tuple(part for part in re.split(r"[/\\]", str(key)) if part not in ("", ".", ".."))
 
 
 def image_path(folder: Path, key: str) -> Path:
