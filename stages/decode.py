@@ -21,7 +21,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.image_folder import ImageFolder
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import local_path, same_location
+from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
@@ -98,7 +98,7 @@ def _chunks(store: TokenStore, first: int, desc: str, progress: bool):
 def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, overwrite: bool,
                             progress: bool) -> None:
     """Decode into a latent store with the row stores' resume protocol (pipeline/store.py)."""
-    identity = {"decoded_from": store.url, "run": run.sha256, "count": len(store)}
+    identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "count": len(store)}
     latents = LatentStore.reopen(out, identity, overwrite)
     if latents is None:
         latents = LatentStore.create(out, n=len(store), latent_shape=run.latent_shape, dtype="float32",
@@ -122,7 +122,7 @@ def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_siz
     folder = local_path(out)
     if folder is None:
         raise UserError("decoded images are written to a local folder, not a URL")
-    identity = {"decoded_from": store.url, "run": run.sha256, "vae_config_sha256": spec.config_sha256()}
+    identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "vae_config_sha256": spec.config_sha256()}
     images = ImageFolder.open_or_create(folder, store.keys[:], identity, overwrite)
     if images.complete:
         return
