@@ -230,7 +230,10 @@ def _new_group(url: str, attributes: dict[str, Any], overwrite: bool) -> zarr.Gr
         if not (path / "zarr.json").is_file():
             raise UserError(f"{url} holds files but is not a Zarr store: refusing to replace it")
         for entry in leftovers:
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     return zarr.open_group(str(url), mode="a", attributes=attributes)
 
 

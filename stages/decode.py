@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.image_folder import ImageFolder
+from revq_pipe.pipeline.decoded_images import DecodedImages
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
@@ -116,14 +116,14 @@ def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: i
 
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
                       progress: bool) -> None:
-    """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/image_folder.py)."""
+    """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/decoded_images.py)."""
     spec = resolve_vae(vae)
     run.check_vae(spec)
     folder = local_path(out)
     if folder is None:
         raise UserError("decoded images are written to a local folder, not a URL")
     identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "vae_config_sha256": spec.config_sha256()}
-    images = ImageFolder.open_or_create(folder, store.keys[:], identity, overwrite)
+    images = DecodedImages.open_or_create(folder, store.keys[:], identity, overwrite)
     if images.complete:
         return
     frozen = spec.load(device)

@@ -149,9 +149,10 @@ DECODE_MOMENTS = {
     "mid-chunk: chunk 2's latents written, not its labels": (False, "zarr:Array.__setitem__", 5, "before"),
     "final: statistics written, not the complete flag": (False, "revq_pipe.pipeline.store:LatentStore.write_stats", 1,
                                                          "after"),
-    "images: two chunks written, the second not committed": (True, "revq_pipe.pipeline.image_folder:ImageFolder.commit",
+    "images: one saved under its temp name, not renamed": (True, "PIL.Image:Image.save", 11, "after"),
+    "images: two chunks written, the second not committed": (True, "revq_pipe.pipeline.decoded_images:DecodedImages.commit",
                                                              2, "before"),
-    "images: every image written, not the complete flag": (True, "revq_pipe.pipeline.image_folder:ImageFolder.finish",
+    "images: every image written, not the complete flag": (True, "revq_pipe.pipeline.decoded_images:DecodedImages.finish",
                                                            1, "before"),
 }
 

@@ -25,9 +25,10 @@ from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import image_path, refuse_collisions
 
 MANIFEST_NAME = "decode.json"
+TEMP_SUFFIX = ".png.tmp"
 
 
-class ImageFolder:
+class DecodedImages:
     """PNG images under `folder`, row i at `paths[i]`, and the manifest of how far they got."""
 
     def __init__(self, folder: Path, paths: list[Path], manifest: dict[str, Any]):
@@ -35,7 +36,7 @@ class ImageFolder:
 
     @classmethod
     def open_or_create(cls, folder: Path, keys: np.ndarray, identity: dict[str, Any],
-                       overwrite: bool) -> "ImageFolder":
+                       overwrite: bool) -> "DecodedImages":
         """The folder for images of `keys` decoded from `identity` (what they are made from): one
         begun for the same identity is resumed; a folder holding anything else is refused unless
         `overwrite` (then images are written into it, replacing same-named files)."""
@@ -45,6 +46,8 @@ class ImageFolder:
         manifest_path = folder / MANIFEST_NAME
         manifest = _read_manifest(manifest_path)
         if manifest is not None and manifest.get("identity") == identity and not overwrite:
+            for stale in folder.rglob(f".*{TEMP_SUFFIX}"):  # an image a killed run was writing
+                stale.unlink()
             return cls(folder, paths, manifest)
         there = contents(folder)
         began_only = there == [manifest_path] and manifest is not None and not manifest.get("rows_done")
@@ -67,7 +70,7 @@ class ImageFolder:
         """Write the images of rows [start, start + len(pixels)), each (H, W, 3) uint8."""
         for path, image in zip(self.paths[start:start + len(pixels)], pixels):
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{uuid.uuid4().hex[:12]}.png.tmp")  # short: any key's name fits
+            tmp = path.with_name(f".{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")  # short: any key's name fits
             Image.fromarray(image).save(tmp, format="PNG")
             os.replace(tmp, path)
 
