@@ -1,12 +1,17 @@
 """What holds around a `fit` run, whatever happens inside it: the run dir's lease (one job writes
 a run dir at a time), deterministic algorithms on the CPU (pipeline/determinism.py), and after
 Ctrl-C a hint that is true for this run dir (continue with --resume, or start again).
+
+Under torchrun only rank 0 writes the run dir, so only rank 0 (RANK, as torchrun sets it) takes
+the lease; the other ranks of the job would otherwise be refused as another job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import os
 from pathlib import Path
 
 from revq_pipe.pipeline.checkpoint import CHECKPOINT_NAME
@@ -25,7 +30,8 @@ def guards_run_dir(fit):
         arguments = signature.bind(*args, **kwargs)
         arguments.apply_defaults()
         out, device = arguments.arguments["out"], arguments.arguments["device"]
-        with output_lease(out, "fit"), deterministic_on_cpu(resolve_device(device)):
+        lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        with lease, deterministic_on_cpu(resolve_device(device)):
             try:
                 return fit(*args, **kwargs)
             except KeyboardInterrupt:

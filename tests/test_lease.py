@@ -124,3 +124,17 @@ def test_a_second_fit_on_one_run_dir_exits_2(tmp_path, holder):
     assert result.exit_code == 2, result.output
     assert "is being written by another job" in result.output
     assert [p.name for p in (tmp_path / "run").iterdir()] == [LEASE_NAME]
+
+
+def test_under_torchrun_only_rank_0_takes_the_run_dirs_lease(tmp_path, holder, monkeypatch):
+    """The other ranks of a data-parallel fit never write the run dir: they must not be refused
+    by rank 0's lease (here a holder of another job stands in for it), nor take one of their own."""
+    rng = np.random.default_rng(0)
+    store = write_latent_store(str(tmp_path / "latents.zarr"), rng.normal(size=(64, 16, 4, 4)).astype(np.float32))
+    holder(tmp_path / "run", "rank-0-job")
+    args = ["fit", store.url, "--out", str(tmp_path / "run"), "--preset", "tiny", "--codes", "16", "--epochs", "1",
+            "--device", "cpu"]
+    assert runner.invoke(app, args).exit_code == 2  # rank 0 (RANK unset or "0") needs the lease
+    monkeypatch.setenv("RANK", "1")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
