@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, os_error_line
 from revq_pipe.pipeline.reporting import console_reporting
 
 from revq_pipe.pipeline.config import preset_defaults, preset_help
@@ -54,7 +54,9 @@ def _report_to_console(
 
 
 def reports_user_errors(command):
-    """Turn a UserError into `error: <reason>` on stderr and exit status 2, with no traceback."""
+    """Turn a UserError, or a file system failure the user can fix (os_error_line), into
+    `error: <reason>` on stderr and exit status 2, with no traceback; Ctrl-C into exit status 130
+    and a hint (the stage's own, when it raised KeyboardInterrupt with one)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -63,8 +65,14 @@ def reports_user_errors(command):
         except UserError as err:
             typer.echo(f"error: {err}", err=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted: run the same command again to resume", err=True)
+        except OSError as err:
+            line = os_error_line(err)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as err:
+            typer.echo(f"interrupted: {str(err) or 'run the same command again to resume'}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -98,6 +106,7 @@ def encode(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; with --cluster, per dask worker: its machine's CPUs shared among its dask workers; 0: in the encoding process)."),
     overwrite: bool = OverwriteOpt,
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Follow links in an image folder that lead out of it (by default they are skipped, with a warning)."),
     cluster: Optional[str] = ClusterOpt,
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
@@ -105,7 +114,7 @@ def encode(
 
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip, cluster=cluster,
+        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip, follow_links=follow_links, cluster=cluster,
     )
     typer.echo(summary.report())
 
@@ -175,6 +184,7 @@ def fit(
     codes: Optional[int] = typer.Option(None, "--codes", min=1, metavar="K", help=f"Codes per token position K, off-preset (default: the preset's; {preset_defaults('codes')})."),
     codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write each epoch's metrics as TensorBoard events into RUN/tensorboard (metrics.jsonl and metrics.png are always written)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start over: remove what an earlier fit wrote in the run directory."),
 ):
     """Train the grouped quantizer and the rectifier from a latent store.
 
@@ -187,7 +197,7 @@ def fit(
         device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
         rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
         codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
-        tensorboard=tensorboard,
+        tensorboard=tensorboard, overwrite=overwrite,
     )
     if result.rank == 0:  # under torchrun, one report
         typer.echo(result.report())

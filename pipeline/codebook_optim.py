@@ -42,13 +42,11 @@ on CUDA, and on the CPU too for large batches).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 import torch.nn.functional as F
 
 from revq_pipe.pipeline.config import use_compile
+from revq_pipe.pipeline.determinism import deterministic_algorithms
 
 # Rows per chunk of the epoch-end flush over the whole codebook: eager torch holds (rows, window, d)
 # temporaries (100 MB at d=8 on the CPU); compiled on CUDA it holds none, so chunks can be larger.
@@ -89,18 +87,6 @@ def quantize_with_gradients(codebooks: torch.Tensor, ids: torch.Tensor, tokens: 
     return quantized, loss, (quantized - tokens) * (2.0 / (tokens.numel() * shares))
 
 
-@contextmanager
-def deterministic_sums() -> Iterator[None]:
-    """torch's deterministic implementations for the scatter sums inside (index_add_ on CUDA and
-    index_put_(accumulate=True) on the CPU use atomic adds otherwise), restoring the setting after."""
-    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-
-
 class LearnsFromTokens:
     """`learn` for a codebook optimizer that has `codebooks` and `apply(ids, token_grads)`."""
 
@@ -128,7 +114,8 @@ class DenseAdamW(LearnsFromTokens, torch.optim.AdamW):
     def apply(self, ids: torch.Tensor, token_grads: torch.Tensor) -> None:
         """One update from the chosen codes `ids` (B, T) and d loss / d quantized token (B, T, d)."""
         positions = torch.arange(self.codebooks.shape[0], device=ids.device)
-        with deterministic_sums():
+        # Scatter sums in a fixed order: atomic adds otherwise (index_add_ on CUDA, index_put_ on the CPU).
+        with deterministic_algorithms():
             grad = torch.zeros_like(self.codebooks).index_put_((positions, ids), token_grads, accumulate=True)
         self.codebooks.grad = grad
         torch.nn.utils.clip_grad_norm_([self.codebooks], self.max_grad_norm)
@@ -211,7 +198,7 @@ class SparseAdamW(LearnsFromTokens):
         starts = torch.ones_like(rows, dtype=torch.bool)
         starts[1:] = rows[1:] != rows[:-1]
         segment = torch.cumsum(starts, 0) - 1
-        with deterministic_sums():
+        with deterministic_algorithms():
             per_code = torch.zeros_like(grads).index_add_(0, segment, grads)
         norm = torch.linalg.vector_norm(per_code)
         g = per_code[segment] * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)

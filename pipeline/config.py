@@ -166,6 +166,9 @@ class TrainConfig:
     # "sparse": AdamW that touches only the chosen codes each step (dense AdamW's updates, with each
     # code's momentum tail applied at once; see codebook_optim.py); "dense": torch AdamW over all codes.
     codebook_update: str = "sparse"
+    # Epochs the exponential decay spans (default: `epochs`). A run extended past its first
+    # --epochs keeps its decay, and its extra epochs train at the decay's end value.
+    lr_decay_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -182,10 +185,13 @@ class TrainConfig:
             raise UserError(f"unknown codebook init {self.codebook_init!r}: use {' or '.join(CODEBOOK_INITS)}")
         if self.kmeans_iters < 1:
             raise UserError(f"k-means needs at least one iteration, not {self.kmeans_iters}")
+        if self.lr_decay_epochs is None:
+            self.lr_decay_epochs = self.epochs
 
     def lr_at(self, epoch: int) -> float:
-        """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after the run."""
-        return self.lr * self.final_lr_fraction ** (epoch / self.epochs)
+        """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after
+        `lr_decay_epochs` (the run), and that value for the epochs of an extension after them."""
+        return self.lr * self.final_lr_fraction ** (min(epoch, self.lr_decay_epochs) / self.lr_decay_epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,6 +7,7 @@ local), or any other fsspec URL (`memory://`, `s3://`, `simplecache::...`: remot
 
 from __future__ import annotations
 
+import re
 from pathlib import Path, PurePosixPath
 
 import fsspec
@@ -55,8 +56,29 @@ def exists(url: str | Path) -> bool:
     return fs.exists(path)
 
 
+def inside_parts(key: str) -> tuple[str, ...]:
+    """The parts of a key read as a relative path that stay inside a folder: no root (`/`, `//`),
+    no `..`, no `.`, no empty parts, and `\\` read as a separator too (it is one where Windows
+    extracts a tar). Keys come from data (a webdataset's __key__ can be anything), so every file or
+    tar member named after a key goes through here."""
+    return tuple(part for part in re.split(r"[/\\]", str(key)) if part not in ("", ".", ".."))
+
+
 def image_path(folder: Path, key: str) -> Path:
     """Where the image file for a store key goes: the key's relative path with a .png extension,
     kept inside `folder` (no absolute parts, no `..`)."""
-    parts = [part for part in PurePosixPath(str(key)).with_suffix(".png").parts if part not in ("/", "..", ".")]
-    return folder.joinpath(*parts)
+    parts = inside_parts(key)
+    if not parts:
+        raise UserError(f"the key {key!r} names no file inside a folder")
+    return folder.joinpath(*parts[:-1], PurePosixPath(parts[-1]).with_suffix(".png").name)
+
+
+def refuse_collisions(names: list[str], keys, what: str) -> None:
+    """Refuse two keys that become the same `what` (file or member name), e.g. `dup/x` and
+    `../dup/x`: writing both would silently keep one."""
+    first: dict[str, int] = {}
+    for row, name in enumerate(names):
+        earlier = first.setdefault(name, row)
+        if earlier != row:
+            raise UserError(f"the keys {str(keys[earlier])!r} (row {earlier}) and {str(keys[row])!r} (row {row}) "
+                            f"both become the {what} {name!r}: make the keys distinct")

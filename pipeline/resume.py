@@ -3,7 +3,8 @@
 A latent store made with the same settings (their sha256 fingerprint: VAE, image size, dtype,
 compute precision, preprocessing, source listing) is resumed where its writer last committed, or
 left as it is when complete; one made with other settings is refused unless --overwrite.
---overwrite replaces a Zarr store, never an unrelated local folder.
+--overwrite replaces a Zarr store, never an unrelated local folder. A store begun and killed before
+its first chunk was committed holds nothing to resume: it is replaced without --overwrite.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import WriteProgress
 from revq_pipe.pipeline.paths import local_path
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.store import LatentStore, vacant
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,19 @@ def fingerprinted(settings: dict[str, Any]) -> dict[str, Any]:
 
 def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     """Decide what to do with whatever is at `out`, for a store of `fingerprinted` settings."""
+    if vacant(out):  # nothing there, or a store begun and killed before its first row
+        return Resume(replace=True)
     path = local_path(out)
-    if path is not None:
-        if not path.exists():
-            return Resume()
-        if path.is_file():
-            raise UserError(f"--out {out} is a file, not a Zarr store")
-        if not (path / "zarr.json").is_file():
-            if any(path.iterdir()):
-                raise UserError(f"--out {out} exists and is not a Zarr store: refusing to write into it")
-            return Resume()
+    if path is not None and path.is_file():
+        raise UserError(f"--out {out} is a file, not a Zarr store")
+    if path is not None and not (path / "zarr.json").is_file():
+        raise UserError(f"--out {out} exists and is not a Zarr store: refusing to write into it")
     try:
         existing = LatentStore.open(out, mode="r+", allow_incomplete=True)
     except UserError:
-        if path is not None and not overwrite:
+        if not overwrite:
             raise UserError(f"{out} is a Zarr store but not a latent store: pass --overwrite to replace it") from None
-        return Resume(replace=overwrite)  # remote: nothing there (creating refuses anything else unless --overwrite)
+        return Resume(replace=True)
     if overwrite:
         return Resume(replace=True)
     old = existing.attrs

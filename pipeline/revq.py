@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
@@ -38,6 +38,7 @@ from revq_pipe.pipeline.rectifier import build_rectifier
 from revq_pipe.pipeline.sources import to_model_input
 from revq_pipe.pipeline.training_record import read_training_record, training_summary
 from revq_pipe.pipeline.vae import hub_offline, hub_unreachable, resolve_vae
+from revq_pipe.pipeline.weights import CHECKSUM_KEY, file_sha256, load_verified
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -333,9 +334,10 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
 
     def _save_pretrained(self, save_directory: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _write_atomically(save_directory / WEIGHTS_NAME,
-                          lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        weights = save_directory / WEIGHTS_NAME
+        _write_atomically(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        # The weights' sha256 beside the architecture: loading refuses a file changed anywhere (weights.py).
+        text = json.dumps({**self.config.to_dict(), CHECKSUM_KEY: file_sha256(weights)}, indent=2) + "\n"
         _write_atomically(save_directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
 
     def generate_model_card(self, *args: Any, repo_id: str | None = None, **kwargs: Any):
@@ -385,7 +387,7 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
                                            token=token))
         model = cls(ReVQConfig.from_dict(config))
         try:
-            model.load_state_dict(load_file(str(weights)))
+            model.load_state_dict(load_verified(weights, config.get(CHECKSUM_KEY)))
         except RuntimeError as err:
             raise UserError(f"{weights} does not match the config.json beside it: {err}") from err
         if os.path.isdir(model_id):

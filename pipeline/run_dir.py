@@ -8,7 +8,6 @@ RUN is a run directory or a Hugging Face model id (`user/repo`), read through th
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.training_record import read_training_record
 from revq_pipe.pipeline.vae import VaeSpec, hub_offline, hub_unreachable, looks_like_hub_id
+from revq_pipe.pipeline.weights import file_sha256
 
 # What a published run holds (ReVQ.push_to_hub): all a hub RUN needs.
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
@@ -43,7 +43,7 @@ class Run:
             if not (path / name).is_file():
                 raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
         model = ReVQ.from_pretrained(path, device=device).eval()
-        return cls(path=path, model=model, sha256=_sha256(path / "model.safetensors"),
+        return cls(path=path, model=model, sha256=file_sha256(path / "model.safetensors"),
                    record=read_training_record(path))
 
     @property
@@ -118,10 +118,3 @@ def run_folder(run: str | Path) -> Path:
         raise UserError(f"{run} is neither a run directory nor a model on the Hugging Face hub (or in its "
                         f"cache): {str(err).splitlines()[0]}") from err
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

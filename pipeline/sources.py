@@ -34,6 +34,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.folder_walk import FolderWalk
 from revq_pipe.pipeline.paths import local_path
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -298,22 +299,25 @@ class ImageFolderSource:
         self.root, self.entries, self.classes = root, entries, classes
 
     @classmethod
-    def scan(cls, root: Path) -> "ImageFolderSource":
-        """List the images under `root`; a folder with no images is a user error."""
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-        top_images, top_others = _split_files([e.name for e in os.scandir(root) if e.is_file()])
+    def scan(cls, root: Path, follow_links: bool = False) -> "ImageFolderSource":
+        """List the images under `root` (links followed as pipeline/folder_walk.py says; out of the
+        root only with `follow_links`); a folder with no images is a user error."""
+        walk = FolderWalk(root, follow_outside=follow_links)
+        subdirs, top_files = walk.names(root)
+        top_images, top_others = _split_files(top_files)
         entries: list[tuple[str, int]] = []
         others: list[str] = list(top_others)
         if subdirs and top_images:
             raise UserError(f"{root} has images at its top level (e.g. {top_images[0]}) beside class sub-folders "
                             f"(e.g. {subdirs[0]}/): put every image in a class folder, or use a flat folder")
         if subdirs:
-            for label, name in enumerate(subdirs):
-                images, rest = _walk_images(root, root / name)
+            for label, name in enumerate(subdirs):  # a class whose folder is skipped keeps its label
+                images, rest = _walk_images(root, walk.tree(root / name))
                 entries += [(rel, label) for rel in images]
                 others += rest
         else:
             entries = [(rel, UNKNOWN_LABEL) for rel in top_images]
+        walk.report()
         if not entries:
             if not others:
                 raise UserError(f"source {root} is empty: no image files in it")
@@ -391,14 +395,15 @@ class WebDatasetSource:
 ImageSource = ImageFolderSource | WebDatasetSource
 
 
-def open_source(spec: str) -> ImageSource:
-    """Resolve SOURCE to an ImageFolder tree or webdataset shards; bad input is a UserError."""
+def open_source(spec: str, follow_links: bool = False) -> ImageSource:
+    """Resolve SOURCE to an ImageFolder tree or webdataset shards; bad input is a UserError.
+    `follow_links` lets an ImageFolder tree's links lead out of it."""
     spec = str(spec)
     path = local_path(spec)
     if path is None:
         return WebDatasetSource.expand(spec)
     if path.is_dir():
-        return ImageFolderSource.scan(path.resolve())
+        return ImageFolderSource.scan(path.resolve(), follow_links)
     if spec.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in spec):
         return WebDatasetSource.expand(spec)
     if path.is_file():
@@ -421,17 +426,13 @@ def _split_files(names: list[str]) -> tuple[list[str], list[str]]:
     return [n for n in visible if _is_image_name(n)], [n for n in visible if not _is_image_name(n)]
 
 
-def _walk_images(root: Path, top: Path) -> tuple[list[str], list[str]]:
-    """Image paths under `top` relative to `root` (posix, in torchvision's sorted walk order), and
-    the other files. Hidden files and folders are ignored; symlinked folders are followed."""
-    listing = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # prune before descending
-        listing.append((dirpath, filenames))
+def _walk_images(root: Path, listing: list[tuple[Path, list[str]]]) -> tuple[list[str], list[str]]:
+    """Image paths of a FolderWalk listing relative to `root` (posix, in torchvision's sorted walk
+    order), and the other files."""
     images, others = [], []
-    for dirpath, filenames in sorted(listing):
-        rel_dir = Path(dirpath).relative_to(root).as_posix()
-        found, rest = _split_files(filenames)
+    for folder, names in sorted(listing, key=lambda item: str(item[0])):  # as os.walk paths sort
+        rel_dir = folder.relative_to(root).as_posix()
+        found, rest = _split_files(names)
         images += [f"{rel_dir}/{name}" for name in found]
         others += [f"{rel_dir}/{name}" for name in rest]
     return images, others

@@ -20,11 +20,18 @@ resume protocol. A writer creates the store `unfinished` (attrs `complete: false
 refuses an unfinished latent store unless asked, so no later stage reads a half-written store as
 if it were whole; a writer run again resumes at `rows_done`. Stores without the flag (written
 whole by other tools) are complete.
+
+The group's first metadata write already holds the unfinished state, so a writer killed at any
+moment leaves either nothing, or a store it resumes, or one with no row committed
+(`vacant`: replaced by the next writer without --overwrite). Creating a store replaces only
+what `vacant` allows or, with `overwrite`, a Zarr store: never a folder of other files.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
+import warnings
 from typing import Any
 
 import numpy as np
@@ -32,6 +39,8 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.lease import contents
+from revq_pipe.pipeline.paths import exists, local_path
 from revq_pipe.pipeline.stats import latent_stats
 
 FORMAT_VERSION = 1
@@ -85,6 +94,23 @@ class RowStore:
         return group
 
     @classmethod
+    def reopen(cls, url: str, identity: dict[str, Any], overwrite: bool) -> "RowStore | None":
+        """The store at `url` for a writer to go on with, made for the same `identity` (attrs it
+        must match: what it is made from), or None when the writer should create one: nothing
+        worth keeping is there (`vacant`), or `overwrite`. Anything else is refused."""
+        if overwrite or vacant(url):
+            return None
+        try:
+            existing = cls(cls._open_group(url, "r+"), str(url))
+        except UserError as err:
+            raise UserError(f"{err}: pass --overwrite to replace it") from None
+        if any(existing.attrs.get(key) != value for key, value in identity.items()):
+            raise UserError(f"{url} holds {cls.KIND}s made from other inputs: pass --overwrite to replace it, "
+                            f"or choose another --out")
+        remove_partial_writes(url)
+        return existing
+
+    @classmethod
     def _create_group(cls, url: str, *, n: int, row_shape: tuple[int, ...], dtype: Any, chunk_size: int,
                       compressor: BloscCodec, attrs: dict[str, Any], overwrite: bool,
                       unfinished: bool) -> zarr.Group:
@@ -92,13 +118,12 @@ class RowStore:
         `unfinished` begins the resume protocol (no row done, not complete)."""
         if unfinished:
             attrs = {**attrs, "complete": False, "rows_done": 0}
-        group = zarr.open_group(str(url), mode="w" if overwrite else "w-")
+        group = _new_group(url, {"revq": attrs}, overwrite)
         group.create_array(cls.DATA, shape=(n, *row_shape), chunks=(chunk_size, *row_shape), dtype=dtype,
                            compressors=compressor, fill_value=0)
         group.create_array("labels", shape=(n,), chunks=(chunk_size,), dtype="int64",
                            compressors=SMALL_COMPRESSOR, fill_value=-1)
         group.create_array("keys", shape=(n,), chunks=(chunk_size,), dtype=str)
-        group.attrs["revq"] = attrs
         return group
 
     @property
@@ -160,6 +185,71 @@ class RowStore:
 
     def __len__(self) -> int:
         return self.group[self.DATA].shape[0]
+
+
+def first_row_where(array: zarr.Array, bad_rows) -> int | None:
+    """The first row of `array` for which `bad_rows(chunk)` (a boolean per row of a chunk) is True,
+    read one chunk at a time; None when there is none."""
+    step = array.chunks[0]
+    for start in range(0, array.shape[0], step):
+        bad = np.asarray(bad_rows(array[start:start + step]))
+        if bad.any():
+            return start + int(np.argmax(bad))
+    return None
+
+
+def vacant(url: str) -> bool:
+    """Whether `url` holds nothing a writer would lose by replacing it: nothing at all, an empty
+    folder (a lease aside), or a store whose writer committed no row (killed while creating it)."""
+    path = local_path(url)
+    if path is not None and not contents(path):
+        return not path.is_file()
+    if path is None and not exists(url):
+        return True
+    try:
+        group = zarr.open_group(str(url), mode="r")
+    except Exception:  # noqa: BLE001 - not a readable Zarr group: something else, keep it
+        return False
+    attrs = group.attrs.get("revq")
+    if isinstance(attrs, dict) and attrs.get("complete") is False:
+        progress = attrs.get("progress", {})
+        if "job" in progress:  # a --cluster job's: its pieces and chunks are done before any row is committed
+            return False
+        # (encode's stores from before `rows_done` was shared counted rows in `progress`)
+        return int(attrs.get("rows_done", progress.get("rows", 0))) == 0
+    with warnings.catch_warnings():  # a lease file in the folder is "not a Zarr node"
+        warnings.simplefilter("ignore")
+        return attrs is None and not any(True for _ in group.array_keys())  # a bare group, no array yet
+
+
+def _new_group(url: str, attributes: dict[str, Any], overwrite: bool) -> zarr.Group:
+    """A new Zarr group at `url` whose first metadata write holds `attributes`; what is there is
+    replaced when `overwrite` (a Zarr store only), else refused with FileExistsError. A lease in
+    the folder stays."""
+    path = local_path(url)
+    if path is None:
+        return zarr.open_group(str(url), mode="w" if overwrite else "w-", attributes=attributes)
+    leftovers = contents(path)
+    if leftovers:
+        if not overwrite:
+            raise FileExistsError(f"{url} already holds data")
+        if not (path / "zarr.json").is_file():
+            raise UserError(f"{url} holds files but is not a Zarr store: refusing to replace it")
+        for entry in leftovers:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return zarr.open_group(str(url), mode="a", attributes=attributes)
+
+
+def remove_partial_writes(url: str) -> None:
+    """Delete the temp files Zarr leaves when a writer is killed mid-write (local stores: it writes
+    each chunk to `<name>.<uuid>.partial` and renames it), so a resumed store holds only its chunks."""
+    path = local_path(url)
+    if path is not None:
+        for partial in path.rglob("*.partial"):
+            partial.unlink(missing_ok=True)
 
 
 class LatentStore(RowStore):
@@ -263,6 +353,20 @@ class LatentStore(RowStore):
         if mean is None or std is None:
             raise UserError(f"{self.url} has no mean/std statistics: run `revq-pipe stats {self.url}`")
         return mean, std
+
+    def check_finite(self) -> None:
+        """Refuse a store with a NaN or inf latent (or flipped latent), naming the first such row and
+        its key. Finite statistics over every row prove there is none without reading the rows (one
+        NaN or inf makes its dimension's mean or std non-finite); otherwise the rows are scanned."""
+        mean, std = self.mean, self.std
+        if mean is not None and std is not None and np.isfinite(mean).all() and np.isfinite(std).all():
+            return
+        for array in self._latent_arrays():
+            row = first_row_where(array, lambda chunk: ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))
+            if row is not None:
+                what = "latents" if array is self.latents else "flipped latents"
+                raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds NaN or inf {what}: "
+                                f"re-encode that image (e.g. with --dtype float32) or leave it out")
 
     def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray,
               latents_flip: np.ndarray | None = None) -> None:

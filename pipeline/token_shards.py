@@ -22,6 +22,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
 from revq_pipe.pipeline.seeds import stream_seed
 
@@ -64,15 +65,16 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
         raise UserError("token shards are written to a local folder, not a URL")
     suffix = SHARD_SUFFIXES[format]
     manifest = folder / MANIFEST
-    if folder.exists() and not overwrite:
-        if not manifest.exists() or json.loads(manifest.read_text()) != attrs:
+    there = contents(folder)  # (a lease file is not content)
+    if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
+        if _read_json(manifest) != attrs:
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
                             "pass --overwrite to replace them")
-    elif folder.exists():
+    elif there:
         for stale in [*folder.glob("tokens-*"), manifest]:
             stale.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps(attrs, indent=1))
+    _write_json(manifest, attrs)
 
     names = [str(folder / (SHARD_STEM % i + suffix)) for i in range(-(-count // shard_size))]
     done = 0
@@ -87,6 +89,20 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
+
+
+def _read_json(path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path, value: dict) -> None:
+    """Atomically: a kill leaves the old manifest or the new one, never a torn one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:

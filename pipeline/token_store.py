@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.store import SMALL_COMPRESSOR, RowStore
+from revq_pipe.pipeline.store import SMALL_COMPRESSOR, RowStore, first_row_where
 
 TOKEN_FORMAT_VERSION = 1
 # 4096 rows of T=512 uint16 ids is 4 MiB before compression: large enough for fast reads along N,
@@ -73,6 +73,14 @@ class TokenStore(RowStore):
     @property
     def tokens(self) -> zarr.Array:
         return self.group["tokens"]
+
+    def check_ids(self, codes: int) -> None:
+        """Refuse ids outside [0, codes) - a store damaged or written by another tool - naming the
+        first such row and its key, before anything is decoded from it."""
+        row = first_row_where(self.tokens, lambda chunk: chunk.max(axis=1, initial=0) >= codes)
+        if row is not None:
+            raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds token id "
+                            f"{int(self.tokens[row].max())}, but the run has {codes} codes per position")
 
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
         """Write the next whole chunk (or the last, shorter one) at `rows_done`, then commit it."""

@@ -5,6 +5,9 @@ the run's statistics un-normalise it: exactly the model's own quantize-then-rect
 decode(export-tokens(store)) equals model(latents) bit for bit for the same run, device and dtype
 when the model sees the same batches (one token-store chunk, or `batch_size` rows of it: CPU and
 GPU kernels may round the rectifier's sums differently for another batch size).
+
+Both outputs follow the row stores' resume protocol: a killed decode run again picks up after the
+last committed chunk and ends with what an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from PIL import Image
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import image_path, local_path, same_location
+from revq_pipe.pipeline.decoded_images import DecodedImages
+from revq_pipe.pipeline.lease import output_lease
+from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
@@ -67,11 +71,13 @@ def decode(
         vae = run_info.vae
         if vae is None:
             raise UserError(f"{run} does not record the VAE its latents came from: pass --vae")
+    store.check_ids(run_info.codes)
     started = time.perf_counter()
-    if images:
-        _decode_to_images(run_info, store, out, vae, batch_size, dev, overwrite, progress)
-    else:
-        _decode_to_latent_store(run_info, store, out, batch_size, overwrite, progress)
+    with output_lease(out, "decode"):
+        if images:
+            _decode_to_images(run_info, store, out, vae, batch_size, dev, overwrite, progress)
+        else:
+            _decode_to_latent_store(run_info, store, out, batch_size, overwrite, progress)
     return DecodeSummary(out=str(out), count=len(store), kind="images" if images else "latents",
                          seconds=time.perf_counter() - started)
 
@@ -87,10 +93,10 @@ def check_tokens_match_run(store: TokenStore, run: Run) -> None:
                         "run `revq-pipe export-tokens` again to finish it")
 
 
-def _chunks(store: TokenStore, desc: str, progress: bool):
-    """(start, stop) over the token store's chunks, with a progress bar."""
-    with tqdm(total=len(store), unit="img", desc=desc, disable=not progress) as bar:
-        for start in range(0, len(store), store.chunk_size):
+def _chunks(store: TokenStore, first: int, desc: str, progress: bool):
+    """(start, stop) over the token store's chunks from row `first` on, with a progress bar."""
+    with tqdm(total=len(store), initial=first, unit="img", desc=desc, disable=not progress) as bar:
+        for start in range(first, len(store), store.chunk_size):
             stop = min(start + store.chunk_size, len(store))
             yield start, stop
             bar.update(stop - start)
@@ -98,33 +104,38 @@ def _chunks(store: TokenStore, desc: str, progress: bool):
 
 def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, overwrite: bool,
                             progress: bool) -> None:
-    # Unfinished until `finish` has written the statistics, so no stage reads a half-written store.
-    attrs = {**run.data_attrs, "count": len(store), "dtype": "float32", "decoded_from": store.url,
-             "run": run.sha256}
-    try:
+    """Decode into a latent store with the row stores' resume protocol (pipeline/store.py)."""
+    identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "count": len(store)}
+    latents = LatentStore.reopen(out, identity, overwrite)
+    if latents is None:
         latents = LatentStore.create(out, n=len(store), latent_shape=run.latent_shape, dtype="float32",
-                                     chunk_size=store.chunk_size, attrs=attrs, overwrite=overwrite, unfinished=True)
-    except FileExistsError as err:  # zarr's mode "w-" on an existing node
-        raise UserError(f"{out} already exists: pass --overwrite to replace it") from err
-    for start, stop in _chunks(store, "decode", progress):
+                                     chunk_size=store.chunk_size, attrs={**run.data_attrs, **identity,
+                                                                          "dtype": "float32"},
+                                     overwrite=True, unfinished=True)
+    if latents.complete:
+        return
+    for start, stop in _chunks(store, latents.rows_done, "decode", progress):
         decoded = run.model.detokenize_batched(store.tokens[start:stop], batch_size)
         latents.write(start, decoded, store.labels[start:stop], store.keys[start:stop])
+        latents.commit(stop)
     latents.finish()
 
 
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
                       progress: bool) -> None:
+    """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/decoded_images.py)."""
     spec = resolve_vae(vae)
     run.check_vae(spec)
     folder = local_path(out)
     if folder is None:
         raise UserError("decoded images are written to a local folder, not a URL")
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty: pass --overwrite to write into it")
+    identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "vae_config_sha256": spec.config_sha256()}
+    images = DecodedImages.open_or_create(folder, store.keys[:], identity, overwrite)
+    if images.complete:
+        return
     frozen = spec.load(device)
-    for start, stop in _chunks(store, "decode to images", progress):
+    for start, stop in _chunks(store, images.rows_done, "decode to images", progress):
         latents = run.model.detokenize_batched(store.tokens[start:stop], batch_size)
-        for key, pixels in zip(store.keys[start:stop], vae_pixels(frozen, latents, batch_size)):
-            path = image_path(folder, key)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(path)
+        images.write(start, vae_pixels(frozen, latents, batch_size))
+        images.commit(stop)
+    images.finish()

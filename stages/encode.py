@@ -14,6 +14,7 @@ With `cluster`, tasks on a dask cluster encode ranges of the source into the sam
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from dataclasses import dataclass, field
@@ -28,11 +29,13 @@ from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
+from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
 from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
 from revq_pipe.pipeline.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
-from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
+from revq_pipe.pipeline.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
+                                      remove_partial_writes, skipped_attrs)
 from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
 
 log = logging.getLogger(__name__)
@@ -127,15 +130,16 @@ def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None
     Re-running an interrupted call resumes it; bad input raises UserError.
     """
     spec = resolve_vae(vae)
-    if cluster is not None:
-        return encode_on_cluster(source, out, spec, cluster, **options)
-    job = prepare_encode(source, out, spec, **options)
-    if job.resume.store is not None and job.resume.store.complete:
-        return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
-    if job.resume.store is not None and is_staged(job.resume.store):
-        raise UserError(f"{out} is being written by `encode --cluster`: run that again (any cluster) to finish it, "
-                        f"or pass --overwrite")
-    return run_encode(job, spec.load(job.device))
+    with output_lease(out, "encode"):  # the job's tasks on a cluster write under this one lease
+        if cluster is not None:
+            return encode_on_cluster(source, out, spec, cluster, **options)
+        job = prepare_encode(source, out, spec, **options)
+        if job.resume.store is not None and job.resume.store.complete:
+            return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
+        if job.resume.store is not None and is_staged(job.resume.store):
+            raise UserError(f"{out} is being written by `encode --cluster`: run that again (any cluster) to finish "
+                            f"it, or pass --overwrite")
+        return run_encode(job, spec.load(job.device))
 
 
 def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, device: str = "auto",
@@ -186,6 +190,7 @@ def prepare_encode(
     progress: bool = True,
     chunk_size: int | None = None,
     flip: bool = False,
+    follow_links: bool = False,
 ) -> EncodeJob:
     """Check every setting and the store at `out` without loading weights or writing anything.
 
@@ -194,13 +199,14 @@ def prepare_encode(
     decode and resize (default: CPU count, at most 16; 0 decodes in this process); `overwrite`
     replaces a store made with other settings; `chunk_size` rows per Zarr chunk (default: about
     4 MB of latents); `flip` also stores each image's horizontally flipped latent (`latents_flip`,
-    for fit's flip augmentation; twice the encoder work).
+    for fit's flip augmentation; twice the encoder work); `follow_links` lets an ImageFolder tree's
+    links lead out of it.
     """
     if dtype not in LATENT_DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
         raise UserError("--batch-size and chunk size must be at least 1, --workers at least 0")
-    image_source = open_source(source)
+    image_source = open_source(source, follow_links)
     if spec.note:
         log.warning(spec.note)
     size = image_size or spec.default_image_size
@@ -259,8 +265,12 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
                 if block.skipped:
                     bar.set_postfix(skipped=len(start.skipped) + writer.skipped_seen)
         store = writer.finish()
-    except BaseException:
+    except BaseException as err:
         writer.abort()
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            kept = writer.store.rows_done if writer.store is not None else 0
+            raise UserError(f"no space left on the device of {job.out}: the {kept} latents committed so far are "
+                            f"kept; free some space and run the same command again to resume") from None
         raise
     finally:
         bar.close()
@@ -274,6 +284,7 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
 def _open_store(job: EncodeJob) -> LatentStore:
     """The store to write into: the one being resumed, or a new one (made at the first write)."""
     if job.resume.store is not None:
+        remove_partial_writes(job.out)  # what a killed writer left of the chunk it was writing
         return job.resume.store
     attrs = {**job.settings, "count": 0, "chunk_size": job.chunk_size, "encoder": _encoder_attrs(job),
              "classes": job.source.classes, **skipped_attrs([])}

@@ -122,6 +122,7 @@ def evaluate(
     run_info.check_store(latents)
     if len(latents) == 0:
         raise UserError(f"{store} holds no latents to evaluate on")
+    latents.check_finite()
     spec, images, why_not = (None, None, "skipped (--latent-only)") if latent_only else \
         _image_inputs(run_info, latents, vae, images)  # checked before any work
     started = time.perf_counter()

@@ -11,6 +11,7 @@ store (pipeline/token_tasks.py).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import posixpath
 import time
@@ -23,7 +24,8 @@ from revq_pipe.pipeline.chunk_tasks import new_job_id
 from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import absolute_url, exists, same_location
+from revq_pipe.pipeline.lease import output_lease
+from revq_pipe.pipeline.paths import absolute_url, inside_parts, refuse_collisions, same_location
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
@@ -103,29 +105,36 @@ def export_tokens(
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
     run_info.check_store(latents)
+    latents.check_finite()
     model = run_info.model
     classes = list(latents.attrs.get("classes", []))
     attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
     shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
+    shard_folder = f"{str(out).rstrip('/')}-wds" if format == "zarr+wds" else out
+    if "wds" in format:  # before anything is written
+        refuse_collisions([wds_key(key) for key in latents.keys[:]], latents.keys, "webdataset __key__")
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
-    if "zarr" in format:
-        tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
-        summary.resumed_from = tokens.rows_done
-        if cluster is None:
-            _fill_token_store(tokens, latents, model, batch_size, progress)
-        elif not tokens.complete:
-            _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
-        if format == "zarr+wds":
-            rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
-            summary.shards = _shards(f"{str(out).rstrip('/')}-wds", "wds", shard_attrs, rows, len(latents),
-                                     shard_size, shuffle, seed, classes, overwrite, progress)
-    else:
-        rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
-        summary.shards = _shards(out, format, shard_attrs, rows, len(latents), shard_size, shuffle, seed, classes,
-                                 overwrite, progress)
+    with contextlib.ExitStack() as leases:  # the cluster's tasks write under the driver's lease
+        for output in {out, shard_folder}:
+            leases.enter_context(output_lease(output, "export-tokens"))
+        if "zarr" in format:
+            tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
+            summary.resumed_from = tokens.rows_done
+            if cluster is None:
+                _fill_token_store(tokens, latents, model, batch_size, progress)
+            elif not tokens.complete:
+                _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
+            if format == "zarr+wds":
+                rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
+                summary.shards = _shards(shard_folder, "wds", shard_attrs, rows, len(latents), shard_size, shuffle,
+                                         seed, classes, overwrite, progress)
+        else:
+            rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
+            summary.shards = _shards(out, format, shard_attrs, rows, len(latents), shard_size, shuffle, seed,
+                                     classes, overwrite, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -133,17 +142,15 @@ def export_tokens(
 def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, overwrite: bool,
                     on_cluster: bool = False) -> TokenStore:
     """The token store to fill: an unfinished one from the same run and store, or a new one."""
-    if not overwrite and exists(out):
-        existing = TokenStore.open(out, mode="r+")
-        if {key: existing.attrs.get(key) for key in attrs} != attrs or len(existing) != len(latents):
-            raise UserError(f"{out} holds tokens of another run or store: pass --overwrite to replace it")
+    existing = TokenStore.reopen(out, {**attrs, "count": len(latents)}, overwrite)
+    if existing is not None:
         if not on_cluster and written_on_cluster(existing):
             raise UserError(f"{out} is being written by `export-tokens --cluster`: run that again (any cluster) "
                             f"to finish it, or pass --overwrite")
         return existing
     # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
     return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,
-                             chunk_size=latents.chunk_size, attrs=attrs, overwrite=overwrite)
+                             chunk_size=latents.chunk_size, attrs=attrs, overwrite=True)
 
 
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
@@ -198,7 +205,12 @@ def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int)
 
 
 def wds_key(key: str) -> str:
-    """A store key as a webdataset __key__: webdataset cuts a sample's key at the first dot of the
-    file name, so the image's extension goes ("cat/001.jpg" -> "cat/001") and other dots become "_"."""
+    """A store key as a webdataset __key__, which names the sample's tar members: a relative path
+    inside the shard (no leading /, no `..`: `tarfile.extractall` would write outside its folder),
+    without the image's extension, since webdataset cuts a key at the first dot of the file name
+    ("cat/001.jpg" -> "cat/001", "/abs/../x.y.jpg" -> "abs/x_y")."""
     stem, _ = posixpath.splitext(str(key))
-    return stem.replace(".", "_")
+    parts = inside_parts(stem)
+    if not parts:
+        raise UserError(f"the key {key!r} names no sample: it has no name left inside a shard")
+    return "/".join(parts).replace(".", "_")

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from revq_pipe.pipeline.checkpoint import check_resume, load_checkpoint, save_checkpoint
+from revq_pipe.pipeline.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
+                                           start_over)
 from revq_pipe.pipeline.codebook_init import init_codebooks
 from revq_pipe.pipeline.config import PRESETS, ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.device import resolve_device
@@ -43,6 +44,7 @@ from revq_pipe.pipeline.fit_outputs import FitOutputs
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.revq import ReVQ
+from revq_pipe.pipeline.run_guard import guards_run_dir
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
@@ -102,6 +104,7 @@ def _open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]
 
 
 @in_process_group
+@guards_run_dir
 def fit(
     store: str,
     out: str,
@@ -126,6 +129,7 @@ def fit(
     codebook_init: str = "random",
     flip: bool | None = None,
     tensorboard: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> FitResult:
     """Train a ReVQ tokenizer on the latent store `store` into the run dir `out`.
@@ -134,7 +138,9 @@ def fit(
     `checkpoint.pt`, `metrics.jsonl` and `metrics.png` (and TensorBoard events with `tensorboard`) after
     every epoch, and `training.json` (the training data and settings; pipeline/fit_outputs.py). With
     `resume`, continues from the last completed epoch and ends with the same weights as an
-    uninterrupted run (on the CPU bit for bit).
+    uninterrupted run (on the CPU bit for bit at the same thread count: pipeline/determinism.py); with
+    `epochs` beyond the run's, it extends the run (`TrainConfig.lr_at` says how the learning rate goes
+    on). `overwrite` starts over in place.
     `flip` (default: when the store has them) trains on the flipped images' latents as well, one
     of the two per sample per epoch. `progress` shows bars and logs each epoch at INFO (without
     it, at DEBUG).
@@ -171,15 +177,21 @@ def fit(
     with group.together():  # every process reads the run dir before rank 0 writes to it
         if run_dir.exists() and not run_dir.is_dir():
             raise UserError(f"--out {out} is a file, not a run directory")
+        if resume and overwrite:
+            raise UserError("--resume continues the run in --out, --overwrite starts it over: pass one of them")
         checkpoint = load_checkpoint(run_dir, dev) if resume else None
-        if not resume and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
-            raise UserError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        if not (resume or overwrite) and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
+            raise UserError(f"{out} already holds a run: pass --resume to continue it, --overwrite to start it "
+                            f"over, or choose another --out")
         if checkpoint is not None:
+            train = continued_train_config(checkpoint, train, epochs)
             check_resume(checkpoint, model_config, train, data, run_dir)
     group.require_same(checkpoint["epoch"] if checkpoint else None,
                        f"the checkpoint in {out} (it must lie on a file system every machine sees)")
     outputs = None  # rank 0 alone writes the run dir
     if group.is_writer:
+        if overwrite:
+            start_over(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         outputs = FitOutputs(run_dir, {"data": data, "val": _store_record(val_store), "train": train.to_dict()},
                              tensorboard=tensorboard, resumed_at=checkpoint["epoch"] if checkpoint else 0)
@@ -204,6 +216,9 @@ def fit(
         if outputs is not None:
             outputs.epoch_done(model, history)
         log.log(level, f"  resuming after epoch {start_epoch}" + _processes_note(checkpoint, group))
+        if train.epochs > train.lr_decay_epochs:
+            log.log(level, f"  extended to {train.epochs} epochs: the learning rate decays over the first "
+                           f"{train.lr_decay_epochs} as before, then stays at {train.lr_at(train.lr_decay_epochs):.3g}")
     else:
         kmeans = init_codebooks(model, loader, train)
         group.broadcast_(model.codebooks.data)  # k-means sums on a GPU may differ in the last bit
@@ -236,7 +251,8 @@ def fit(
                                   f"{kept} (try a lower --lr)") from None
         train_seconds = time.perf_counter() - epoch_started
 
-        metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), **trainer.end_epoch(epoch)}
+        metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), "lr_decay_epochs": train.lr_decay_epochs,
+                   **trainer.end_epoch(epoch)}
         if val_loader is not None:
             metrics.update(trainer.validate(val_loader))
         metrics.update(epoch_seconds=time.perf_counter() - epoch_started,

@@ -198,8 +198,14 @@ def test_decode_with_vae_writes_one_png_per_key(pipeline, tmp_path):
     for key, pixels in zip(store.keys[:], expected):
         np.testing.assert_array_equal(np.asarray(Image.open(images / (str(key).rsplit(".", 1)[0] + ".png"))), pixels)
 
+    # The same command again finds the folder complete; other tokens need --overwrite to write into it.
+    written = {p: p.stat().st_mtime_ns for p in pngs}
+    decode(str(pipeline["run"]), tokens, str(images), vae=pipeline["vae"], device="cpu", progress=False)
+    assert {p: p.stat().st_mtime_ns for p in pngs} == written
+    other = str(tmp_path / "other-tokens.zarr")
+    export_tokens(str(pipeline["run"]), pipeline["store"], other, device="cpu", progress=False)
     with pytest.raises(UserError, match="--overwrite"):
-        decode(str(pipeline["run"]), tokens, str(images), vae=pipeline["vae"], device="cpu", progress=False)
+        decode(str(pipeline["run"]), other, str(images), vae=pipeline["vae"], device="cpu", progress=False)
 
     # `--images` alone decodes through the VAE the run records: the same PNGs
     recorded = tmp_path / "recorded"
