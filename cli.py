@@ -361,7 +361,7 @@ def bench_fit(
 def bench_quality(
     train: str = typer.Argument(..., metavar="TRAIN", help="Latent store to fit on (e.g. revq-demo/latents-train.zarr)."),
     val: str = typer.Argument(..., metavar="VAL", help="Latent store of held-out images to score on (e.g. revq-demo/latents-eval.zarr)."),
-    out: Path = typer.Option(Path("revq-bench-quality"), "--out", metavar="DIR", help="Folder for every variant's run, quality.json and quality.md."),
+    out: Path = typer.Option(Path("revq-bench-quality"), "--out", metavar="DIR", help="Folder for every variant's run, quality.json and quality.md; the same command again goes on from the fits it finished."),
     images: Optional[str] = typer.Option(None, "--images", metavar="SOURCE", help="VAL's source images, for PSNR/SSIM through the tokens."),
     vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE both stores were encoded with (default: the one VAL records)."),
     preset: str = typer.Option("tiny", "--preset", metavar="NAME", help=f"The preset every variant starts from. {preset_help()}."),

@@ -1,7 +1,8 @@
 """Output folders that a command owns as a whole (the demo's, the quality benchmark's).
 
-A marker file proves that a folder was made by that command, so a re-run may clear it; any other
-non-empty folder is refused rather than emptied.
+A marker file proves that a folder was made by that command, so a re-run may clear it, or go on
+from it when the marker records the same arguments; any other non-empty folder is refused rather
+than emptied.
 """
 
 from __future__ import annotations
@@ -9,18 +10,32 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 from revq_pipe.pipeline.errors import UserError
 
 
-def claim_folder(out: Path, marker: str, command: str) -> None:
-    """An empty folder at `out` for `command`: its own earlier folder is cleared, anything else refused."""
+def claim_folder(out: Path, marker: str, command: str, arguments: dict[str, Any] | None = None) -> bool:
+    """An output folder at `out` for `command`. A folder this command made with the same `arguments`
+    is kept, so an interrupted run goes on from what it finished (returns True); its own folder of
+    other arguments is cleared; any other non-empty folder is refused."""
+    record = {"made_by": command, **({"arguments": arguments} if arguments is not None else {})}
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} is a file, not a folder")
         if any(out.iterdir()):
             if not (out / marker).is_file():
                 raise UserError(f"--out {out} is not empty and was not made by `{command}`: choose another folder")
+            if arguments is not None and _read_record(out / marker) == record:
+                return True
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / marker).write_text(json.dumps({"made_by": command}) + "\n")
+    (out / marker).write_text(json.dumps(record) + "\n")
+    return False
+
+
+def _read_record(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

@@ -154,15 +154,19 @@ def bench_quality(
     epochs = epochs or PRESETS[preset]["epochs"]
     batch_size = batch_size or PRESETS[preset]["batch_size"]
     out = Path(out)
-    claim_folder(out, MARKER, "revq-pipe bench quality")
+    arguments = {"train": str(train), "val": str(val), "images": images, "vae": vae, "preset": preset,
+                 "codes": codes, "variants": variants, "epochs": epochs, "batch_size": batch_size, "seed": seed}
+    if claim_folder(out, MARKER, "revq-pipe bench quality", arguments):
+        log.info(f"going on with the benchmark in {out}: finished fits are read back, an interrupted one resumes")
     result = QualityResult(train=str(train), val=str(val), preset=preset, epochs=epochs, batch_size=batch_size,
                            seed=seed)
     started = time.perf_counter()
     runs = [(k, name) for k in codes for name in variants]
     for number, (k, name) in enumerate(runs, 1):
         run = out / f"K{k}-{name}"
+        # resume=True: a fit this folder already finished only reads its checkpoint back.
         fitted = fit(train, str(run), preset=preset, epochs=epochs, batch_size=batch_size, codes=k, val=val,
-                     seed=seed, device=device, progress=False, **VARIANTS[name])
+                     seed=seed, device=device, progress=False, resume=True, **VARIANTS[name])
         row = VariantResult(variant=name, codes=k, val_mse=[m["val_mse"] for m in fitted.history],
                             val_mse_quantizer=[m["val_mse_quantizer"] for m in fitted.history])
         if images is not None:
