@@ -27,6 +27,8 @@ def load_photo(name: str) -> Image.Image:
     import skimage.data
 
     array = getattr(skimage.data, name)()
+    if isinstance(array, tuple):  # stereo_motorcycle: (left view, right view, disparity)
+        array = array[0]
     return Image.fromarray(array).convert("RGB")
 
 
