@@ -97,3 +97,13 @@ def test_the_recorded_name_of_the_embedded_vae_resolves_to_it(name):
     spec = resolve_vae(name)
     assert spec.name == "revq-pipe-embedded" and spec.latent_shape(EMBEDDED_IMAGE_SIZE) == EMBEDDED_LATENT_SHAPE
     assert spec.note is None  # named on purpose: no fallback notice
+
+
+def test_a_stereo_pair_loads_as_its_left_view():
+    import skimage.data
+
+    from revq_pipe.pipeline.sample_images import load_photo
+
+    left = skimage.data.stereo_motorcycle()[0]
+    photo = load_photo("stereo_motorcycle")
+    assert photo.mode == "RGB" and np.array_equal(np.asarray(photo), left)
