@@ -4,13 +4,15 @@
 dir's `config.json` (flat, diffusers-style). It describes the architecture only (and names the VAE
 when that is a hub id or the embedded one), so a published run carries no local paths: where the
 training data came from and how `fit` trained (`TrainConfig`) live in the run's training record
-(pipeline/training_record.py). Impossible combinations raise `UserError` here, before any work starts.
+(pipeline/training_record.py). Impossible combinations raise `UserError` here, before any work starts,
+and `check_codes_fit_data` refuses (or warns about) K codes that a store's N latents cannot teach.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from revq_pipe.pipeline.errors import UserError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("channel", "spatial")
 RECTIFIERS = ("vit", "cnn", "mlp", "none")
@@ -39,6 +43,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "256T_NC=262144": dict(dim=8, codes=262144, rectifier_width=512, rectifier_layers=4, batch_size=128, epochs=100),
     "tiny": dict(dim=4, codes=128, rectifier_width=64, rectifier_layers=2, batch_size=64, epochs=20),
 }
+# Fewer latents per code than this and the codebooks tend to memorise the training set.
+MIN_LATENTS_PER_CODE = 8
 
 
 def preset_help() -> str:
@@ -271,6 +277,31 @@ def resolve_train_config(
         lr=lr if lr is not None else TrainConfig.lr, seed=seed, reset=reset, codebook_update=codebook_update,
         codebook_init=codebook_init, flip=flip,
     )
+
+
+def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset: bool) -> None:
+    """Refuse K codes per position that N latents cannot initialise (K > N), and warn where they
+    would be memorised rather than learned (K > N/8: fewer than 8 latents per code), naming a fix:
+    the tiny preset (with K = N/8 where its 128 codes are too many), or K = N/8 rounded down to a
+    power of two."""
+    k = config.codes
+    if k <= n // MIN_LATENTS_PER_CODE:
+        return
+    sensible = 2 ** int(math.log2(n // MIN_LATENTS_PER_CODE)) if n >= MIN_LATENTS_PER_CODE else None
+    tiny = PRESETS["tiny"]["codes"]
+    fixes = []
+    if from_preset and config.preset != "tiny" and sensible is not None:
+        # the tiny preset's smaller rectifier and batch suit small stores too
+        fixes.append(f"--preset tiny (K={tiny})" if sensible >= tiny else f"--preset tiny --codes {sensible}")
+    if sensible is not None:
+        fixes.append(f"--codes {sensible} (at most N/{MIN_LATENTS_PER_CODE})")
+    fix = " or ".join(fixes) if fixes else f"a store of at least {MIN_LATENTS_PER_CODE * k} latents"
+    what = f"K={k} codes per position" + (f" (preset {config.preset})" if from_preset else " (--codes)")
+    if k > n:
+        raise UserError(f"{what} need at least {k} latents to start from, and about {MIN_LATENTS_PER_CODE * k} "
+                        f"not to memorise them, but {store} holds {n}: use {fix}")
+    log.warning(f"warning: {what} for {n} latents, fewer than {MIN_LATENTS_PER_CODE} per code: the codebooks "
+                f"may memorise the training latents; consider {fix}")
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

@@ -162,6 +162,14 @@ class DataParallelGroup:
         if reasons:
             raise UserError(reasons[0])
 
+    def resumed_note(self, trained_on: int) -> str:
+        """Words for a run resumed on another number of processes than the `trained_on` it had: exact
+        in the data (the same global batches) and the codebooks; only the rectifier's gradient sums
+        round in another order."""
+        if trained_on == self.world_size:
+            return ""
+        return f" (trained on {trained_on} processes until now, on {self.world_size} from here)"
+
     def require_same(self, value: Any, what: str) -> None:
         """Stop every process with a UserError unless all hold the same `value` (naming `what`)."""
         values = self.gather_objects(value)

@@ -49,6 +49,21 @@ class FitOutputs:
             self.events.close()
 
 
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """The progress line of one epoch's metrics, saying so when the rectifier is worse than the
+    quantizer alone (on validation when there is some, else on the training batches)."""
+    line = (f"epoch {m['epoch']}/{epochs}: codebook {m['codebook_loss']:.4f}, rectifier {m['rectifier_loss']:.4f}, "
+            f"usage {m['usage_mean_pct']:.1f}% (min {m['usage_min_pct']:.1f}%), reset {m['codes_reset']}")
+    if "val_mse" in m:
+        line += f", val MSE {m['val_mse']:.4f} (quantizer alone {m['val_mse_quantizer']:.4f})"
+    line += f", {m['samples_per_s']:.0f} samples/s"
+    worse = (m["val_mse"] > m["val_mse_quantizer"]) if "val_mse" in m else m["rectifier_loss"] > m["codebook_loss"]
+    if worse:
+        line += (" - the rectifier is worse than the quantizer alone " +
+                 ("on validation" if "val_mse" in m else "on training batches"))
+    return line
+
+
 def _tensorboard_writer(log_dir: Path, resumed_at: int):
     try:
         from torch.utils.tensorboard import SummaryWriter

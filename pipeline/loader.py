@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from revq_pipe.pipeline.distributed import DataParallelGroup
+from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.seeds import stream_generator
 from revq_pipe.pipeline.store import LatentStore
 
@@ -37,6 +38,18 @@ from revq_pipe.pipeline.store import LatentStore
 STREAM_BLOCK_BYTES = 256 << 20
 # Fraction of free device (or host) memory the resident copy may take.
 RESIDENT_FRACTION = 0.5
+
+
+def open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]:
+    """The latent store to train on and its mean/std, refused when empty or when its statistics are
+    not finite."""
+    store = LatentStore.open(url)
+    mean, std = store.require_stats()
+    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise UserError(f"{url} has non-finite mean/std: the store holds NaN or inf latents")
+    if len(store) == 0:
+        raise UserError(f"{url} holds no latents")
+    return store, mean, std
 
 
 def free_memory(device: torch.device) -> int:

@@ -63,3 +63,14 @@ def table_text(table: Table) -> str:
     buffer = StringIO()
     Console(file=buffer, width=TABLE_WIDTH, color_system=None).print(table)
     return buffer.getvalue().rstrip()
+
+
+def human_bytes(n: float) -> str:
+    """A byte count in words: 512 B, 110.9 KB, 4.2 GB."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TB"

@@ -31,6 +31,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.reporting import human_bytes
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
 from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
 from revq_pipe.pipeline.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
@@ -92,7 +93,7 @@ class EncodeSummary:
         return (f"Encoded {self.encoded} images from {self.source} with {self.vae} at {self.image_size} px"
                 f"{resumed}: {self.count} latents{flipped} of {shape} stored as {self.dtype} (computed in "
                 f"{self.compute}) in {self.store}, "
-                f"{skipped}. Latents take {_human_bytes(self.stored_bytes)} for {_human_bytes(self.raw_bytes)} raw "
+                f"{skipped}. Latents take {human_bytes(self.stored_bytes)} for {human_bytes(self.raw_bytes)} raw "
                 f"(compression {self.compression_ratio:.2f}x); {self.seconds:.1f} s, "
                 f"{self.images_per_second:.1f} images/s{f' on {self.cluster}' if self.cluster else ''}.")
 
@@ -323,13 +324,3 @@ def _progress_bar(job: EncodeJob, *, initial: int | None = None, total: int | No
         initial = job.resume.progress.cursor.index if total is not None else 0
     options = {} if job.progress else {"disable": True}  # unset, TQDM_DISABLE=1 still wins
     return tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True, **options)
-
-
-def _human_bytes(n: float) -> str:
-    if n < 1024:
-        return f"{int(n)} B"
-    for unit in ("KB", "MB", "GB"):
-        n /= 1024
-        if n < 1024:
-            return f"{n:.1f} {unit}"
-    return f"{n / 1024:.1f} TB"

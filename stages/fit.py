@@ -22,26 +22,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
                                            start_over)
 from revq_pipe.pipeline.codebook_init import init_codebooks
-from revq_pipe.pipeline.config import PRESETS, ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.config import (ReVQConfig, TrainConfig, check_codes_fit_data, resolve_model_config,
+                                       resolve_train_config)
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.distributed import DataParallelGroup, in_process_group
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.fit_outputs import FitOutputs
-from revq_pipe.pipeline.loader import LatentLoader
+from revq_pipe.pipeline.fit_outputs import FitOutputs, epoch_line
+from revq_pipe.pipeline.loader import LatentLoader, open_training_store
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.run_guard import guards_run_dir
@@ -51,10 +50,6 @@ from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
 from revq_pipe.pipeline.vae import portable_vae_name
 
 log = logging.getLogger(__name__)
-
-# Fewer latents per code than this and the codebooks tend to memorise the training set.
-MIN_LATENTS_PER_CODE = 8
-
 
 class TrainingStopped(UserError):
     """Training met a non-finite value; the run dir keeps the last good checkpoint."""
@@ -91,16 +86,6 @@ class FitResult:
         lines.append(f"  load it: ReVQ.from_pretrained({str(self.run_dir)!r}); metrics in {self.run_dir / 'metrics.jsonl'}"
                      f", curves in {self.run_dir / 'metrics.png'}")
         return "\n".join(lines)
-
-
-def _open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]:
-    store = LatentStore.open(url)
-    mean, std = store.require_stats()
-    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        raise UserError(f"{url} has non-finite mean/std: the store holds NaN or inf latents")
-    if len(store) == 0:
-        raise UserError(f"{url} holds no latents")
-    return store, mean, std
 
 
 @in_process_group
@@ -149,7 +134,7 @@ def fit(
     group = DataParallelGroup.current()
     progress = progress and group.is_writer
     dev = group.local_device(resolve_device(device))
-    train_store, mean, std = _open_training_store(store)
+    train_store, mean, std = open_training_store(store)
     data = {"url": absolute_url(train_store.url), "count": len(train_store), "revq": train_store.attrs}
     model_config = resolve_model_config(preset, train_store.latent_shape, tokens=tokens, codes=codes,
                                         split=split, rectifier=rectifier, rectifier_form=rectifier_form,
@@ -215,7 +200,7 @@ def fit(
         # A crash between the checkpoint and the files written after it leaves those one epoch behind.
         if outputs is not None:
             outputs.epoch_done(model, history)
-        log.log(level, f"  resuming after epoch {start_epoch}" + _processes_note(checkpoint, group))
+        log.log(level, f"  resuming after epoch {start_epoch}" + group.resumed_note(checkpoint.get("world_size", 1)))
         if train.epochs > train.lr_decay_epochs:
             log.log(level, f"  extended to {train.epochs} epochs: the learning rate decays over the first "
                            f"{train.lr_decay_epochs} as before, then stays at {train.lr_at(train.lr_decay_epochs):.3g}")
@@ -265,7 +250,7 @@ def fit(
                                       "data": data, "resident": loader.resident, "metrics": history,
                                       "world_size": group.world_size})
             outputs.epoch_done(model, history)
-        log.log(level, _epoch_line(metrics, train.epochs))
+        log.log(level, epoch_line(metrics, train.epochs))
     if outputs is not None:
         outputs.close()
 
@@ -273,50 +258,5 @@ def fit(
                      history=history, seconds=time.perf_counter() - started, rank=group.rank)
 
 
-def _processes_note(checkpoint: dict[str, Any], group: DataParallelGroup) -> str:
-    """Resuming with another number of processes is exact in the data (the same global batches) and
-    in the codebooks; only the rectifier's gradient sums round in another order."""
-    before = checkpoint.get("world_size", 1)
-    return f" (trained on {before} processes until now, on {group.world_size} from here)" if before != group.world_size else ""
-
-
-def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset: bool) -> None:
-    """Refuse K codes per position that N latents cannot initialise (K > N), and warn where they
-    would be memorised rather than learned (K > N/8: fewer than 8 latents per code), naming a fix:
-    the tiny preset (with K = N/8 where its 128 codes are too many), or K = N/8 rounded down to a
-    power of two."""
-    k = config.codes
-    if k <= n // MIN_LATENTS_PER_CODE:
-        return
-    sensible = 2 ** int(math.log2(n // MIN_LATENTS_PER_CODE)) if n >= MIN_LATENTS_PER_CODE else None
-    tiny = PRESETS["tiny"]["codes"]
-    fixes = []
-    if from_preset and config.preset != "tiny" and sensible is not None:
-        # the tiny preset's smaller rectifier and batch suit small stores too
-        fixes.append(f"--preset tiny (K={tiny})" if sensible >= tiny else f"--preset tiny --codes {sensible}")
-    if sensible is not None:
-        fixes.append(f"--codes {sensible} (at most N/{MIN_LATENTS_PER_CODE})")
-    fix = " or ".join(fixes) if fixes else f"a store of at least {MIN_LATENTS_PER_CODE * k} latents"
-    what = f"K={k} codes per position" + (f" (preset {config.preset})" if from_preset else " (--codes)")
-    if k > n:
-        raise UserError(f"{what} need at least {k} latents to start from, and about {MIN_LATENTS_PER_CODE * k} "
-                        f"not to memorise them, but {store} holds {n}: use {fix}")
-    log.warning(f"warning: {what} for {n} latents, fewer than {MIN_LATENTS_PER_CODE} per code: the codebooks "
-                f"may memorise the training latents; consider {fix}")
-
-
 def _store_record(store: LatentStore | None) -> dict[str, Any] | None:
     return None if store is None else {"url": absolute_url(store.url), "count": len(store)}
-
-
-def _epoch_line(m: dict[str, Any], epochs: int) -> str:
-    line = (f"epoch {m['epoch']}/{epochs}: codebook {m['codebook_loss']:.4f}, rectifier {m['rectifier_loss']:.4f}, "
-            f"usage {m['usage_mean_pct']:.1f}% (min {m['usage_min_pct']:.1f}%), reset {m['codes_reset']}")
-    if "val_mse" in m:
-        line += f", val MSE {m['val_mse']:.4f} (quantizer alone {m['val_mse_quantizer']:.4f})"
-    line += f", {m['samples_per_s']:.0f} samples/s"
-    worse = (m["val_mse"] > m["val_mse_quantizer"]) if "val_mse" in m else m["rectifier_loss"] > m["codebook_loss"]
-    if worse:
-        line += (" - the rectifier is worse than the quantizer alone " +
-                 ("on validation" if "val_mse" in m else "on training batches"))
-    return line

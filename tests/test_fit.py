@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from revq_pipe.cli import app
 from revq_pipe.pipeline.checkpoint import load_checkpoint
+from revq_pipe.pipeline.fit_outputs import epoch_line
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.store import LatentStore, write_latent_store
 from revq_pipe.pipeline.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.trainer import Trainer
-from revq_pipe.stages import fit as fit_stage
 from revq_pipe.stages.fit import TrainingStopped, fit
 
 
@@ -268,9 +268,9 @@ def test_on_photo_latents_the_default_rectifier_beats_none_and_the_paper_form(ph
 def test_the_epoch_line_says_when_the_rectifier_is_worse_than_the_quantizer_alone():
     metrics = {"epoch": 3, "codebook_loss": 0.2, "rectifier_loss": 0.1, "usage_mean_pct": 90.0, "usage_min_pct": 80.0,
                "codes_reset": 0, "samples_per_s": 100.0, "val_mse": 0.3, "val_mse_quantizer": 0.25, "val_mse_raw": 3.0}
-    line = fit_stage._epoch_line(metrics, 10)
+    line = epoch_line(metrics, 10)
     assert "val MSE 0.3000 (quantizer alone 0.2500)" in line and "worse than the quantizer alone on validation" in line
-    assert "worse" not in fit_stage._epoch_line({**metrics, "val_mse": 0.2}, 10)
+    assert "worse" not in epoch_line({**metrics, "val_mse": 0.2}, 10)
     no_val = {k: v for k, v in metrics.items() if not k.startswith("val")}
-    assert "worse" not in fit_stage._epoch_line(no_val, 10)
-    assert "on training batches" in fit_stage._epoch_line({**no_val, "rectifier_loss": 0.3}, 10)
+    assert "worse" not in epoch_line(no_val, 10)
+    assert "on training batches" in epoch_line({**no_val, "rectifier_loss": 0.3}, 10)
