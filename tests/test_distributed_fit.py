@@ -4,6 +4,7 @@ the same global batch, codebooks bit-identical across ranks at every epoch end, 
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -159,11 +160,13 @@ def test_resume_after_a_kill_with_two_processes_ends_as_the_uninterrupted_run(st
 
 
 def test_resume_after_a_kill_with_one_process_ends_as_the_uninterrupted_run(stores, two_process_runs,
-                                                                            killed_run, tmp_path):
+                                                                            killed_run, tmp_path, caplog):
     out = tmp_path / "killed"
     shutil.copytree(killed_run, out)
+    caplog.set_level(logging.DEBUG, logger="revq_pipe")
     resumed = fit(**{**fit_kwargs(stores, out, "sparse"), "resume": True})
     assert resumed.started_at_epoch == 1
+    assert "resuming after epoch 1 (trained on 2 processes until now, on 1 from here)" in caplog.text
     # The same global batches in the same order; the rectifier's gradient sums round differently.
     assert_close_weights(weights(two_process_runs["sparse"]), weights(out), exact_codebooks=True)
 
