@@ -17,7 +17,7 @@ import logging
 import sys
 from contextlib import contextmanager
 from io import StringIO
-from typing import Iterator
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -74,3 +74,11 @@ def human_bytes(n: float) -> str:
         if n < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} TB"
+
+
+def progress_bar(show: bool, **options: Any):
+    """A tqdm bar to stderr, hidden when `show` is false. Only a hidden bar passes `disable`, so a
+    shown one still obeys the user's TQDM_DISABLE=1 (tqdm reads it only for arguments not given)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(**options, **({} if show else {"disable": True}))

@@ -19,11 +19,11 @@ import os
 from typing import Callable, Iterator
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
+from revq_pipe.pipeline.reporting import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 
 SHARD_SUFFIXES = {"wds": ".tar", "parquet": ".parquet"}
@@ -81,8 +81,8 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
     while done < len(names) and os.path.exists(names[done]):
         done += 1
     write = _write_tar if format == "wds" else _write_parquet
-    with tqdm(total=count, initial=done * shard_size, unit="img", desc=f"{format} shards",
-              disable=not progress) as bar:
+    with progress_bar(progress, total=count, initial=done * shard_size, unit="img",
+                      desc=f"{format} shards") as bar:
         for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
             partial = names[index] + PARTIAL_SUFFIX
             write(partial, ids, labels, [key(str(k)) for k in keys], classes)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
@@ -23,6 +22,7 @@ from revq_pipe.pipeline.decoded_images import DecodedImages
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels
+from revq_pipe.pipeline.reporting import progress_bar
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_store import TokenStore
@@ -95,7 +95,7 @@ def check_tokens_match_run(store: TokenStore, run: Run) -> None:
 
 def _chunks(store: TokenStore, first: int, desc: str, progress: bool):
     """(start, stop) over the token store's chunks from row `first` on, with a progress bar."""
-    with tqdm(total=len(store), initial=first, unit="img", desc=desc, disable=not progress) as bar:
+    with progress_bar(progress, total=len(store), initial=first, unit="img", desc=desc) as bar:
         for start in range(first, len(store), store.chunk_size):
             stop = min(start + store.chunk_size, len(store))
             yield start, stop

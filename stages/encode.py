@@ -31,7 +31,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.latent_writer import ChunkWriter
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url
-from revq_pipe.pipeline.reporting import human_bytes
+from revq_pipe.pipeline.reporting import human_bytes, progress_bar
 from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
 from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
 from revq_pipe.pipeline.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
@@ -317,10 +317,7 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
 
 def _progress_bar(job: EncodeJob, *, initial: int | None = None, total: int | None = None, desc: str = "encode"):
     """Images of the source (or `total` of something else) done, from `initial` (default: the resume point)."""
-    from tqdm.auto import tqdm
-
     total = total or job.source.known_count
     if initial is None:
         initial = job.resume.progress.cursor.index if total is not None else 0
-    options = {} if job.progress else {"disable": True}  # unset, TQDM_DISABLE=1 still wins
-    return tqdm(total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True, **options)
+    return progress_bar(job.progress, total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True)

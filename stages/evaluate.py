@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 from rich.table import Table
-from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
@@ -29,7 +28,7 @@ from revq_pipe.pipeline.metrics import image_psnr_ssim
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
-from revq_pipe.pipeline.reporting import table_text
+from revq_pipe.pipeline.reporting import progress_bar, table_text
 from revq_pipe.pipeline.loader import LatentLoader
 from revq_pipe.pipeline.revq import latent_metrics
 from revq_pipe.pipeline.run_dir import Run
@@ -128,7 +127,7 @@ def evaluate(
     started = time.perf_counter()
 
     loader = LatentLoader(latents, batch_size, dev, shuffle=False, drop_last=False)
-    with tqdm(total=len(latents), unit="img", desc="eval", disable=not progress) as bar:
+    with progress_bar(progress, total=len(latents), unit="img", desc="eval") as bar:
         def batches():
             for z in loader.epoch():
                 yield z
@@ -189,7 +188,7 @@ def _image_metrics(run: Run, latents: LatentStore, spec: VaeSpec, images: str, b
     perceptual = PerceptualMetrics(device)
     scores: dict[str, list[np.ndarray]] = {name: [] for name in ("psnr_vae", "ssim_vae", "psnr_tokens", "ssim_tokens")}
     row = 0
-    with tqdm(total=len(latents), unit="img", desc="eval images", disable=not progress) as bar:
+    with progress_bar(progress, total=len(latents), unit="img", desc="eval images") as bar:
         for originals in original_pixels(images, latents.keys[:], image_size):
             z = np.asarray(latents.latents[row:row + len(originals)], dtype=np.float32)
             row += len(originals)

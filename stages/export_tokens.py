@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.chunk_tasks import new_job_id
 from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
@@ -26,6 +25,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, inside_parts, refuse_collisions, same_location
+from revq_pipe.pipeline.reporting import progress_bar
 from revq_pipe.pipeline.run_dir import Run
 from revq_pipe.pipeline.store import LatentStore
 from revq_pipe.pipeline.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
@@ -155,8 +155,8 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
 
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
     """Tokenize the rows after `rows_done`, one token-store chunk at a time, and finish the store."""
-    with tqdm(total=len(tokens), initial=tokens.rows_done, unit="img", desc="export-tokens",
-              disable=not progress) as bar:
+    with progress_bar(progress, total=len(tokens), initial=tokens.rows_done, unit="img",
+                      desc="export-tokens") as bar:
         for start in range(tokens.rows_done, len(tokens), tokens.chunk_size):
             stop = min(start + tokens.chunk_size, len(tokens))
             ids = model.tokenize_batched(latents.latents[start:stop], batch_size)
@@ -176,8 +176,8 @@ def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, 
     with cluster_client(cluster) as client:
         log.info(f"export-tokens on {describe(client)}")
         cluster_size = len(client.scheduler_info(n_workers=-1)["workers"])
-        fill_on_cluster(client, tokens, task, cluster_size, lambda done: tqdm(
-            total=len(tokens), initial=done, unit="img", desc="export-tokens", disable=not progress))
+        fill_on_cluster(client, tokens, task, cluster_size, lambda done: progress_bar(
+            progress, total=len(tokens), initial=done, unit="img", desc="export-tokens"))
 
 
 def _shards(out: str, format: str, attrs: dict, rows, count: int, shard_size: int, shuffle: bool, seed: int,

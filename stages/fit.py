@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from revq_pipe.pipeline.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
                                            start_over)
@@ -42,6 +41,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.fit_outputs import FitOutputs, epoch_line
 from revq_pipe.pipeline.loader import LatentLoader, open_training_store
 from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.reporting import progress_bar
 from revq_pipe.pipeline.revq import ReVQ
 from revq_pipe.pipeline.run_guard import guards_run_dir
 from revq_pipe.pipeline.seeds import stream_seed
@@ -220,15 +220,12 @@ def fit(
         epoch_started = time.perf_counter()
         trainer.set_epoch(epoch)
         try:
-            with tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{train.epochs}", disable=not progress,
-                      leave=False, file=sys.stderr) as bar:
+            with progress_bar(progress, total=len(loader), desc=f"epoch {epoch + 1}/{train.epochs}",
+                              leave=False, file=sys.stderr) as bar:
                 for z in loader.epoch(epoch):
                     trainer.step(z)
-                    losses = trainer.check()
-                    if losses is not None:
-                        bar.update(trainer.checked - bar.n)
-                        bar.set_postfix(codebook=f"{losses[0]:.4f}", rectifier=f"{losses[1]:.4f}")
-                trainer.check(last=True)
+                    _show_losses(bar, trainer, trainer.check())
+                _show_losses(bar, trainer, trainer.check(last=True))
         except NonFiniteTraining as err:
             kept = (f"the checkpoint of epoch {len(history)} is kept in {out}" if history
                     else "no epoch had completed")
@@ -256,6 +253,14 @@ def fit(
 
     return FitResult(run_dir, model_config, train, epochs_done=len(history), started_at_epoch=start_epoch,
                      history=history, seconds=time.perf_counter() - started, rank=group.rank)
+
+
+def _show_losses(bar, trainer: Trainer, losses: list[float] | None) -> None:
+    """Move the epoch's bar to the steps `trainer` has checked (its `check()` gave `losses`),
+    showing their latest losses."""
+    if losses is not None:
+        bar.update(trainer.checked - bar.n)
+        bar.set_postfix(codebook=f"{losses[0]:.4f}", rectifier=f"{losses[1]:.4f}")
 
 
 def _store_record(store: LatentStore | None) -> dict[str, Any] | None:

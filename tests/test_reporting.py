@@ -61,3 +61,21 @@ def test_tables_are_plain_text_of_a_fixed_width():
     assert "\x1b[" not in text and not text.endswith("\n")
     assert max(len(line) for line in text.splitlines()) == TABLE_WIDTH
     assert "31.20 dB" in text and text.splitlines()[0].strip() == "numbers"
+
+
+def test_a_shown_progress_bar_still_obeys_tqdm_disable():
+    """tqdm reads TQDM_* when it is imported, so each case is a fresh interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    def disabled(show: bool, tqdm_disable: str | None) -> bool:
+        env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+        env.update({"TQDM_DISABLE": tqdm_disable} if tqdm_disable else {})
+        code = ("import io; from revq_pipe.pipeline.reporting import progress_bar; "
+                f"print(progress_bar({show}, total=3, file=io.StringIO()).disable)")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return out.stdout.strip() == "True"
+
+    assert disabled(False, None) and not disabled(True, None)
+    assert disabled(True, "1")
