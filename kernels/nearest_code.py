@@ -76,11 +76,16 @@ def check_search_inputs(
             raise ValueError(f"counts must be int32 or int64, got {counts.dtype}")
         if counts.device != x.device:
             raise ValueError(f"counts is on {counts.device} but x is on {x.device}")
-    # One reduction per tensor (one device sync each on CUDA): NaN or inf would make every
-    # comparison meaningless and the returned codes arbitrary.
-    for name, tensor in (("x", x), ("codebooks", codebooks)) if check_finite else ():
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteError(f"{name} contains NaN or inf")
+    # NaN or inf would make every comparison meaningless and the returned codes arbitrary. One
+    # aminmax per tensor (NaN propagates through it; +-inf lands in it), which reads each tensor
+    # once without a temporary the size of the input, and one device sync for both.
+    if check_finite:
+        tensors = [(name, t) for name, t in (("x", x), ("codebooks", codebooks)) if t.numel()]
+        extremes = torch.stack([v.float() for _, t in tensors for v in torch.aminmax(t.detach())])
+        finite = torch.isfinite(extremes).view(-1, 2).all(dim=1).tolist()
+        for (name, _), ok in zip(tensors, finite):
+            if not ok:
+                raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def nearest_code_torch(

@@ -1,11 +1,12 @@
 """Launching the Triton nearest-code search: tiles, K splits, autotuning, the two-pass method.
 
-The kernels and their method are described in search_kernels.py. Per call (method "screen", the
-default): the screen kernel streams every code once with the cheap expanded score and settles
-almost every query exactly; the exact kernel then re-runs only the query blocks holding a query
-the screen flagged (near ties, duplicate codes, overflow); finalize unpacks the answers and adds
-`counts`. Method "exact" runs the exact kernel on everything instead (one pass, ~2d+3.5
-instructions per pair instead of ~d+5.5): `bench search` times both.
+The kernels and their method are described in search_kernels.py. Per call (method "exact", the
+default): the exact kernel scores every pair with the direct fp32 distance in one pass; finalize
+unpacks the answers and adds `counts`. Method "screen" streams every code once with the cheaper
+expanded score (~d+5.5 instructions per pair instead of ~2d+3.5), settles almost every query,
+and re-runs the query blocks holding a flagged query (near ties, duplicate codes, overflow) with
+the exact kernel. On one H100 (2026-11-24) the exact method was the faster at every d measured
+(4, 8, 16, 32: by 7% to 34%), so it is the default; `bench search` times both.
 
 K is split across programs when G * ceil(M / BLOCK_M) alone would not fill the GPU (several
 waves per multiprocessor); each program derives its range of codes from the number of splits in
@@ -139,15 +140,15 @@ def nearest_code_triton(
     codebooks: torch.Tensor,
     *,
     counts: torch.Tensor | None = None,
-    method: str = "screen",
+    method: str = "exact",
     target_programs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact grouped nearest-code search with the Triton kernels (inputs already checked).
 
     CUDA tensors run the compiled, autotuned kernels; CPU tensors need the process to have
     imported triton under TRITON_INTERPRET=1 and run the same kernels through the interpreter
-    (slow: for tests). ``method`` is "screen" (two passes, see the module doc) or "exact" (the
-    direct formula on every pair); both return the same answer. ``target_programs`` sets how
+    (slow: for tests). ``method`` is "exact" (the direct formula on every pair) or "screen" (two
+    passes, see the module doc); both return the same answer. ``target_programs`` sets how
     many programs the grid should reach before K is split (default: PROGRAMS_PER_SM per
     multiprocessor on CUDA, 1 under the interpreter); tests raise it to exercise the split-K
     merge on small shapes. Returns (indices (G, M) int64, sq_dists (G, M) float32).

@@ -2,8 +2,8 @@
 
 One process, one set of random standardised inputs (like preprocessed latents and codes), these
 measurements:
-- this project's `nearest_code` (on CUDA the Triton screen + exact re-run; on CPU the bounded
-  torch path), and on CUDA also the Triton exact kernel alone on every pair;
+- this project's `nearest_code` (on CUDA the Triton exact kernel on every pair; on CPU the bounded
+  torch path), and on CUDA also the Triton screen method (screen + exact re-run);
 - the paper's public code's way: ``torch.vmap(cdist + min, chunk_size=2)`` over groups;
 - ``baddbmm`` (|c|^2 - 2 x.c) + ``argmin``, in chunks of groups so the distance block fits;
 - an fp32 SGEMM, to measure the device's FP32 FMA rate.
@@ -140,7 +140,7 @@ class BenchSearchResult:
 
 
 OURS = "nearest_code (this project)"
-OURS_EXACT = "Triton exact kernel alone"
+OURS_SCREEN = "Triton screen method"
 REFERENCE = "reference: vmap(cdist+min, chunk=2)"
 BADDBMM = "baddbmm + argmin"
 
@@ -221,10 +221,10 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     def ours() -> None:
         outputs[OURS] = nearest_code(x, codebooks)[0]
 
-    def ours_exact() -> None:
+    def ours_screen() -> None:
         from revq_pipe.kernels.triton_search import nearest_code_triton
 
-        outputs[OURS_EXACT] = nearest_code_triton(x, codebooks, method="exact")[0]
+        outputs[OURS_SCREEN] = nearest_code_triton(x, codebooks, method="screen")[0]
 
     def reference() -> None:
         outputs[REFERENCE] = reference_search(x, codebooks)[0]
@@ -234,14 +234,14 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
 
     methods = [(OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm)]
     if implementation_for(x) == "triton":
-        methods.insert(1, (OURS_EXACT, ours_exact))
+        methods.insert(1, (OURS_SCREEN, ours_screen))
     timings = [Timing(name, seconds_per_call(run, dev)) for name, run in methods]
     sgemm = _sgemm_flops(dev)
 
     checked = min(spec.groups, EXACT_CHECK_GROUPS)
     exact_indices, exact_dists = nearest_code_torch(x[:checked], codebooks[:checked])
     exact_ok = True
-    for name in (OURS, OURS_EXACT):
+    for name in (OURS, OURS_SCREEN):
         if name in outputs:
             dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
             exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
@@ -251,7 +251,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
         f"({checked * spec.queries} queries)"
     )
     agreement, all_agree = [], exact_ok
-    for name in (OURS_EXACT, REFERENCE, BADDBMM):
+    for name in (OURS_SCREEN, REFERENCE, BADDBMM):
         if name not in outputs:
             continue
         line, ok = compare_with_baseline(name, x, codebooks, outputs[OURS], outputs[name])
