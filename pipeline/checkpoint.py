@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from revq_pipe.pipeline.atomic_files import write_atomically
 from revq_pipe.pipeline.config import ReVQConfig, TrainConfig
 from revq_pipe.pipeline.errors import UserError
 
@@ -32,9 +32,7 @@ RUN_FOLDERS = ("tensorboard",)
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the training state (tensors, numbers, dicts) to RUN/checkpoint.pt atomically."""
-    tmp = run_dir / (CHECKPOINT_NAME + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, run_dir / CHECKPOINT_NAME)
+    write_atomically(run_dir / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
@@ -90,6 +88,5 @@ def check_resume(checkpoint: dict[str, Any], model_config: ReVQConfig, train: Tr
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite RUN/metrics.jsonl (one JSON object per completed epoch) from the checkpoint's history,
     so the file always matches the checkpoint, also after a crash between the two writes."""
-    tmp = run_dir / (METRICS_NAME + ".tmp")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in history))
-    os.replace(tmp, run_dir / METRICS_NAME)
+    write_atomically(run_dir / METRICS_NAME,
+                     lambda tmp: tmp.write_text("".join(json.dumps(line) + "\n" for line in history)))

@@ -11,7 +11,6 @@ no two keys on one file, no name longer than the folder's file system allows.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from revq_pipe.pipeline.atomic_files import read_json, write_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import image_path, refuse_collisions
@@ -83,17 +83,11 @@ class DecodedImages:
         self._save()
 
     def _save(self) -> None:
-        path = self.folder / MANIFEST_NAME
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, path)
+        write_json(self.folder / MANIFEST_NAME, self.manifest, indent=1)
 
 
 def _read_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    manifest = read_json(path)
     return manifest if isinstance(manifest, dict) and "rows_done" in manifest else None
 
 

@@ -7,13 +7,14 @@ canvas: no pyplot, so no global figure state and no display is needed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from revq_pipe.pipeline.atomic_files import write_atomically
 
 # (panel title, y label, [(metrics.jsonl key, legend label)])
 PANELS = (
@@ -52,6 +53,4 @@ def plot_metrics(history: list[dict[str, Any]], path: Path, title: str = "") -> 
         else:
             axes.text(0.5, 0.5, "not measured (fit without --val)", ha="center", va="center",
                       transform=axes.transAxes, color="gray")
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: figure.savefig(tmp, dpi=90), suffix=".tmp.png")

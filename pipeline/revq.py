@@ -29,6 +29,7 @@ from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from PIL import Image
 
 from revq_pipe.kernels import nearest_code
+from revq_pipe.pipeline.atomic_files import write_atomically
 from revq_pipe.pipeline.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.image_inputs import image_batch
@@ -330,15 +331,15 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         directory.mkdir(parents=True, exist_ok=True)
         self._save_pretrained(directory)
         card = self.generate_model_card(**(model_card_kwargs or {}))
-        _write_atomically(directory / CARD_NAME, lambda tmp: card.save(tmp))
+        write_atomically(directory / CARD_NAME, lambda tmp: card.save(tmp))
 
     def _save_pretrained(self, save_directory: Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         weights = save_directory / WEIGHTS_NAME
-        _write_atomically(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        write_atomically(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
         # The weights' sha256 beside the architecture: loading refuses a file changed anywhere (weights.py).
         text = json.dumps({**self.config.to_dict(), CHECKSUM_KEY: file_sha256(weights)}, indent=2) + "\n"
-        _write_atomically(save_directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        write_atomically(save_directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
 
     def generate_model_card(self, *args: Any, repo_id: str | None = None, **kwargs: Any):
         return model_card(self.config, self.training_summary, repo_id=repo_id)
@@ -396,10 +397,3 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         if device is not None:
             model.to(resolve_device(device) if isinstance(device, str) else device)
         return model.eval()
-
-
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp)` to a temp file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)

@@ -14,12 +14,12 @@ with the same bytes an uninterrupted export writes.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Iterator
 
 import numpy as np
 
+from revq_pipe.pipeline.atomic_files import read_json, write_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
@@ -67,14 +67,14 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
     manifest = folder / MANIFEST
     there = contents(folder)  # (a lease file is not content)
     if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
-        if _read_json(manifest) != attrs:
+        if read_json(manifest) != attrs:
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
                             "pass --overwrite to replace them")
     elif there:
         for stale in [*folder.glob("tokens-*"), manifest]:
             stale.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, attrs)
+    write_json(manifest, attrs, indent=1)
 
     names = [str(folder / (SHARD_STEM % i + suffix)) for i in range(-(-count // shard_size))]
     done = 0
@@ -89,20 +89,6 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
-
-
-def _read_json(path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _write_json(path, value: dict) -> None:
-    """Atomically: a kill leaves the old manifest or the new one, never a torn one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:

@@ -13,10 +13,10 @@ weights and a model card, never this file.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from revq_pipe.pipeline.atomic_files import write_json
 from revq_pipe.pipeline.checkpoint import METRICS_NAME
 from revq_pipe.pipeline.errors import UserError
 
@@ -25,9 +25,7 @@ RECORD_NAME = "training.json"
 
 def write_training_record(run_dir: Path, record: dict[str, Any]) -> None:
     """Write RUN/training.json atomically (temp file + rename)."""
-    tmp = run_dir / (RECORD_NAME + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run_dir / RECORD_NAME)
+    write_json(run_dir / RECORD_NAME, record, indent=2)
 
 
 def read_training_record(run_dir: str | Path) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from revq_pipe.pipeline.atomic_files import read_json
 from revq_pipe.pipeline.errors import UserError
 
 
@@ -26,16 +27,9 @@ def claim_folder(out: Path, marker: str, command: str, arguments: dict[str, Any]
         if any(out.iterdir()):
             if not (out / marker).is_file():
                 raise UserError(f"--out {out} is not empty and was not made by `{command}`: choose another folder")
-            if arguments is not None and _read_record(out / marker) == record:
+            if arguments is not None and read_json(out / marker) == record:
                 return True
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / marker).write_text(json.dumps(record) + "\n")
     return False
-
-
-def _read_record(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
