@@ -41,12 +41,13 @@ RESIDENT_FRACTION = 0.5
 
 
 def open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]:
-    """The latent store to train on and its mean/std, refused when empty or when its statistics are
-    not finite."""
+    """The latent store to train on and its mean/std, refused when empty, when a latent is NaN or
+    inf (the first such row named: LatentStore.check_finite), or when its statistics are not finite."""
     store = LatentStore.open(url)
     mean, std = store.require_stats()
+    store.check_finite()
     if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        raise UserError(f"{url} has non-finite mean/std: the store holds NaN or inf latents")
+        raise UserError(f"{url} has non-finite mean/std: recompute them with `revq-pipe stats {url}`")
     if len(store) == 0:
         raise UserError(f"{url} holds no latents")
     return store, mean, std

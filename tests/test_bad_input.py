@@ -137,10 +137,11 @@ def test_non_finite_latents_are_refused_before_anything_is_written(fitted, tmp_p
     bad = latents_with_keys(tmp_path / "nan.zarr", keys, vae=fitted["vae"], shape=(4, 8, 8), nan_row=13)
     for args in (["export-tokens", fitted["run"], bad.url, "--out", str(tmp_path / "t.zarr"), "--device", "cpu"],
                  ["export-tokens", fitted["run"], bad.url, "--out", str(tmp_path / "t-wds"), "--format", "wds"],
-                 ["eval", fitted["run"], bad.url, "--device", "cpu"]):
+                 ["eval", fitted["run"], bad.url, "--device", "cpu"],
+                 ["fit", bad.url, "--out", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu"]):
         one_error_line(runner.invoke(app, args), "row 13", "'class1/img13.jpg'", "NaN or inf")
     assert not (tmp_path / "t.zarr").exists() and not (tmp_path / "t-wds").exists()
-    assert not (Path(fitted["run"]) / "eval.json").exists()
+    assert not (Path(fitted["run"]) / "eval.json").exists() and not (tmp_path / "run" / "checkpoint.pt").exists()
     # nothing left behind blocks the next, good run
     result = runner.invoke(app, ["export-tokens", fitted["run"], fitted["store"], "--out", str(tmp_path / "t.zarr")])
     assert result.exit_code == 0, result.output
