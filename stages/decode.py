@@ -15,10 +15,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-
+from revq_pipe.pipeline.decoded_images import DecodedImages
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.decoded_images import DecodedImages
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
 from revq_pipe.pipeline.pixels import vae_pixels

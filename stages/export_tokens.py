@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from revq_pipe.pipeline.chunk_tasks import new_job_id
 from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
