@@ -13,11 +13,11 @@ __all__ = ["ReVQ", "ReVQConfig", "__version__"]
 def __getattr__(name: str):
     # Imported on first use: `import revq_pipe` (what the CLI does for --help) stays free of torch.
     if name == "ReVQ":
-        from revq_pipe.pipeline.revq import ReVQ
+        from revq_pipe.pipeline.model.revq import ReVQ
 
         return ReVQ
     if name == "ReVQConfig":
-        from revq_pipe.pipeline.config import ReVQConfig
+        from revq_pipe.pipeline.model.config import ReVQConfig
 
         return ReVQConfig
     raise AttributeError(f"module 'revq_pipe' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Every command is thin on purpose: the work lives in `revq_pipe.stages`, importab
 CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands, and each command imports
 only its own stage, so `--help`, `--version` and every command start quickly.
 A `UserError` from any stage becomes one line on stderr and exit status 2. Log records of every
-module go to stderr through the one handler `pipeline.reporting` sets up, beside the progress bars.
+module go to stderr through the one handler `pipeline.reporting.console` sets up, beside the progress bars.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Optional
 import typer
 
 from revq_pipe.pipeline.errors import UserError, os_error_line
-from revq_pipe.pipeline.reporting import console_reporting
+from revq_pipe.pipeline.reporting.console import console_reporting
 
-from revq_pipe.pipeline.config import preset_defaults, preset_help
+from revq_pipe.pipeline.model.config import preset_defaults, preset_help
 
 app = typer.Typer(
     name="revq-pipe",
@@ -148,7 +148,7 @@ def import_latents(
 @reports_user_errors
 def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
-    from revq_pipe.pipeline.store import LatentStore
+    from revq_pipe.pipeline.storage.store import LatentStore
 
     mean, std = LatentStore.open(store, mode="r+").compute_stats()
     typer.echo(f"{store}: mean/std over {mean.size} dimensions rewritten "
@@ -306,7 +306,7 @@ def bench_search(
     device: str = DeviceOpt,
 ):
     """Nearest-code search: this kernel beside cdist-under-vmap, baddbmm+argmin and an SGEMM peak."""
-    from revq_pipe.stages.bench_search import bench_search as run_bench
+    from revq_pipe.stages.bench.search import bench_search as run_bench
 
     typer.echo(run_bench(shape, device=device).report())
 
@@ -319,7 +319,7 @@ def bench_encode(
     batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Images per VAE batch."),
 ):
     """Encode images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64."""
-    from revq_pipe.stages.bench_encode import bench_encode as run_bench
+    from revq_pipe.stages.bench.encode import bench_encode as run_bench
 
     typer.echo(run_bench(device=device, images=images, batch_size=batch_size).report())
 
@@ -334,7 +334,7 @@ def bench_cluster(
     repeats: int = typer.Option(3, "--repeats", min=1, metavar="N", help="Interleaved rounds; each row reports the median."),
 ):
     """encode and export-tokens on --cluster local:N beside local:1 and one process, on the same photos."""
-    from revq_pipe.stages.bench_cluster import bench_cluster as run_bench
+    from revq_pipe.stages.bench.cluster import bench_cluster as run_bench
 
     typer.echo(run_bench(images=images, workers=workers, chunk_size=chunk_size, codes=codes,
                          repeats=repeats).report())
@@ -350,7 +350,7 @@ def bench_fit(
     codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="This project's codebook update: auto, sparse or dense."),
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
-    from revq_pipe.stages.bench_fit import bench_fit as run_bench
+    from revq_pipe.stages.bench.fit import bench_fit as run_bench
 
     typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size,
                          codebook_update=codebook_update).report())
@@ -373,7 +373,7 @@ def bench_quality(
     device: str = DeviceOpt,
 ):
     """Rectifier ablation: validation MSE with and without the rectifier, and PSNR, per variant and K."""
-    from revq_pipe.stages.bench_quality import bench_quality as run_bench
+    from revq_pipe.stages.bench.quality import bench_quality as run_bench
 
     result = run_bench(train, val, out=out, images=images, vae=vae, preset=preset, codes=_int_list(codes, "--codes"),
                        variants=variants.split(",") if variants else None, epochs=epochs, batch_size=batch_size,

@@ -1,6 +1,6 @@
 """Train the package's embedded default VAE: a small diffusers AutoencoderDC on offline photographs.
 
-    python scripts/train_embedded_vae.py --out pipeline/assets/embedded-vae [--steps N]
+    python scripts/train_embedded_vae.py --out pipeline/images/assets/embedded-vae [--steps N]
 
 The model is trained at EMBEDDED_IMAGE_SIZE on random square crops (random place and scale, random
 horizontal flips) of the bundled photographs in TRAIN_PHOTOS and GRAY_PHOTOS (grey ones as RGB, for
@@ -34,8 +34,8 @@ from diffusers import AutoencoderDC
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_LATENT_SHAPE
-from revq_pipe.pipeline.sample_images import GRAY_PHOTOS, HOLDOUT_PHOTOS, TRAIN_PHOTOS, load_photo, photo_crops
+from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_LATENT_SHAPE
+from revq_pipe.pipeline.images.sample_images import GRAY_PHOTOS, HOLDOUT_PHOTOS, TRAIN_PHOTOS, load_photo, photo_crops
 
 # 8x spatial compression (three DC down/up blocks after a pixel-unshuffle stem) to 16 channels:
 # 64 px -> (16, 8, 8). ResBlocks only: linear attention buys little at 8x8 and costs CPU time.

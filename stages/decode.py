@@ -15,17 +15,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from revq_pipe.pipeline.decoded_images import DecodedImages
+from revq_pipe.pipeline.storage.decoded_images import DecodedImages
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
-from revq_pipe.pipeline.pixels import vae_pixels
-from revq_pipe.pipeline.reporting import progress_bar
-from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.token_store import TokenStore
-from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.images.pixels import vae_pixels
+from revq_pipe.pipeline.reporting.console import progress_bar
+from revq_pipe.pipeline.storage.run_dir import Run
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.storage.token_store import TokenStore
+from revq_pipe.pipeline.images.vae import resolve_vae
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _chunks(store: TokenStore, first: int, desc: str, progress: bool):
 
 def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: int, overwrite: bool,
                             progress: bool) -> None:
-    """Decode into a latent store with the row stores' resume protocol (pipeline/store.py)."""
+    """Decode into a latent store with the row stores' resume protocol (pipeline/storage/store.py)."""
     identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "count": len(store)}
     latents = LatentStore.reopen(out, identity, overwrite)
     if latents is None:
@@ -122,7 +122,7 @@ def _decode_to_latent_store(run: Run, store: TokenStore, out: str, batch_size: i
 
 def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_size: int, device, overwrite: bool,
                       progress: bool) -> None:
-    """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/decoded_images.py)."""
+    """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/storage/decoded_images.py)."""
     spec = resolve_vae(vae)
     run.check_vae(spec)
     folder = local_path(out)

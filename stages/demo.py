@@ -18,14 +18,14 @@ import torch
 from PIL import Image, ImageDraw
 from rich.table import Table
 
-from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
+from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import image_path
-from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
-from revq_pipe.pipeline.reporting import table_text
-from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.images.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.reporting.console import table_text
+from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.images.vae import resolve_vae
 from revq_pipe.pipeline.workdir import claim_folder
 from revq_pipe.stages.decode import decode
 from revq_pipe.stages.encode import encode

@@ -4,12 +4,12 @@
     (decode + resize)                              (main thread)           (reorder, chunk,
                                                                             compress, commit)
 
-The source is read as blocks (pipeline/sources.py), each encoded as one GPU batch; the writer
-(pipeline/latent_writer.py) puts them back in source order and commits resume progress after
+The source is read as blocks (pipeline/images/sources.py), each encoded as one GPU batch; the writer
+(pipeline/storage/latent_writer.py) puts them back in source order and commits resume progress after
 every chunk. Re-running an interrupted encode with the same settings resumes it and ends with the
-store an uninterrupted run writes (pipeline/resume.py decides resume, refuse or replace).
+store an uninterrupted run writes (pipeline/storage/resume.py decides resume, refuse or replace).
 With `cluster`, tasks on a dask cluster encode ranges of the source into the same store
-(pipeline/staged_encode.py).
+(pipeline/scaleout/staged_encode.py).
 """
 
 from __future__ import annotations
@@ -24,20 +24,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from revq_pipe.pipeline.chunk_tasks import new_job_id
-from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location, worker_hosts
+from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
+from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared_location, worker_hosts
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.latent_writer import ChunkWriter
+from revq_pipe.pipeline.storage.latent_writer import ChunkWriter
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url
-from revq_pipe.pipeline.reporting import human_bytes, progress_bar
-from revq_pipe.pipeline.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
-from revq_pipe.pipeline.sources import BlockDataset, ImageSource, default_workers, open_source
-from revq_pipe.pipeline.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
-from revq_pipe.pipeline.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
+from revq_pipe.pipeline.reporting.console import human_bytes, progress_bar
+from revq_pipe.pipeline.storage.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
+from revq_pipe.pipeline.images.sources import BlockDataset, ImageSource, default_workers, open_source
+from revq_pipe.pipeline.scaleout.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
+from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
                                       remove_partial_writes, skipped_attrs)
-from revq_pipe.pipeline.vae import FrozenVae, VaeSpec, resolve_vae
+from revq_pipe.pipeline.images.vae import FrozenVae, VaeSpec, resolve_vae
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None
 def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, device: str = "auto",
                       workers: int | None = None, **options: Any) -> EncodeSummary:
     """`encode` by tasks on a dask cluster, each encoding whole chunks of the source's order into the
-    one store (pipeline/staged_encode.py); the store equals a single-process encode's. `workers`:
+    one store (pipeline/scaleout/staged_encode.py); the store equals a single-process encode's. `workers`:
     DataLoader processes per dask worker (default: its machine's CPUs shared among its workers)."""
     shared_location(out, "--out")
     shared_location(source, "SOURCE")

@@ -24,17 +24,17 @@ from rich.table import Table
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.metrics import image_psnr_ssim
+from revq_pipe.pipeline.reporting.metrics import image_psnr_ssim
 from revq_pipe.pipeline.paths import absolute_url
-from revq_pipe.pipeline.perceptual import PerceptualMetrics
-from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
-from revq_pipe.pipeline.reporting import progress_bar, table_text
-from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.revq import latent_metrics
-from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.sources import open_source, recorded_source
-from revq_pipe.pipeline.vae import VaeSpec, resolve_vae
+from revq_pipe.pipeline.reporting.perceptual import PerceptualMetrics
+from revq_pipe.pipeline.images.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.reporting.console import progress_bar, table_text
+from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.model.revq import latent_metrics
+from revq_pipe.pipeline.storage.run_dir import Run
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.images.sources import open_source, recorded_source
+from revq_pipe.pipeline.images.vae import VaeSpec, resolve_vae
 
 EVAL_PREFIX = "eval-"
 

@@ -3,10 +3,10 @@
 Reads a latent store chunk by chunk, tokenizes it with a fitted run (quantization only: the
 rectifier is not needed to find ids), and writes a token store (Zarr, row for row as the latent
 store), shards for training loaders (webdataset {__key__, tokens.npy, cls}, or parquet rows of key,
-label, class, tokens; in store order or a seeded shuffle; pipeline/token_shards.py), or a token
+label, class, tokens; in store order or a seeded shuffle; pipeline/storage/token_shards.py), or a token
 store and webdataset shards. Every output resumes where a killed export stopped, and the resumed
 result is identical to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token
-store (pipeline/token_tasks.py).
+store (pipeline/scaleout/token_tasks.py).
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from revq_pipe.pipeline.chunk_tasks import new_job_id
-from revq_pipe.pipeline.cluster import cluster_client, describe, shared_location
+from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
+from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url, inside_parts, refuse_collisions, same_location
-from revq_pipe.pipeline.reporting import progress_bar
-from revq_pipe.pipeline.run_dir import Run
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
-from revq_pipe.pipeline.token_store import TokenStore, token_dtype
-from revq_pipe.pipeline.token_tasks import TokenizeTask, fill_on_cluster, written_on_cluster
+from revq_pipe.pipeline.reporting.console import progress_bar
+from revq_pipe.pipeline.storage.run_dir import Run
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.storage.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
+from revq_pipe.pipeline.storage.token_store import TokenStore, token_dtype
+from revq_pipe.pipeline.scaleout.token_tasks import TokenizeTask, fill_on_cluster, written_on_cluster
 
 FORMATS = ("zarr", "wds", "parquet", "zarr+wds")
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_siz
 
 def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, latents: LatentStore, device: str,
                      batch_size: int, progress: bool) -> None:
-    """Fill the token store with tasks on the dask cluster `cluster` (pipeline/token_tasks.py)."""
+    """Fill the token store with tasks on the dask cluster `cluster` (pipeline/scaleout/token_tasks.py)."""
     local_run = Path(run).expanduser()
     task = TokenizeTask(run=str(local_run.resolve()) if local_run.is_dir() else run, run_sha256=run_info.sha256,
                         store=absolute_url(latents.url), tokens=absolute_url(tokens.url), device=device,

@@ -6,7 +6,7 @@ tokens, codebook loss mse(tokens, quantized), rectifier loss mse(z, g(stopgrad(q
 clipping at 1.0 for each, exponential decay of both to 5% over the run, and the Non-Activation Reset
 at each epoch end. Where revq-pipe departs from it by default, the paper's way stays a flag: the
 rectifier is residual and the identity at initialisation (`rectifier_form="paper"` for the paper's),
-and every random purpose has its own stream (seeds.py). `pipeline.trainer.Trainer` holds the model,
+and every random purpose has its own stream (seeds.py). `pipeline.train.trainer.Trainer` holds the model,
 both optimizers and one step; `fit` is the loop around it: data, epochs, validation, checkpoints,
 metrics.
 
@@ -14,7 +14,7 @@ The codebook loss is the quantizer's own latent MSE on the batch (tokens are a p
 normalised latent), so it and the rectifier loss are directly comparable: the rectifier helps where
 its loss is the lower one. Validation reports both on held-out latents each epoch.
 
-Under torchrun, `fit` trains data-parallel (pipeline/distributed.py): `batch_size` stays the global
+Under torchrun, `fit` trains data-parallel (pipeline/train/distributed.py): `batch_size` stays the global
 batch, each process steps on its share, and rank 0 alone writes the run dir and reports.
 """
 
@@ -30,24 +30,24 @@ from typing import Any
 
 import torch
 
-from revq_pipe.pipeline.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
+from revq_pipe.pipeline.train.checkpoint import (check_resume, continued_train_config, load_checkpoint, save_checkpoint,
                                            start_over)
-from revq_pipe.pipeline.codebook_init import init_codebooks
-from revq_pipe.pipeline.config import (ReVQConfig, TrainConfig, check_codes_fit_data, resolve_model_config,
+from revq_pipe.pipeline.train.codebook_init import init_codebooks
+from revq_pipe.pipeline.model.config import (ReVQConfig, TrainConfig, check_codes_fit_data, resolve_model_config,
                                        resolve_train_config)
 from revq_pipe.pipeline.device import resolve_device
-from revq_pipe.pipeline.distributed import DataParallelGroup, in_process_group
+from revq_pipe.pipeline.train.distributed import DataParallelGroup, in_process_group
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.fit_outputs import FitOutputs, epoch_line
-from revq_pipe.pipeline.loader import LatentLoader, open_training_store
+from revq_pipe.pipeline.train.fit_outputs import FitOutputs, epoch_line
+from revq_pipe.pipeline.train.loader import LatentLoader, open_training_store
 from revq_pipe.pipeline.paths import absolute_url
-from revq_pipe.pipeline.reporting import progress_bar
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.run_guard import guards_run_dir
+from revq_pipe.pipeline.reporting.console import progress_bar
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.train.run_guard import guards_run_dir
 from revq_pipe.pipeline.seeds import stream_seed
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.trainer import NonFiniteTraining, Trainer
-from revq_pipe.pipeline.vae import portable_vae_name
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.train.trainer import NonFiniteTraining, Trainer
+from revq_pipe.pipeline.images.vae import portable_vae_name
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,9 @@ def fit(
 
     Writes `config.json` + `model.safetensors` + a model card (loadable with `ReVQ.from_pretrained(out)`),
     `checkpoint.pt`, `metrics.jsonl` and `metrics.png` (and TensorBoard events with `tensorboard`) after
-    every epoch, and `training.json` (the training data and settings; pipeline/fit_outputs.py). With
+    every epoch, and `training.json` (the training data and settings; pipeline/train/fit_outputs.py). With
     `resume`, continues from the last completed epoch and ends with the same weights as an
-    uninterrupted run (on the CPU bit for bit at the same thread count: pipeline/determinism.py); with
+    uninterrupted run (on the CPU bit for bit at the same thread count: pipeline/train/determinism.py); with
     `epochs` beyond the run's, it extends the run (`TrainConfig.lr_at` says how the learning rate goes
     on). `overwrite` starts over in place.
     `flip` (default: when the store has them) trains on the flipped images' latents as well, one

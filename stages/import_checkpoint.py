@@ -2,7 +2,7 @@
 
 The converted run holds config.json, model.safetensors and a model card like a fitted one, and a
 training record naming the files it came from, so `export-tokens`, `decode` and `eval` take it as
-RUN (see pipeline/paper_checkpoint.py for the mapping).
+RUN (see pipeline/model/paper_checkpoint.py for the mapping).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paper_checkpoint import paper_model
-from revq_pipe.pipeline.training_record import write_training_record
-from revq_pipe.pipeline.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
+from revq_pipe.pipeline.model.paper_checkpoint import paper_model
+from revq_pipe.pipeline.train.training_record import write_training_record
+from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
 
 
 @dataclass

@@ -17,9 +17,9 @@ from typing import Sequence
 import numpy as np
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.latent_files import LatentFile, read_latent_file
-from revq_pipe.pipeline.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
-from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.storage.latent_files import LatentFile, read_latent_file
+from revq_pipe.pipeline.storage.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
+from revq_pipe.pipeline.images.vae import resolve_vae
 
 
 @dataclass

@@ -73,7 +73,7 @@ def tiny_kl_vae_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def photo_folder(tmp_path_factory) -> Path:
-    from revq_pipe.pipeline.sample_images import photo_crops, write_image_folder
+    from revq_pipe.pipeline.images.sample_images import photo_crops, write_image_folder
 
     root = tmp_path_factory.mktemp("photos") / "classes"
     write_image_folder(root, photo_crops(PHOTO_CLASSES, PHOTO_COUNT, seed=0, out_size=PHOTO_SIDE))

@@ -18,7 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
-from revq_pipe.pipeline.trainer import Trainer
+from revq_pipe.pipeline.train.trainer import Trainer
 from revq_pipe.stages.fit import fit
 
 

@@ -3,7 +3,7 @@ tests/test_faults.py).
 
 Usage: python kill_at.py TARGET NTH before|after [--encode-chunk-rows N] -- CLI ARGS...
 
-TARGET names a function or method as module:qualname (revq_pipe.pipeline.store:RowStore.commit,
+TARGET names a function or method as module:qualname (revq_pipe.pipeline.storage.store:RowStore.commit,
 zarr:Array.__setitem__, ...). On its NTH call the process sends itself SIGKILL, just before or
 just after the call: no handler runs and nothing is cleaned up, as after a crash or the OOM
 killer. --encode-chunk-rows makes encode cut chunks of N rows, so a few images span several.

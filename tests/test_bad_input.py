@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from conftest import TINY_IMAGE_SIZE
 from private_mount import needs_private_mounts, run_with_tmpfs
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
 from revq_pipe.stages.fit import fit

@@ -6,7 +6,7 @@ import numpy as np
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 SHAPE = (8, 4, 4)
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from revq_pipe.pipeline.benchmarking import mean_seconds, reference_search, seconds_per_call
+from revq_pipe.pipeline.reporting.benchmarking import mean_seconds, reference_search, seconds_per_call
 
 
 def test_reference_search_finds_the_nearest_code_and_its_unsquared_distance():

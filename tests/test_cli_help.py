@@ -68,6 +68,6 @@ def test_help_and_version_start_without_torch():
 
 def test_from_revq_pipe_import_revq():
     from revq_pipe import ReVQ
-    from revq_pipe.pipeline.revq import ReVQ as defined
+    from revq_pipe.pipeline.model.revq import ReVQ as defined
 
     assert ReVQ is defined

@@ -20,11 +20,11 @@ from typer.testing import CliRunner
 
 from conftest import PHOTO_CLASSES, TINY_IMAGE_SIZE
 from revq_pipe.cli import app
-from revq_pipe.pipeline.chunk_tasks import task_runs
+from revq_pipe.pipeline.scaleout.chunk_tasks import task_runs
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.sample_images import photo_crops, write_image_folder
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.images.sample_images import photo_crops, write_image_folder
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
 from revq_pipe.stages.fit import fit

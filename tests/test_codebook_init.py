@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from revq_pipe.pipeline.codebook_init import kmeans_sample_size, lloyd_, sample_rows
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.train.codebook_init import kmeans_sample_size, lloyd_, sample_rows
+from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.stages.fit import fit
 
 

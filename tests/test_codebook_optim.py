@@ -3,7 +3,7 @@
 
 import torch
 
-from revq_pipe.pipeline.codebook_optim import SparseAdamW
+from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
 
 LR = 0.05
 

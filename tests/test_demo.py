@@ -10,11 +10,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE
+from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.pipeline.workdir import claim_folder
 from revq_pipe.stages.demo import COMPARISON_COUNT, MARKER, QUICK
 

@@ -16,12 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from revq_pipe.pipeline.checkpoint import load_checkpoint
-from revq_pipe.pipeline.distributed import DataParallelGroup
+from revq_pipe.pipeline.train.checkpoint import load_checkpoint
+from revq_pipe.pipeline.train.distributed import DataParallelGroup
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline import loader as loader_module
-from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.train import loader as loader_module
+from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.stages.fit import fit
 
 DRIVER = Path(__file__).with_name("ddp_fit_driver.py")

@@ -8,8 +8,8 @@ import torch
 from diffusers import AutoencoderDC
 from skimage.metrics import peak_signal_noise_ratio
 
-from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_LATENT_SHAPE, EMBEDDED_VAE_DIR
-from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
+from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_LATENT_SHAPE, EMBEDDED_VAE_DIR
+from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
 
 # The shipped model measures 27.5 dB on the test's 8 held-out crops (29.6 dB on the record's 64);
 # the same architecture with random weights gives 8-9 dB, and the earlier model trained without
@@ -92,7 +92,7 @@ def test_training_record_is_honest(embedded_vae, training_record):
 
 @pytest.mark.parametrize("name", ["revq-pipe-embedded", "embedded"])
 def test_the_recorded_name_of_the_embedded_vae_resolves_to_it(name):
-    from revq_pipe.pipeline.vae import resolve_vae
+    from revq_pipe.pipeline.images.vae import resolve_vae
 
     spec = resolve_vae(name)
     assert spec.name == "revq-pipe-embedded" and spec.latent_shape(EMBEDDED_IMAGE_SIZE) == EMBEDDED_LATENT_SHAPE
@@ -102,7 +102,7 @@ def test_the_recorded_name_of_the_embedded_vae_resolves_to_it(name):
 def test_a_stereo_pair_loads_as_its_left_view():
     import skimage.data
 
-    from revq_pipe.pipeline.sample_images import load_photo
+    from revq_pipe.pipeline.images.sample_images import load_photo
 
     left = skimage.data.stereo_motorcycle()[0]
     photo = load_photo("stereo_motorcycle")

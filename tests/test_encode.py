@@ -11,10 +11,10 @@ from typer.testing import CliRunner
 
 from conftest import PHOTO_CLASSES, PHOTO_COUNT, TINY_IMAGE_SIZE
 from revq_pipe.cli import app
-from revq_pipe.pipeline import store as store_module
+from revq_pipe.pipeline.storage import store as store_module
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.sources import decode_image, to_model_input
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.images.sources import decode_image, to_model_input
+from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.stages.encode import encode
 
 runner = CliRunner()
@@ -252,7 +252,7 @@ def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_d
                                                             caplog):
     import huggingface_hub.constants
 
-    from revq_pipe.pipeline import vae as vae_module
+    from revq_pipe.pipeline.images import vae as vae_module
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(vae_module, "EMBEDDED_VAE_DIR", tmp_path / "not-installed")
@@ -269,7 +269,7 @@ def test_default_vae_offline_falls_back_to_the_embedded_one(photo_folder, tiny_d
 
 def test_bench_encode_runs_end_to_end_on_the_cpu():
     from conftest import TINY_DC_CONFIG
-    from revq_pipe.stages.bench_encode import bench_encode
+    from revq_pipe.stages.bench.encode import bench_encode
 
     result = bench_encode("cpu", images=6, batch_size=3, vae_config=TINY_DC_CONFIG)
     names = [row.name for row in result.rows]
@@ -280,7 +280,7 @@ def test_bench_encode_runs_end_to_end_on_the_cpu():
 
 
 def test_the_embedded_vae_has_one_name_by_path_too(tiny_dc_vae_dir, monkeypatch):
-    from revq_pipe.pipeline import vae as vae_module
+    from revq_pipe.pipeline.images import vae as vae_module
 
     monkeypatch.setattr(vae_module, "EMBEDDED_VAE_DIR", tiny_dc_vae_dir)
     monkeypatch.setattr(vae_module, "EMBEDDED_IMAGE_SIZE", TINY_IMAGE_SIZE)
@@ -293,7 +293,7 @@ def test_vae_resolution_errors(tmp_path, tiny_dc_vae_dir, monkeypatch):
 
     import huggingface_hub.constants
 
-    from revq_pipe.pipeline.vae import resolve_vae
+    from revq_pipe.pipeline.images.vae import resolve_vae
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     with pytest.raises(UserError, match="not in the Hugging Face cache, and the hub is offline"):
@@ -318,7 +318,7 @@ def test_vae_resolution_errors(tmp_path, tiny_dc_vae_dir, monkeypatch):
 def test_unreachable_hub_fails_fast_and_the_default_falls_back(tiny_dc_vae_dir, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from revq_pipe.pipeline import vae as vae_module
+    from revq_pipe.pipeline.images import vae as vae_module
 
     # Not offline, but the hub's address does not resolve (the .invalid domain never does).
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from conftest import PHOTO_COUNT, TINY_IMAGE_SIZE
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.metrics import image_psnr_ssim
-from revq_pipe.pipeline.pixels import original_pixels, vae_pixels
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.vae import resolve_vae
+from revq_pipe.pipeline.reporting.metrics import image_psnr_ssim
+from revq_pipe.pipeline.images.pixels import original_pixels, vae_pixels
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.images.vae import resolve_vae
 from revq_pipe.stages.decode import decode
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import evaluate
@@ -174,7 +174,7 @@ def test_original_pixels_follow_the_store_order_and_skip_missing(pipeline):
     pixels = np.concatenate(blocks)
     assert pixels.shape == (len(wanted), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, 3) and pixels.dtype == np.uint8
     with Image.open(f"{pipeline['images']}/{wanted[0]}") as first:
-        from revq_pipe.pipeline.sources import preprocess
+        from revq_pipe.pipeline.images.sources import preprocess
 
         np.testing.assert_array_equal(pixels[0], preprocess(first, TINY_IMAGE_SIZE).permute(1, 2, 0).numpy())
     with pytest.raises(UserError, match="does not hold"):

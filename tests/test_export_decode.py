@@ -9,11 +9,11 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.config import ReVQConfig
+from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore, token_dtype
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore, token_dtype
 from revq_pipe.stages import export_tokens as export_module
 from revq_pipe.stages.decode import decode
 from revq_pipe.stages.export_tokens import export_tokens

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
 from revq_pipe.pipeline.lease import LEASE_NAME
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +64,9 @@ def assert_clean_folder(path: Path) -> None:
 # --------------------------------------------------------------------------- encode
 
 ENCODE_MOMENTS = {
-    "early: the group just created (F1)": ("revq_pipe.pipeline.store:_new_group", 1, "after"),
+    "early: the group just created (F1)": ("revq_pipe.pipeline.storage.store:_new_group", 1, "after"),
     "mid-chunk: chunk 2's latents written, not its labels": ("zarr:Array.__setitem__", 5, "before"),
-    "final: statistics written, not the complete flag": ("revq_pipe.pipeline.store:LatentStore.write_stats", 1,
+    "final: statistics written, not the complete flag": ("revq_pipe.pipeline.storage.store:LatentStore.write_stats", 1,
                                                          "after"),
 }
 
@@ -118,9 +118,9 @@ def fitted(tmp_path_factory, tiny_dc_vae_dir):
 
 
 EXPORT_MOMENTS = {
-    "early: the token store's group just created (F2)": ("zarr", "revq_pipe.pipeline.store:_new_group", 1, "after"),
+    "early: the token store's group just created (F2)": ("zarr", "revq_pipe.pipeline.storage.store:_new_group", 1, "after"),
     "mid-chunk: chunk 2's ids written, not its labels": ("zarr", "zarr:Array.__setitem__", 5, "before"),
-    "final: every chunk committed, not the complete flag": ("zarr", "revq_pipe.pipeline.store:RowStore.finish", 1,
+    "final: every chunk committed, not the complete flag": ("zarr", "revq_pipe.pipeline.storage.store:RowStore.finish", 1,
                                                             "before"),
     "webdataset, mid-shard": ("wds", "webdataset:TarWriter.write", 23, "before"),
 }
@@ -145,14 +145,14 @@ def test_export_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted
 
 
 DECODE_MOMENTS = {
-    "early: the latent store's group just created": (False, "revq_pipe.pipeline.store:_new_group", 1, "after"),
+    "early: the latent store's group just created": (False, "revq_pipe.pipeline.storage.store:_new_group", 1, "after"),
     "mid-chunk: chunk 2's latents written, not its labels": (False, "zarr:Array.__setitem__", 5, "before"),
-    "final: statistics written, not the complete flag": (False, "revq_pipe.pipeline.store:LatentStore.write_stats", 1,
+    "final: statistics written, not the complete flag": (False, "revq_pipe.pipeline.storage.store:LatentStore.write_stats", 1,
                                                          "after"),
     "images: one saved under its temp name, not renamed": (True, "PIL.Image:Image.save", 11, "after"),
-    "images: two chunks written, the second not committed": (True, "revq_pipe.pipeline.decoded_images:DecodedImages.commit",
+    "images: two chunks written, the second not committed": (True, "revq_pipe.pipeline.storage.decoded_images:DecodedImages.commit",
                                                              2, "before"),
-    "images: every image written, not the complete flag": (True, "revq_pipe.pipeline.decoded_images:DecodedImages.finish",
+    "images: every image written, not the complete flag": (True, "revq_pipe.pipeline.storage.decoded_images:DecodedImages.finish",
                                                            1, "before"),
 }
 
@@ -180,9 +180,9 @@ def test_decode_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted
 # --------------------------------------------------------------------------- fit
 
 FIT_MOMENTS = {
-    "early: epoch 1, before its third step": ("revq_pipe.pipeline.trainer:Trainer.step", 3, "before"),
+    "early: epoch 1, before its third step": ("revq_pipe.pipeline.train.trainer:Trainer.step", 3, "before"),
     "between epoch 2's checkpoint and its metrics and weights": ("revq_pipe.stages.fit:save_checkpoint", 2, "after"),
-    "final: the last epoch's weights written to a temp file, not renamed": ("revq_pipe.pipeline.revq:save_file", 3,
+    "final: the last epoch's weights written to a temp file, not renamed": ("revq_pipe.pipeline.model.revq:save_file", 3,
                                                                            "after"),
 }
 

@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.checkpoint import load_checkpoint
-from revq_pipe.pipeline.fit_outputs import epoch_line
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.codebook_optim import SparseAdamW
-from revq_pipe.pipeline.trainer import Trainer
+from revq_pipe.pipeline.train.checkpoint import load_checkpoint
+from revq_pipe.pipeline.train.fit_outputs import epoch_line
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
+from revq_pipe.pipeline.train.trainer import Trainer
 from revq_pipe.stages.fit import TrainingStopped, fit
 
 
@@ -241,8 +241,8 @@ def test_cli_trains_then_refuses_to_overwrite_or_to_resume_with_another_config(s
 @pytest.fixture(scope="module")
 def photo_stores(tmp_path_factory):
     """Latents of real photo crops through the embedded VAE: training photos, and held-out ones."""
-    from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE
-    from revq_pipe.pipeline.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
+    from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE
+    from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops, write_image_folder
     from revq_pipe.stages.encode import encode
 
     root = tmp_path_factory.mktemp("photo-fit")

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 SHAPE = (16, 8, 8)  # as the embedded VAE's: d=4 gives T=256
 

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.sample_images import photo_crops
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.images.sample_images import photo_crops
+from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.fit import fit
 
@@ -64,7 +64,7 @@ def test_the_statistics_cover_the_flipped_latents_too(stores):
 
 @pytest.mark.parametrize("resident", [True, False])
 def test_each_epoch_takes_every_sample_once_as_itself_or_its_flip(stores, resident, monkeypatch):
-    monkeypatch.setattr("revq_pipe.pipeline.loader.STREAM_BLOCK_BYTES", 1)  # blocks of two chunks
+    monkeypatch.setattr("revq_pipe.pipeline.train.loader.STREAM_BLOCK_BYTES", 1)  # blocks of two chunks
     flip = stores["flip"]
     originals, flipped = (torch.from_numpy(array[:]).flatten(1) for array in (flip.latents, flip.latents_flip))
     loader = LatentLoader(flip, 8, torch.device("cpu"), seed=0, resident=resident, flip=True, drop_last=False)

@@ -1,4 +1,4 @@
-"""The symlink policy of ImageFolder scans (pipeline/folder_walk.py): links are followed, a folder is
+"""The symlink policy of ImageFolder scans (pipeline/images/folder_walk.py): links are followed, a folder is
 listed once, and links never lead out of the root unless asked."""
 
 import os
@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
-from revq_pipe.pipeline.sources import open_source
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.images.sources import open_source
+from revq_pipe.pipeline.storage.store import LatentStore
 
 
 @pytest.fixture

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 
 from revq_pipe import ReVQ
 from revq_pipe.cli import app
-from revq_pipe.pipeline.config import ReVQConfig
+from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.store import write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.store import write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.fit import fit
 
 VAE_ID = "someone/tiny-vae"

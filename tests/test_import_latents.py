@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.storage.store import LatentStore
 
 SHAPE = (4, 4, 4)
 runner = CliRunner()

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from revq_pipe.pipeline.latent_writer import BlockOrder, ChunkWriter, WriteProgress
-from revq_pipe.pipeline.sources import Block, Cursor
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.storage.latent_writer import BlockOrder, ChunkWriter, WriteProgress
+from revq_pipe.pipeline.images.sources import Block, Cursor
+from revq_pipe.pipeline.storage.store import LatentStore
 
 BLOCK = 3
 CHUNK = 4

@@ -16,7 +16,7 @@ from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import JOB_ENV, LEASE_NAME, Lease, LeaseHeld, output_lease
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 runner = CliRunner()
 

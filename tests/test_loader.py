@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from revq_pipe.pipeline import loader as loader_module
-from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.train import loader as loader_module
+from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 COUNT = 45  # not a multiple of the chunk (8) nor of the batch (6)
 SHAPE = (2, 3, 3)

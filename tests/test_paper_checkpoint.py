@@ -15,8 +15,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 
 SHAPE, TOKENS, GROUPS, CODES, WIDTH, LAYERS = (8, 4, 4), 32, 8, 16, 32, 2  # d = 128 / 32 = 4
 DIM = 4

@@ -14,8 +14,8 @@ from conftest import PHOTO_COUNT, TINY_IMAGE_SIZE
 from revq_pipe import ReVQ
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.store import LatentStore
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.fit import fit
 

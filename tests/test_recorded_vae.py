@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from conftest import PHOTO_COUNT
 from revq_pipe.cli import app
-from revq_pipe.pipeline.embedded_vae import EMBEDDED_IMAGE_SIZE
-from revq_pipe.pipeline.store import LatentStore
+from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE
+from revq_pipe.pipeline.storage.store import LatentStore
 
 
 def cli(*args):

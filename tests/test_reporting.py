@@ -8,7 +8,7 @@ from tqdm import tqdm
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.reporting import TABLE_WIDTH, StderrHandler, console_reporting, setup_logging, table_text
+from revq_pipe.pipeline.reporting.console import TABLE_WIDTH, StderrHandler, console_reporting, setup_logging, table_text
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_a_shown_progress_bar_still_obeys_tqdm_disable():
     def disabled(show: bool, tqdm_disable: str | None) -> bool:
         env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
         env.update({"TQDM_DISABLE": tqdm_disable} if tqdm_disable else {})
-        code = ("import io; from revq_pipe.pipeline.reporting import progress_bar; "
+        code = ("import io; from revq_pipe.pipeline.reporting.console import progress_bar; "
                 f"print(progress_bar({show}, total=3, file=io.StringIO()).disable)")
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         return out.stdout.strip() == "True"

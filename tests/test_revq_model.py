@@ -8,12 +8,12 @@ import torch
 from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock
 from safetensors.torch import load_file
 
-from revq_pipe.pipeline.codebook_optim import SparseAdamW
-from revq_pipe.pipeline.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
+from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.loader import LatentLoader
-from revq_pipe.pipeline.revq import GroupedQuantizer, ReVQ, TokenSplitter, usage_stats
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.model.revq import GroupedQuantizer, ReVQ, TokenSplitter, usage_stats
+from revq_pipe.pipeline.storage.store import write_latent_store
 
 
 
@@ -226,14 +226,14 @@ def small_store(tmp_path_factory):
     url = str(tmp_path_factory.mktemp("loader") / "store")
     latents = np.arange(50 * 2 * 2 * 2, dtype=np.float32).reshape(50, 2, 2, 2)
     write_latent_store(url, latents.astype(np.float16), chunk_size=8)
-    from revq_pipe.pipeline.store import LatentStore
+    from revq_pipe.pipeline.storage.store import LatentStore
 
     return LatentStore.open(url)
 
 
 @pytest.mark.parametrize("resident", [True, False])
 def test_loader_visits_every_latent_once_per_epoch_in_a_seeded_order(small_store, resident, monkeypatch):
-    monkeypatch.setattr("revq_pipe.pipeline.loader.STREAM_BLOCK_BYTES", 64)  # several blocks of 2 chunks
+    monkeypatch.setattr("revq_pipe.pipeline.train.loader.STREAM_BLOCK_BYTES", 64)  # several blocks of 2 chunks
     loader = LatentLoader(small_store, 6, torch.device("cpu"), seed=3, drop_last=False, resident=resident)
     assert loader.resident is resident and len(loader) == 9
 

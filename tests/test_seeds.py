@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from revq_pipe.pipeline.codebook_init import sample_rows
-from revq_pipe.pipeline.loader import LatentLoader
+from revq_pipe.pipeline.train.codebook_init import sample_rows
+from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.seeds import STREAMS, stream_seed
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.stages.fit import fit
 
 

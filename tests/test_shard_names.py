@@ -10,7 +10,7 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import write_latent_store
+from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.stages.export_tokens import export_tokens
 from revq_pipe.stages.fit import fit
 

@@ -11,8 +11,8 @@ from PIL import Image
 
 from conftest import PHOTO_CLASSES, PHOTO_COUNT, PHOTO_SHARD_SIZE
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.sample_images import load_photo
-from revq_pipe.pipeline.sources import (
+from revq_pipe.pipeline.images.sample_images import load_photo
+from revq_pipe.pipeline.images.sources import (
     BlockDataset,
     Cursor,
     ImageFolderSource,

@@ -7,9 +7,9 @@ from typer.testing import CliRunner
 
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.stats import latent_stats
-from revq_pipe.pipeline.store import LatentStore, write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.stats import latent_stats
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 
 runner = CliRunner()
 

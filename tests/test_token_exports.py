@@ -11,8 +11,8 @@ import webdataset as wds
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
-from revq_pipe.pipeline.store import write_latent_store
-from revq_pipe.pipeline.token_store import TokenStore
+from revq_pipe.pipeline.storage.store import write_latent_store
+from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.fit import fit
 
 COUNT, CLASSES = 40, ["cat", "dog", "fox"]

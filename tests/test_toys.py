@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from revq_pipe.pipeline.config import ReVQConfig, TrainConfig
-from revq_pipe.pipeline.revq import ReVQ
-from revq_pipe.pipeline.trainer import Trainer
+from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig
+from revq_pipe.pipeline.model.revq import ReVQ
+from revq_pipe.pipeline.train.trainer import Trainer
 
 
 

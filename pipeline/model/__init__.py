@@ -1,0 +1,3 @@
+"""The ReVQ model: its config and presets (`config`), the model itself (`revq`), the rectifier
+networks (`rectifier`), the weights' checksum (`weights`), its model card (`model_card`) and the
+paper's released checkpoints (`paper_checkpoint`)."""

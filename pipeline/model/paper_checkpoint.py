@@ -1,0 +1,154 @@
+"""The ReVQ paper's released checkpoints (`ckpt.pth` + its yaml config + `preprocessor.pth`) as a
+revq-pipe model, so `export-tokens`, `decode` and `eval` run on those weights.
+
+What the released code saves, by name (read from its `src/xvq/models` and `configs/*.yaml`):
+- yaml `model.input_data_size` [C, H, W]; `model.quantizer`: `num_code` K, `tokens_per_data` T,
+  `num_group` G (T/G token positions share each codebook, position t using group t mod G);
+  `model.decoder`: `TYPE` (dc_ae, or identity for no rectifier), one stage of `block_type`
+  [EfficientViTBlock], `block_out_channels` [W], `layers_per_block` [L], `attention_head_dim`,
+  `qkv_multiscales` [[5]], `norm_type` rms_norm.
+- `ckpt.pth`: a dict with `quantizer` (`embeddings` (G, K, d), plus `index_offset` and `count`
+  buffers) and `decoder` (`conv_in`, `up_blocks.0.<i>` EfficientViT blocks, `norm_out`,
+  `conv_out`) state dicts (and the optimizer's, unused here).
+- `preprocessor.pth`: `mean` and `std` (C*H*W,).
+The decoder is the paper's rectifier form, g(q) = f(q), with DC-AE's channel-repeat shortcut around
+`conv_in`: revq-pipe's `vit` rectifier in its `paper` form holds the same layers under the names
+`rectifier.conv_in`, `rectifier.blocks.<i>`, `rectifier.norm_out`, `rectifier.conv_out`. The code
+dim d = C*H*W / T is computed from the config for every preset (the released loader fixes d=4, so
+its 256-token models do not load there).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from revq_pipe.pipeline.model.config import PRESETS, ReVQConfig
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
+
+# paper decoder parameter prefix -> revq-pipe model parameter prefix
+PREFIXES = (("conv_in.", "rectifier.conv_in."), ("norm_out.", "rectifier.norm_out."),
+            ("conv_out.", "rectifier.conv_out."))
+BLOCK_KEY = re.compile(r"^up_blocks\.0\.(\d+)\.(.+)$")
+
+
+def paper_model(checkpoint: str | Path, config: str | Path, preprocessor: str | Path, *,
+                vae: str | None = DEFAULT_VAE_ID, image_size: int | None = HUB_IMAGE_SIZE):
+    """A `ReVQ` holding the released weights; `vae`/`image_size` name what its latents come from
+    (the paper's DC-AE f32c32 at 256 px unless told otherwise)."""
+    from revq_pipe.pipeline.model.revq import ReVQ
+
+    model_config = paper_config(_read_yaml(config), vae=vae, image_size=image_size)
+    state = _torch_load(checkpoint)
+    if not isinstance(state, dict) or "quantizer" not in state or "decoder" not in state:
+        raise UserError(f"{checkpoint} is not a ReVQ paper checkpoint: it has no `quantizer` and `decoder` state")
+    stats = _torch_load(preprocessor)
+    if not isinstance(stats, dict) or not {"mean", "std"} <= stats.keys():
+        raise UserError(f"{preprocessor} is not the paper's preprocessor: it has no `mean` and `std`")
+    model = ReVQ(model_config)
+    weights = {"quantizer.codebooks": _codebooks(state["quantizer"], model_config),
+               **_rectifier_weights(state["decoder"], model_config)}
+    if model_config.rectifier == "none":
+        weights = {k: v for k, v in weights.items() if not k.startswith("rectifier.")}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [name for name in missing if not name.startswith("preprocessor.")]
+    if missing or unexpected:
+        raise UserError(f"{checkpoint} does not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    if stats["mean"].numel() != model_config.latent_numel:
+        raise UserError(f"{preprocessor} has statistics of {stats['mean'].numel()} dimensions, the config's "
+                        f"latents {model_config.latent_numel}")
+    model.preprocessor.set_stats(stats["mean"], stats["std"])
+    return model.eval()
+
+
+def paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: int | None) -> ReVQConfig:
+    """The ReVQConfig of a released yaml config (its `name` becomes the preset when it is one)."""
+    try:
+        model = yaml_config["model"]
+        latent_shape = tuple(int(v) for v in model["input_data_size"])
+        quantizer, decoder = model["quantizer"], model["decoder"]
+        tokens, codes = int(quantizer["tokens_per_data"]), int(quantizer["num_code"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise UserError(f"not a ReVQ paper config: no model.{err} (expected model.input_data_size, "
+                        "model.quantizer, model.decoder)") from err
+    groups = int(quantizer.get("num_group") or tokens)
+    if tokens % groups:
+        raise UserError(f"tokens_per_data {tokens} is not a multiple of num_group {groups}")
+    name = str(yaml_config.get("name", ""))
+    common = dict(latent_shape=latent_shape, tokens=tokens, codes=codes, dim=math.prod(latent_shape) // tokens,
+                  preset=name if name in PRESETS else "custom", rectifier_form="paper", vae=vae, image_size=image_size)
+    kind = decoder.get("TYPE")
+    if kind == "identity":
+        return ReVQConfig(**common, rectifier="none")
+    width, layers = decoder.get("block_out_channels", []), decoder.get("layers_per_block", [])
+    block = decoder.get("block_type")
+    block = block[0] if isinstance(block, list) and len(block) == 1 else block
+    supported = (kind == "dc_ae" and len(width) == 1 and len(layers) == 1 and block == "EfficientViTBlock"
+                 and [list(m) for m in decoder.get("qkv_multiscales", [[5]])] == [[5]]
+                 and decoder.get("norm_type", "rms_norm") == "rms_norm"
+                 and int(decoder.get("latent_channels", latent_shape[0])) == latent_shape[0]
+                 and int(width[0]) % latent_shape[0] == 0)
+    if not supported:
+        raise UserError(f"unsupported paper decoder {kind} {decoder}: revq-pipe maps the released one-stage "
+                        "EfficientViT decoder (dc_ae) and identity")
+    return ReVQConfig(**common, rectifier="vit", rectifier_width=int(width[0]), rectifier_layers=int(layers[0]),
+                      attention_head_dim=int(decoder.get("attention_head_dim", 32)))
+
+
+def _codebooks(quantizer: dict[str, torch.Tensor], config: ReVQConfig) -> torch.Tensor:
+    """(G, K, d) group codebooks -> (T, K, d) per position: position t uses group t mod G."""
+    embeddings = quantizer.get("embeddings")
+    if embeddings is None or embeddings.ndim != 3:
+        raise UserError("the checkpoint's quantizer has no (groups, codes, dim) `embeddings`")
+    groups, codes, dim = embeddings.shape
+    if codes != config.codes or dim != config.dim or config.tokens % groups:
+        raise UserError(f"the checkpoint's codebooks {tuple(embeddings.shape)} do not match the config "
+                        f"(T={config.tokens}, K={config.codes}, d={config.dim})")
+    return embeddings.float().repeat(config.tokens // groups, 1, 1)
+
+
+def _rectifier_weights(decoder: dict[str, torch.Tensor], config: ReVQConfig) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name, value in decoder.items():
+        block = BLOCK_KEY.match(name)
+        if block:
+            weights[f"rectifier.blocks.{block[1]}.{block[2]}"] = value
+            continue
+        for old, new in PREFIXES:
+            if name.startswith(old):
+                weights[new + name[len(old):]] = value
+                break
+        else:
+            raise UserError(f"unexpected decoder parameter {name} in the checkpoint")
+    return weights
+
+
+def _torch_load(path: str | Path) -> Any:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a foreign or damaged file: say which, in one line
+        raise UserError(f"{path} cannot be read with torch.load(weights_only=True): {str(err).splitlines()[0]}") from err
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"config not found: {path}")
+    try:
+        # The released configs use OmegaConf's ${...} interpolation only outside `model`: plain YAML reads them.
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UserError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} is not a ReVQ paper config")
+    return loaded

@@ -1,0 +1,4 @@
+"""Training, the machinery behind `fit`: the step and the epoch end (`trainer`), codebook
+optimizers and initialisation (`codebook_optim`, `codebook_init`), the data (`loader`), bit-for-bit
+CPU runs (`determinism`), torchrun (`distributed`), the checkpoint, what a run dir gets after every
+epoch (`fit_outputs`, `training_record`) and what holds around a run (`run_guard`)."""

@@ -1,0 +1,73 @@
+"""What `fit` writes into the run dir besides its checkpoint, after every epoch.
+
+    config.json, model.safetensors, README.md   the model (ReVQ.save_pretrained; card with metrics)
+    training.json                               where the data came from, how it trained (once)
+    metrics.jsonl, metrics.png                  per-epoch numbers and their curves
+    tensorboard/                                the same numbers as TensorBoard events (--tensorboard)
+
+Every file is rewritten whole from the checkpoint's history, so after a crash between the
+checkpoint and these files, the next `--resume` brings them level again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from revq_pipe.pipeline.train.checkpoint import write_metrics
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.reporting.metrics_plot import plot_metrics
+from revq_pipe.pipeline.train.training_record import training_summary, write_training_record
+
+PLOT_NAME = "metrics.png"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class FitOutputs:
+    """The run dir's files other than the checkpoint; `epoch_done` after each epoch, `close` at the end."""
+
+    def __init__(self, run_dir: Path, record: dict[str, Any], *, tensorboard: bool, resumed_at: int = 0):
+        self.run_dir = run_dir
+        write_training_record(run_dir, record)
+        self.events = _tensorboard_writer(run_dir / TENSORBOARD_DIR, resumed_at) if tensorboard else None
+
+    def epoch_done(self, model, history: list[dict[str, Any]]) -> None:
+        """Write metrics.jsonl, metrics.png, the TensorBoard scalars of the last epoch, and the model."""
+        write_metrics(self.run_dir, history)
+        plot_metrics(history, self.run_dir / PLOT_NAME, title=f"{self.run_dir.name}: {model.config.name}")
+        if self.events is not None:
+            last = history[-1]
+            for key, value in last.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self.events.add_scalar(key, value, global_step=last["epoch"])
+            self.events.flush()
+        model.training_summary = training_summary(self.run_dir)
+        model.save_pretrained(self.run_dir)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+
+
+def epoch_line(m: dict[str, Any], epochs: int) -> str:
+    """The progress line of one epoch's metrics, saying so when the rectifier is worse than the
+    quantizer alone (on validation when there is some, else on the training batches)."""
+    line = (f"epoch {m['epoch']}/{epochs}: codebook {m['codebook_loss']:.4f}, rectifier {m['rectifier_loss']:.4f}, "
+            f"usage {m['usage_mean_pct']:.1f}% (min {m['usage_min_pct']:.1f}%), reset {m['codes_reset']}")
+    if "val_mse" in m:
+        line += f", val MSE {m['val_mse']:.4f} (quantizer alone {m['val_mse_quantizer']:.4f})"
+    line += f", {m['samples_per_s']:.0f} samples/s"
+    worse = (m["val_mse"] > m["val_mse_quantizer"]) if "val_mse" in m else m["rectifier_loss"] > m["codebook_loss"]
+    if worse:
+        line += (" - the rectifier is worse than the quantizer alone " +
+                 ("on validation" if "val_mse" in m else "on training batches"))
+    return line
+
+
+def _tensorboard_writer(log_dir: Path, resumed_at: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+    # On resume, drop the events a killed run wrote after its last checkpoint (steps are epochs).
+    return SummaryWriter(str(log_dir), purge_step=resumed_at or None)

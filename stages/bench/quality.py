@@ -1,0 +1,182 @@
+"""`revq-pipe bench quality`: the rectifier ablation, as a table anyone can re-make.
+
+Every variant is a whole `fit` on the same training store with the same seed, preset, epochs and
+batch: only the rectifier (kind and form) and K change. Each is scored on a validation store of
+pictures the training store does not hold (the demo's held-out photos): the latent MSE with the
+rectifier and with the quantizer alone at every epoch end, and, given the validation images and
+the VAE, PSNR/SSIM of the images decoded through the tokens.
+
+    revq-pipe demo
+    revq-pipe bench quality revq-demo/latents-train.zarr revq-demo/latents-eval.zarr \
+        --images revq-demo/images/eval --vae revq-pipe-embedded
+
+Like the demo, this command composes whole stages (fit, eval); every other stage stands alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from revq_pipe.pipeline.model.config import PRESETS
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.workdir import claim_folder
+from revq_pipe.stages.evaluate import evaluate
+from revq_pipe.stages.fit import fit
+
+log = logging.getLogger(__name__)
+
+MARKER = "revq-bench-quality.json"
+# name -> fit's options. "paper" is the released code's rectifier g(q) = f(q); the others are
+# revq-pipe's residual form g(q) = q + f(q), the identity at initialisation. The first seven are
+# the rectifier ablation (the default set); the rest change training, not the model.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "vit": {"rectifier": "vit", "rectifier_form": "residual"},
+    "vit-paper": {"rectifier": "vit", "rectifier_form": "paper"},
+    "cnn": {"rectifier": "cnn", "rectifier_form": "residual"},
+    "cnn-paper": {"rectifier": "cnn", "rectifier_form": "paper"},
+    "mlp": {"rectifier": "mlp", "rectifier_form": "residual"},
+    "mlp-paper": {"rectifier": "mlp", "rectifier_form": "paper"},
+    "none": {"rectifier": "none"},
+    "vit-kmeans": {"rectifier": "vit", "codebook_init": "kmeans"},
+    "none-kmeans": {"rectifier": "none", "codebook_init": "kmeans"},
+    "vit-noflip": {"rectifier": "vit", "flip": False},
+    "none-noflip": {"rectifier": "none", "flip": False},
+}
+RECTIFIER_ABLATION = list(VARIANTS)[:7]
+
+
+@dataclass
+class VariantResult:
+    """One fit: its last epoch's validation numbers and the per-epoch curves."""
+
+    variant: str
+    codes: int
+    val_mse: list[float]  # per epoch, with the rectifier (normalised latent space)
+    val_mse_quantizer: list[float]  # per epoch, the quantizer alone
+    psnr_tokens: float | None = None
+    ssim_tokens: float | None = None
+    psnr_vae: float | None = None
+
+    @property
+    def worse_than_quantizer_epochs(self) -> int:
+        return sum(r > q for r, q in zip(self.val_mse, self.val_mse_quantizer))
+
+
+@dataclass
+class QualityResult:
+    """All variants of one ablation, and how it was made."""
+
+    train: str
+    val: str
+    preset: str
+    epochs: int
+    batch_size: int
+    seed: int
+    rows: list[VariantResult] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def none_row(self, codes: int) -> VariantResult | None:
+        return next((r for r in self.rows if r.codes == codes and r.variant == "none"), None)
+
+    def beats_none(self, row: VariantResult) -> str:
+        """Epoch ends at which this variant's validation MSE is below `none`'s, as "n/N"."""
+        none = self.none_row(row.codes)
+        if none is None or row is none:
+            return "-"
+        better = sum(r < n for r, n in zip(row.val_mse, none.val_mse))
+        return f"{better}/{len(row.val_mse)}"
+
+    def markdown(self) -> str:
+        """The table as Markdown (README and BENCHMARKS.md take it as it is)."""
+        lines = ["| K | rectifier | val MSE | quantizer alone | epochs better than none | "
+                 "epochs worse than its quantizer | PSNR through tokens | SSIM |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for row in self.rows:
+            psnr = f"{row.psnr_tokens:.2f} dB" if row.psnr_tokens is not None else "-"
+            ssim = f"{row.ssim_tokens:.3f}" if row.ssim_tokens is not None else "-"
+            lines.append(f"| {row.codes} | {row.variant} | {row.val_mse[-1]:.4f} | {row.val_mse_quantizer[-1]:.4f} | "
+                         f"{self.beats_none(row)} | {row.worse_than_quantizer_epochs}/{len(row.val_mse)} | "
+                         f"{psnr} | {ssim} |")
+        return "\n".join(lines)
+
+    def report(self) -> str:
+        head = (f"bench quality: preset {self.preset}, {self.epochs} epochs, batch {self.batch_size}, seed "
+                f"{self.seed}; train {self.train}, validation {self.val} ({self.seconds:.0f} s)")
+        lines = [head, self.markdown()]
+        vae = next((r.psnr_vae for r in self.rows if r.psnr_vae is not None), None)
+        if vae is not None:
+            lines.append(f"VAE alone (no tokens): PSNR {vae:.2f} dB")
+        for codes in dict.fromkeys(r.codes for r in self.rows):
+            by_name = {r.variant: r for r in self.rows if r.codes == codes}
+            for kind in ("vit", "cnn", "mlp"):
+                if kind in by_name and f"{kind}-paper" in by_name:
+                    ours, paper = by_name[kind].val_mse[-1], by_name[f"{kind}-paper"].val_mse[-1]
+                    lines.append(f"K={codes} {kind}: residual form {100 * (ours - paper) / paper:+.1f}% "
+                                 f"validation MSE vs the paper's form")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def bench_quality(
+    train: str,
+    val: str,
+    *,
+    out: str | Path = "revq-bench-quality",
+    images: str | None = None,
+    vae: str | None = None,
+    preset: str = "tiny",
+    codes: list[int] | None = None,
+    variants: list[str] | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+) -> QualityResult:
+    """Fit every variant for every K in `codes` (default: the preset's K and a quarter of it) into
+    `out`, and collect validation MSE with and without the rectifier, and PSNR/SSIM with `images`."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    variants = list(variants or RECTIFIER_ABLATION)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
+    if (images is None) != (vae is None):
+        raise UserError("PSNR needs both --images (the validation store's source) and --vae")
+    preset_codes = PRESETS[preset]["codes"]
+    codes = list(codes or [preset_codes, max(preset_codes // 4, 1)])
+    epochs = epochs or PRESETS[preset]["epochs"]
+    batch_size = batch_size or PRESETS[preset]["batch_size"]
+    out = Path(out)
+    arguments = {"train": str(train), "val": str(val), "images": images, "vae": vae, "preset": preset,
+                 "codes": codes, "variants": variants, "epochs": epochs, "batch_size": batch_size, "seed": seed}
+    if claim_folder(out, MARKER, "revq-pipe bench quality", arguments):
+        log.info(f"going on with the benchmark in {out}: finished fits are read back, an interrupted one resumes")
+    result = QualityResult(train=str(train), val=str(val), preset=preset, epochs=epochs, batch_size=batch_size,
+                           seed=seed)
+    started = time.perf_counter()
+    runs = [(k, name) for k in codes for name in variants]
+    for number, (k, name) in enumerate(runs, 1):
+        run = out / f"K{k}-{name}"
+        # resume=True: a fit this folder already finished only reads its checkpoint back.
+        fitted = fit(train, str(run), preset=preset, epochs=epochs, batch_size=batch_size, codes=k, val=val,
+                     seed=seed, device=device, progress=False, resume=True, **VARIANTS[name])
+        row = VariantResult(variant=name, codes=k, val_mse=[m["val_mse"] for m in fitted.history],
+                            val_mse_quantizer=[m["val_mse_quantizer"] for m in fitted.history])
+        if images is not None:
+            image = evaluate(str(run), val, vae=vae, images=images, device=device, progress=False).image
+            row.psnr_tokens, row.ssim_tokens, row.psnr_vae = image["psnr_tokens"], image["ssim_tokens"], image["psnr_vae"]
+        result.rows.append(row)
+        log.info(f"[{number}/{len(runs)}] K={k} {name}: val MSE {row.val_mse[-1]:.4f} "
+                 f"(quantizer alone {row.val_mse_quantizer[-1]:.4f})"
+                 + (f", PSNR through tokens {row.psnr_tokens:.2f} dB" if row.psnr_tokens is not None else ""))
+    result.seconds = time.perf_counter() - started
+    (out / "quality.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    (out / "quality.md").write_text(result.markdown() + "\n")
+    return result

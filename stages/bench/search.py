@@ -1,0 +1,279 @@
+"""`revq-pipe bench search`: the nearest-code search beside the reference way, on the same inputs.
+
+One process, one set of random standardised inputs (like preprocessed latents and codes), these
+measurements:
+- this project's `nearest_code` (on CUDA the Triton exact kernel on every pair; on CPU the bounded
+  torch path), and on CUDA also the Triton screen method (screen + exact re-run);
+- the paper's public code's way: ``torch.vmap(cdist + min, chunk_size=2)`` over groups;
+- ``baddbmm`` (|c|^2 - 2 x.c) + ``argmin``, in chunks of groups so the distance block fits;
+- an fp32 SGEMM, to measure the device's FP32 FMA rate.
+
+Speeds are Gpairs/s with pairs = G*M*K. The FMA bound is SGEMM FLOP/s over 2(d+2) FLOP per pair
+(d multiply-adds, the code norm and the comparison): about 2,500 Gpairs/s at d=8 on one H100,
+whose fp32 SGEMM this project measured at 51.6 TFLOP/s (51.6e12 / 20, on 2026-11-22). Times are
+medians from `triton.testing.do_bench` on CUDA and `torch.utils.benchmark.Timer` on the CPU
+(`pipeline.reporting.benchmarking`). In their sm_90 builds the screen costs about d+5.5 and the exact kernel about 2d+3.5
+FP32-pipe instructions per pair; at one instruction per FMA slot those are their own ceilings,
+printed too.
+
+Agreement: on up to EXACT_CHECK_GROUPS groups, the answer is compared with the exact torch path
+(identical indices, distances within 1e-5). The two baselines use the expanded formula and may
+pick a different code where two codes' distances differ by less than its rounding: every such
+query is re-scored with the exact direct fp32 distance, and the kernel's code must be at least as
+close as the baseline's.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass, field
+
+import torch
+
+from revq_pipe.kernels import nearest_code
+from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_torch
+from revq_pipe.pipeline.reporting.benchmarking import reference_search, seconds_per_call
+from revq_pipe.pipeline.model.config import PRESETS
+from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.errors import UserError
+
+# The paper's VAE (DC-AE f32c32 at 256 px) gives 32*8*8 numbers per image: T = that / d groups.
+LATENT_NUMBERS = 32 * 8 * 8
+BENCH_PRESETS = ("512T_NC=16384", "256T_NC=65536", "256T_NC=262144")
+# On the CPU a shape past this many pairs would take minutes per method.
+CPU_MAX_PAIRS = 1 << 28
+# baddbmm's distance block per chunk of groups, in elements (4 GiB of fp32).
+BADDBMM_BLOCK = 1 << 30
+EXACT_CHECK_GROUPS = 4
+
+
+@dataclass(frozen=True)
+class SearchShape:
+    """G groups of M queries, each group searching its own K codes of dimension d."""
+
+    groups: int
+    queries: int
+    codes: int
+    dim: int
+    label: str
+
+    @property
+    def pairs(self) -> int:
+        return self.groups * self.queries * self.codes
+
+
+def parse_shape(shape: str) -> SearchShape:
+    """A paper preset name (at its training batch size) or an explicit ``G,M,K,d``."""
+    if shape in BENCH_PRESETS:
+        preset = PRESETS[shape]
+        dim = preset["dim"]
+        return SearchShape(LATENT_NUMBERS // dim, preset["batch_size"], preset["codes"], dim, shape)
+    parts = shape.split(",")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) != 4 or min(values) < 1:
+        raise UserError(f"--shape must be one of {', '.join(BENCH_PRESETS)} or G,M,K,d with positive integers, got {shape!r}")
+    groups, queries, codes, dim = values
+    if dim > 64:
+        raise UserError(f"--shape d must be at most 64, got {dim}")
+    return SearchShape(groups, queries, codes, dim, f"G={groups},M={queries},K={codes},d={dim}")
+
+
+@dataclass
+class Timing:
+    name: str
+    seconds: float
+
+
+@dataclass
+class BenchSearchResult:
+    """Timings of the four methods on one shape and device, and whether they agree."""
+
+    shape: SearchShape
+    device: str
+    implementation: str
+    timings: list[Timing]
+    sgemm_flops: float
+    exact_check: str
+    agreement: list[str] = field(default_factory=list)
+    all_agree: bool = True
+    date: str = ""
+
+    def gpairs(self, name: str) -> float:
+        seconds = next(t.seconds for t in self.timings if t.name == name)
+        return self.shape.pairs / seconds / 1e9
+
+    def report(self) -> str:
+        """A table of Gpairs/s with the speed-up over the reference way and the FMA-bound fraction."""
+        d = self.shape.dim
+        fma_bound = self.sgemm_flops / (2 * (d + 2)) / 1e9
+        screen_bound = self.sgemm_flops / 2 / (d + 5.5) / 1e9
+        exact_bound = self.sgemm_flops / 2 / (2 * d + 3.5) / 1e9
+        reference = self.gpairs(REFERENCE)
+        lines = [
+            f"bench search: {self.shape.label} (G={self.shape.groups}, M={self.shape.queries}, "
+            f"K={self.shape.codes}, d={d}; {self.shape.pairs / 1e9:.3g} Gpairs) on {self.device}, {self.date}",
+            f"  {'method':<34} {'ms':>10} {'Gpairs/s':>10} {'vs ref':>8} {'of FMA bound':>13}",
+        ]
+        for timing in self.timings:
+            rate = self.gpairs(timing.name)
+            lines.append(
+                f"  {timing.name:<34} {timing.seconds * 1e3:>10.4g} {rate:>10.4g} {rate / reference:>7.3g}x "
+                f"{rate / fma_bound:>12.1%}"
+            )
+        sgemm_line = (
+            f"  fp32 SGEMM: {self.sgemm_flops / 1e12:.3g} TFLOP/s -> FMA bound {fma_bound:.4g} Gpairs/s (2(d+2) FLOP/pair)"
+        )
+        if self.implementation.startswith("Triton"):
+            sgemm_line += f"; Triton kernels' instruction bounds: screen {screen_bound:.4g}, exact {exact_bound:.4g} Gpairs/s"
+        lines += [
+            sgemm_line,
+            f"  nearest_code ran: {self.implementation}",
+            f"  exact check: {self.exact_check}",
+            *[f"  {line}" for line in self.agreement],
+            "  all agree: " + ("yes" if self.all_agree else "NO"),
+        ]
+        return "\n".join(lines)
+
+
+OURS = "nearest_code (this project)"
+OURS_SCREEN = "Triton screen method"
+REFERENCE = "reference: vmap(cdist+min, chunk=2)"
+BADDBMM = "baddbmm + argmin"
+
+
+def baddbmm_search(x: torch.Tensor, codebooks: torch.Tensor, code_sqnorms: torch.Tensor) -> torch.Tensor:
+    """|c|^2 - 2 x.c with one baddbmm per chunk of groups, then argmin (|x|^2 does not change it)."""
+    groups, queries, _ = x.shape
+    codes = codebooks.shape[1]
+    chunk = max(1, BADDBMM_BLOCK // (queries * codes))
+    parts = []
+    for g0 in range(0, groups, chunk):
+        g1 = min(g0 + chunk, groups)
+        scores = torch.baddbmm(code_sqnorms[g0:g1, None, :], x[g0:g1], codebooks[g0:g1].transpose(1, 2), alpha=-2.0)
+        parts.append(scores.argmin(dim=-1))
+    return torch.cat(parts)
+
+
+def _sgemm_flops(device: torch.device) -> float:
+    """Measured fp32 matrix-product FLOP/s, TF32 off (the FP32 FMA rate)."""
+    size = 8192 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seconds = seconds_per_call(lambda: torch.mm(a, b), device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    return 2 * size**3 / seconds
+
+
+def _exact_sq_dists(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Direct fp32 squared distance of every query to the code it was given, summed over d in order."""
+    chosen = torch.gather(codebooks, 1, indices[..., None].expand(-1, -1, codebooks.shape[2]))
+    diff = x - chosen
+    total = diff[..., 0] * diff[..., 0]
+    for j in range(1, x.shape[2]):
+        total = total + diff[..., j] * diff[..., j]
+    return total
+
+
+def compare_with_baseline(
+    name: str, x: torch.Tensor, codebooks: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor
+) -> tuple[str, bool]:
+    """How many queries a baseline answered differently, and whether ours is never the farther."""
+    differ = ours != theirs
+    count = int(differ.sum())
+    if count == 0:
+        return f"{name}: all {ours.numel()} indices equal", True
+    ours_dist = _exact_sq_dists(x, codebooks, ours)[differ]
+    their_dist = _exact_sq_dists(x, codebooks, theirs)[differ]
+    farther = int((ours_dist > their_dist).sum())
+    if farther:
+        return f"{name}: {count} indices differ and at {farther} the kernel's code is FARTHER in exact fp32", False
+    return (
+        f"{name}: {count} of {ours.numel()} indices differ; at each the kernel's code is at least as "
+        "close in exact fp32 (the baseline's expanded formula rounds)",
+        True,
+    )
+
+
+def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
+    """Time the kernel, the reference way, baddbmm+argmin and an SGEMM on one random input set."""
+    spec = parse_shape(shape)
+    dev = resolve_device(device)
+    if dev.type == "cpu" and spec.pairs > CPU_MAX_PAIRS:
+        raise UserError(
+            f"{spec.label} is {spec.pairs:.3g} pairs: minutes per method on the CPU; "
+            "pass a small --shape G,M,K,d (e.g. 8,64,4096,8) or run on CUDA"
+        )
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(spec.groups, spec.queries, spec.dim, generator=gen, device=dev)
+    codebooks = torch.randn(spec.groups, spec.codes, spec.dim, generator=gen, device=dev)
+    code_sqnorms = codebooks.square().sum(-1)
+
+    outputs: dict[str, torch.Tensor] = {}
+
+    def ours() -> None:
+        outputs[OURS] = nearest_code(x, codebooks)[0]
+
+    def ours_screen() -> None:
+        from revq_pipe.kernels.triton_search import nearest_code_triton
+
+        outputs[OURS_SCREEN] = nearest_code_triton(x, codebooks, method="screen")[0]
+
+    def reference() -> None:
+        outputs[REFERENCE] = reference_search(x, codebooks)[0]
+
+    def baddbmm() -> None:
+        outputs[BADDBMM] = baddbmm_search(x, codebooks, code_sqnorms)
+
+    methods = [(OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm)]
+    if implementation_for(x) == "triton":
+        methods.insert(1, (OURS_SCREEN, ours_screen))
+    timings = [Timing(name, seconds_per_call(run, dev)) for name, run in methods]
+    sgemm = _sgemm_flops(dev)
+
+    checked = min(spec.groups, EXACT_CHECK_GROUPS)
+    exact_indices, exact_dists = nearest_code_torch(x[:checked], codebooks[:checked])
+    exact_ok = True
+    for name in (OURS, OURS_SCREEN):
+        if name in outputs:
+            dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
+            exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
+            exact_ok &= torch.allclose(dists, exact_dists, rtol=1e-5, atol=0.0)
+    exact_check = (
+        f"{'identical' if exact_ok else 'DIFFERENT'} indices to the exact torch path on {checked} groups "
+        f"({checked * spec.queries} queries)"
+    )
+    agreement, all_agree = [], exact_ok
+    for name in (OURS_SCREEN, REFERENCE, BADDBMM):
+        if name not in outputs:
+            continue
+        line, ok = compare_with_baseline(name, x, codebooks, outputs[OURS], outputs[name])
+        agreement.append(line)
+        all_agree = all_agree and ok
+
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    implementation = implementation_for(x)
+    if implementation == "triton":
+        from revq_pipe.kernels.triton_search import autotuned_config
+
+        implementation = f"Triton kernels ({autotuned_config() or 'interpreted'})"
+    else:
+        implementation = "matmul-screened exact torch path (CPU)"
+    return BenchSearchResult(
+        shape=spec,
+        device=device_name,
+        implementation=implementation,
+        timings=timings,
+        sgemm_flops=sgemm,
+        exact_check=exact_check,
+        agreement=agreement,
+        all_agree=all_agree,
+        date=datetime.date.today().isoformat(),
+    )
