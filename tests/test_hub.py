@@ -5,7 +5,9 @@ from the cache offline, and `push_to_hub` uploads the model without the run's lo
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -94,7 +96,33 @@ def test_cli_takes_a_hub_id_as_run(run, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
 
 
-def test_push_to_hub_uploads_the_model_card_config_and_weights_only(run, monkeypatch):
+@pytest.fixture
+def hub_at(monkeypatch):
+    """Point the hub client at a local address, with the hub switched on (conftest switches it off)."""
+    def point(port):
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    return point
+
+
+@pytest.fixture
+def reachable_hub(hub_at):
+    """A hub that answers the reachability probe: a listening socket (the requests themselves are replaced)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        hub_at(server.getsockname()[1])
+        yield
+
+
+@pytest.fixture
+def unreachable_hub(hub_at):
+    """A hub that refuses connections: a port nothing listens on any more."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    hub_at(port)
+
+
+def test_push_to_hub_uploads_the_model_card_config_and_weights_only(run, monkeypatch, reachable_hub):
     uploaded = {}
 
     def create_repo(self, repo_id, **kwargs):
@@ -113,3 +141,30 @@ def test_push_to_hub_uploads_the_model_card_config_and_weights_only(run, monkeyp
     card = uploaded["README.md"].decode()
     assert f'ReVQ.from_pretrained("{REPO}")' in card and "| training latents | 64 |" in card
     assert all(str(run["root"]).encode() not in content for content in uploaded.values())
+
+
+def test_push_to_hub_without_the_hub_says_so_in_one_line(run, monkeypatch, unreachable_hub):
+    model = ReVQ.from_pretrained(run["run"])
+    monkeypatch.setattr(HfApi, "create_repo", lambda *args, **kwargs: pytest.fail("the push went on"))
+    with pytest.raises(UserError, match=r"cannot push someone/revq-tiny: the Hugging Face hub cannot be reached "
+                                        r"\(127\.0\.0\.1: .*\); check the network") as refused:
+        model.push_to_hub(REPO)
+    assert "\n" not in str(refused.value)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="the Hugging Face hub is switched off"):
+        model.push_to_hub(REPO)
+
+
+@pytest.mark.parametrize("hub", ["switched off", "unreachable"])
+def test_a_run_neither_here_nor_cached_names_no_setting_the_user_never_set(hub, tmp_path, monkeypatch, request):
+    if hub == "unreachable":
+        request.getfixturevalue("unreachable_hub")
+    monkeypatch.chdir(tmp_path)  # no runs/nope here: a hub id to the loader
+    why = "is switched off" if hub == "switched off" else r"cannot be reached \(127\.0\.0\.1"
+    with pytest.raises(UserError) as python_error:
+        ReVQ.from_pretrained("runs/nope", cache_dir=tmp_path)
+    cli = CliRunner().invoke(app, ["export-tokens", "runs/nope", "s.zarr", "--out", "t.zarr"])
+    assert cli.exit_code == 2
+    for message in (str(python_error.value), cli.output):
+        assert "runs/nope is neither a run directory nor a" in message and "local_files_only" not in message, message
+        assert re.search(f"not in the Hugging Face cache, and the hub {why}", message), message

@@ -1,9 +1,10 @@
 """Images as a user holds them (PIL images, tensors, arrays, file paths) -> the uint8 batch encode makes.
 
 Every kind goes through encode's own preprocessing (`sources.preprocess`: RGB, resize of the short
-side, centre crop), so `ReVQ.tokenize_images` sees exactly what `revq-pipe encode` would have.
-Tensors follow torchvision's conventions: float in [0, 1] (what `ToTensor` gives) or uint8 0..255,
-shaped (3, H, W) or (B, 3, H, W); numpy arrays are (H, W, 3) uint8 as PIL gives them.
+side, centre crop), so `ReVQImageTokenizer.tokenize_images` sees exactly what `revq-pipe encode`
+would have. Tensors follow torchvision's conventions: float in [0, 1] (what `ToTensor` gives) or
+uint8 0..255, shaped (3, H, W) or (B, 3, H, W); numpy arrays are (H, W, 3) uint8 as PIL gives them.
+A list may mix all of these, batches included: its images come in order, a batch's in its own.
 """
 
 from __future__ import annotations
@@ -25,15 +26,18 @@ def image_batch(images: Any, size: int) -> torch.Tensor:
 
 
 def _pil_images(images: Any) -> Iterable[Image.Image]:
-    if isinstance(images, torch.Tensor) and images.ndim == 4:
-        images = list(images)
-    elif isinstance(images, (Image.Image, str, Path, torch.Tensor, np.ndarray)):
+    if isinstance(images, (Image.Image, str, Path, torch.Tensor, np.ndarray)):
         images = [images]
-    images = list(images)
+    # A (B, 3, H, W) batch stands for its B images, alone or as one item of a list.
+    images = [image for item in images for image in (item if _is_batch(item) else [item])]
     if not images:
         raise UserError("no images given")
     for image in images:
         yield _to_pil(image)
+
+
+def _is_batch(item: Any) -> bool:
+    return isinstance(item, torch.Tensor) and item.ndim == 4
 
 
 def _to_pil(image: Any) -> Image.Image:

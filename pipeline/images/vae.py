@@ -4,25 +4,24 @@ The class comes from the model's own config (`_class_name` in config.json): Auto
 default, `.encode(x).latent`) or AutoencoderKL (the posterior mean, `.encode(x).latent_dist.mean`).
 Resolution reads only config.json, so settings can be checked against an existing store before
 any weights are loaded. Nothing here waits on the network when it need not: the local Hugging
-Face cache and offline mode are checked first, and the one probe of the hub has a short timeout.
+Face cache and offline mode are checked first, and the one probe of the hub (pipeline/hub.py) has
+a short timeout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
-from urllib.parse import urlparse
 
 import torch
 
 from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.hub import HUB_PROBE_TIMEOUT_S, hub_offline, hub_unreachable, looks_like_hub_id
 
 # The DC-AE f32c32 model the ReVQ paper uses: 256 px -> (32, 8, 8) latents.
 DEFAULT_VAE_ID = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
@@ -30,7 +29,6 @@ EMBEDDED_VAE_NAME = "revq-pipe-embedded"
 HUB_IMAGE_SIZE = 256
 SUPPORTED_CLASSES = ("AutoencoderDC", "AutoencoderKL")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -244,20 +242,6 @@ def _resolve_hub(repo_id: str) -> VaeSpec:
     raise UserError(f"Hugging Face model {repo_id} has no config.json (nor vae/config.json)")
 
 
-def hub_unreachable() -> str | None:
-    """Why the hub cannot be reached, or None. One TCP connect with a short timeout: the hub
-    client's own retries would otherwise spend half a minute per file on a machine offline."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
-    except OSError as err:
-        return f"{url.hostname}: {err.strerror or type(err).__name__}"
-    return None
-
-
 def cached_hub_spec(repo_id: str) -> VaeSpec | None:
     """The spec of a hub model whose config and weights are all in the local cache, else None."""
     from huggingface_hub import try_to_load_from_cache
@@ -294,16 +278,3 @@ def portable_vae_name(name: str | None) -> str | None:
     """A VAE name that means the same on any machine (a hub id, `revq-pipe-embedded`), or None for
     a local folder (stores record those as absolute paths): what a published config.json may name."""
     return None if name is None or Path(name).is_absolute() else name
-
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off for this process (HF_HUB_OFFLINE)."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def looks_like_hub_id(spec: str) -> bool:
-    """Whether `spec` has the form of a Hugging Face model id, owner/name."""
-    parts = spec.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)

@@ -1,4 +1,5 @@
-"""The model card (README.md) that `ReVQ.save_pretrained` and `push_to_hub` write beside the weights.
+"""The model card (README.md) that `ReVQ.save_pretrained` and `push_to_hub` write beside the weights
+(pipeline/model/hub_mixin.py).
 
 Rendered with huggingface_hub's `ModelCard.from_template`, so its YAML header is the hub's own
 metadata (library, tags, pipeline); the body states what a user of the tokenizer needs: preset,
@@ -43,11 +44,12 @@ per image ({{ codes }} codes per token position) and back. Made with revq-pipe.
 ## Use
 
 ```python
-from revq_pipe import ReVQ
+from revq_pipe import ReVQ, ReVQImageTokenizer
 
 model = ReVQ.from_pretrained("{{ repo_id }}")
-ids = model.tokenize_images(["photo.jpg"])      # (1, {{ tokens }}) int64, through the VAE
-images = model.detokenize_images(ids)           # list of PIL images
+tokenizer = ReVQImageTokenizer(model)               # with the VAE above
+ids = tokenizer.tokenize_images(["photo.jpg"])      # (1, {{ tokens }}) int64, through the VAE
+images = tokenizer.detokenize_images(ids)           # list of PIL images
 ```
 """
 

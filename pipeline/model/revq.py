@@ -8,42 +8,26 @@
       -> rectifier g, then un-normalise                             (-> raw latents)
 
 `ReVQ.from_pretrained(run_dir or "user/repo")` loads a run written by `revq-pipe fit`, or one published
-on the Hugging Face hub, in one call; `tokenize_images` / `detokenize_images` go from images to ids
-and back through the VAE the model records.
+on the Hugging Face hub, in one call. This module holds tensors only: saving, loading and
+publishing are its hub mixin's (pipeline/model/hub_mixin.py), and images go through the VAE to ids
+and back in `ReVQImageTokenizer` (pipeline/images/image_tokenizer.py).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
-from PIL import Image
-
 from revq_pipe.kernels import nearest_code
-from revq_pipe.pipeline.atomic_files import write_atomically
-from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.images.image_inputs import image_batch
-from revq_pipe.pipeline.model.model_card import LIBRARY_NAME, TAGS, model_card
-from revq_pipe.pipeline.images.pixels import vae_pixels
+from revq_pipe.pipeline.model.config import ReVQConfig
+from revq_pipe.pipeline.model.hub_mixin import ReVQHubMixin
 from revq_pipe.pipeline.model.rectifier import build_rectifier
-from revq_pipe.pipeline.images.sources import to_model_input
-from revq_pipe.pipeline.train.training_record import read_training_record, training_summary
-from revq_pipe.pipeline.images.vae import hub_offline, hub_unreachable, resolve_vae
-from revq_pipe.pipeline.model.weights import CHECKSUM_KEY, file_sha256, load_verified
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-CARD_NAME = "README.md"
 # Dimensions whose std is ~0 in the store (constant latents) would divide by zero; this floor keeps
 # them finite and near zero after normalisation.
 MIN_STD = 1e-5
@@ -192,12 +176,13 @@ def latent_metrics(model: "ReVQ", batches: Iterable[torch.Tensor], *,
             "quantizer_mse_normalised": quantizer_normalised, "quantizer_mse": quantizer_raw, **usage_stats(counts)}
 
 
-class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(TAGS)):
+class ReVQ(nn.Module, ReVQHubMixin):
     """A ReVQ tokenizer: raw VAE latents <-> (B, T) token ids. Rebuilt from its `ReVQConfig`.
 
-    Loads and saves as Hugging Face models do (`huggingface_hub.PyTorchModelHubMixin`):
+    Loads and saves as Hugging Face models do (`ReVQHubMixin`, a `PyTorchModelHubMixin`):
     `ReVQ.from_pretrained("runs/512T")` or `ReVQ.from_pretrained("user/repo")`, `save_pretrained`,
-    `push_to_hub("user/repo")` (config.json, model.safetensors and a model card).
+    `push_to_hub("user/repo")` (config.json, model.safetensors and a model card). Images in and out
+    through the VAE: `ReVQImageTokenizer(model)`.
     """
 
     def __init__(self, config: ReVQConfig):
@@ -207,12 +192,11 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         self.splitter = TokenSplitter(config.latent_shape, config.tokens, config.split)
         self.quantizer = GroupedQuantizer(config.tokens, config.codes, config.dim)
         self.rectifier = build_rectifier(config)
-        # What the model card says about training (training_record.training_summary): filled when
-        # the model is loaded from a run dir, or by whoever trained it.
+        # What the model card says about training, and the VAE a local run's training record names
+        # (config.json does not name a local folder): the hub mixin fills them when it loads a run
+        # dir; whoever trains the model fills the summary.
         self.training_summary: dict[str, Any] = {}
-        # The VAE a local run's training record names (a local folder config.json does not name).
         self.recorded_vae: str | None = None
-        self._vaes: dict[tuple[str, str], Any] = {}  # loaded VAEs of the image API, by name and device
 
     @property
     def codebooks(self) -> nn.Parameter:
@@ -279,121 +263,3 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         if not outputs:
             return np.zeros((0, *row_shape), out_dtype)
         return np.concatenate(outputs).astype(out_dtype, copy=False)
-
-    # The image API: images -> the VAE's latents -> tokens, and back, in one call each.
-
-    def tokenize_images(self, images: Any, *, vae: str | None = None, batch_size: int = 64) -> torch.Tensor:
-        """Images (PIL images, paths, (3, H, W) / (B, 3, H, W) tensors in [0, 1] or uint8) -> (B, T)
-        int64 token ids: preprocessed as `revq-pipe encode` does (RGB, resize, centre crop to the
-        model's image size), encoded by the VAE, tokenized. `vae` defaults to the one the model records."""
-        frozen = self.vae(vae)
-        pixels = image_batch(images, self.config.image_size or frozen.spec.default_image_size)
-        ids = []
-        for start in range(0, len(pixels), batch_size):
-            batch = to_model_input(pixels[start:start + batch_size].to(frozen.device))
-            ids.append(self.tokenize(frozen.encode(batch)))
-        return torch.cat(ids)
-
-    def detokenize_images(self, ids: torch.Tensor, *, vae: str | None = None, batch_size: int = 64,
-                          output_type: str = "pil") -> list[Image.Image] | np.ndarray:
-        """(B, T) token ids -> images through the rectifier and the VAE decoder: a list of PIL images,
-        or with `output_type="np"` one (B, S, S, 3) uint8 array."""
-        if output_type not in ("pil", "np"):
-            raise UserError(f"output_type must be 'pil' or 'np', not {output_type!r}")
-        latents = self.detokenize_batched(torch.as_tensor(ids).cpu().numpy(), batch_size)
-        pixels = vae_pixels(self.vae(vae), latents, batch_size)
-        return pixels if output_type == "np" else [Image.fromarray(image) for image in pixels]
-
-    def vae(self, name: str | None = None):
-        """The frozen VAE of the image API (loaded once, on the model's device): `name` (a hub id, a
-        local diffusers folder, `revq-pipe-embedded`) or else the VAE the model records."""
-        name = name or self.config.vae or self.recorded_vae
-        if name is None:
-            raise UserError("this model does not record its VAE (it was trained on latents of a local "
-                            "VAE folder): pass vae=<that folder or hub id>")
-        key = (name, str(self.device))  # a model moved to another device loads the VAE there too
-        if key not in self._vaes:
-            spec = resolve_vae(name)
-            if self.config.image_size and spec.latent_shape(self.config.image_size) != self.config.latent_shape:
-                raise UserError(f"the VAE {name} makes latents of shape {spec.latent_shape(self.config.image_size)}, "
-                                f"this model tokenizes {self.config.latent_shape}")
-            self._vaes[key] = spec.load(self.device)
-        return self._vaes[key]
-
-    # Hugging Face: save_pretrained / from_pretrained / push_to_hub (the mixin's, with these parts).
-
-    def save_pretrained(self, save_directory: str | Path, *, config: Any = None,
-                        model_card_kwargs: dict[str, Any] | None = None, **unused: Any) -> None:
-        """Write model.safetensors, config.json (the architecture) and README.md (the model card,
-        regenerated every time so it describes these weights), each atomically: a crash leaves the
-        previous complete file or the new one."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._save_pretrained(directory)
-        card = self.generate_model_card(**(model_card_kwargs or {}))
-        write_atomically(directory / CARD_NAME, lambda tmp: card.save(tmp))
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        weights = save_directory / WEIGHTS_NAME
-        write_atomically(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        # The weights' sha256 beside the architecture: loading refuses a file changed anywhere (weights.py).
-        text = json.dumps({**self.config.to_dict(), CHECKSUM_KEY: file_sha256(weights)}, indent=2) + "\n"
-        write_atomically(save_directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
-
-    def generate_model_card(self, *args: Any, repo_id: str | None = None, **kwargs: Any):
-        return model_card(self.config, self.training_summary, repo_id=repo_id)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload config.json, model.safetensors and the model card to the hub repo `repo_id` (the
-        run's training record, with its local paths, stays here)."""
-        kwargs["model_card_kwargs"] = {"repo_id": repo_id, **(kwargs.get("model_card_kwargs") or {})}
-        return super().push_to_hub(repo_id, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: str | torch.device | None = None,
-                        **kwargs: Any) -> "ReVQ":
-        """Load a run dir (config.json + model.safetensors) or a hub model `user/repo` (downloaded
-        into, or read offline from, the Hugging Face cache), in eval mode on `device` (default CPU)."""
-        from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
-
-        name = str(pretrained_model_name_or_path)
-        if not os.path.isdir(name):
-            if name.startswith((".", "/", "~")) or os.path.exists(name):
-                raise UserError(f"{name} is not a ReVQ run directory")
-            if not hub_offline() and hub_unreachable():
-                kwargs["local_files_only"] = True  # the cache only, instead of the hub client's retries
-        try:
-            return super().from_pretrained(name, device=device, **kwargs)
-        except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:
-            raise UserError(f"{name} is neither a run directory nor a ReVQ model on the Hugging Face hub "
-                            f"(or in its cache): {str(err).splitlines()[0]}") from err
-
-    @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
-                         force_download: bool, local_files_only: bool, token: str | bool | None,
-                         config: dict[str, Any] | None = None, device: str | torch.device | None = None,
-                         **unused: Any) -> "ReVQ":
-        from revq_pipe.pipeline.device import resolve_device
-
-        if config is None:
-            raise UserError(f"{model_id} is not a ReVQ run: it has no config.json")
-        if os.path.isdir(model_id):
-            weights = Path(model_id) / WEIGHTS_NAME
-            if not weights.is_file():
-                raise UserError(f"{model_id} has no {WEIGHTS_NAME}: the run has not finished an epoch yet")
-        else:
-            weights = Path(hf_hub_download(model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-                                           force_download=force_download, local_files_only=local_files_only,
-                                           token=token))
-        model = cls(ReVQConfig.from_dict(config))
-        try:
-            model.load_state_dict(load_verified(weights, config.get(CHECKSUM_KEY)))
-        except RuntimeError as err:
-            raise UserError(f"{weights} does not match the config.json beside it: {err}") from err
-        if os.path.isdir(model_id):
-            model.training_summary = training_summary(model_id)
-            model.recorded_vae = (read_training_record(model_id).get("data") or {}).get("revq", {}).get("vae")
-        if device is not None:
-            model.to(resolve_device(device) if isinstance(device, str) else device)
-        return model.eval()

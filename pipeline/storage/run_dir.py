@@ -17,7 +17,8 @@ import torch
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.train.training_record import read_training_record
-from revq_pipe.pipeline.images.vae import VaeSpec, hub_offline, hub_unreachable, looks_like_hub_id
+from revq_pipe.pipeline.hub import cache_only, looks_like_hub_id, lookup_failure
+from revq_pipe.pipeline.images.vae import VaeSpec
 from revq_pipe.pipeline.model.weights import file_sha256
 
 # What a published run holds (ReVQ.push_to_hub): all a hub RUN needs.
@@ -111,10 +112,8 @@ def run_folder(run: str | Path) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
-    cache_only = not hub_offline() and hub_unreachable() is not None  # no waiting on the client's retries
-    try:
-        return Path(snapshot_download(str(run), allow_patterns=list(HUB_FILES), local_files_only=cache_only))
+    try:  # the cache alone when the hub is out of reach: no waiting on the client's retries
+        return Path(snapshot_download(str(run), allow_patterns=list(HUB_FILES), local_files_only=cache_only()))
     except (HFValidationError, LocalEntryNotFoundError, HfHubHTTPError) as err:
         raise UserError(f"{run} is neither a run directory nor a model on the Hugging Face hub (or in its "
-                        f"cache): {str(err).splitlines()[0]}") from err
-
+                        f"cache): {lookup_failure(err)}") from err
