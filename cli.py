@@ -20,6 +20,8 @@ from revq_pipe.pipeline.errors import UserError, os_error_line
 from revq_pipe.pipeline.reporting.console import console_reporting
 
 from revq_pipe.pipeline.model.config import preset_defaults, preset_help
+from revq_pipe.pipeline.model.rectifier import RECTIFIERS
+from revq_pipe.pipeline.storage.export_formats import EXPORT_FORMATS
 
 app = typer.Typer(
     name="revq-pipe",
@@ -173,7 +175,7 @@ def fit(
     seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seeds every random stream (codebook init, data order, reset noise, rectifier init), each its own."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's checkpoint."),
     split: Optional[str] = typer.Option(None, "--split", metavar="channel|spatial", help="Ablation: how latents are cut into tokens (default: channel)."),
-    rectifier: Optional[str] = typer.Option(None, "--rectifier", metavar="vit|cnn|mlp|none", help="Ablation: the rectifier network (default: vit)."),
+    rectifier: Optional[str] = typer.Option(None, "--rectifier", metavar="|".join(RECTIFIERS), help="Ablation: the rectifier network (default: vit)."),
     rectifier_form: Optional[str] = typer.Option(None, "--rectifier-form", metavar="residual|paper", help="residual (default: g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), as the paper's code)."),
     rectifier_width: Optional[int] = typer.Option(None, "--rectifier-width", min=1, metavar="W", help=f"Rectifier width (default: the preset's; {preset_defaults('rectifier_width')})."),
     rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, metavar="L", help=f"Rectifier blocks (default: the preset's; {preset_defaults('rectifier_layers')})."),
@@ -211,7 +213,7 @@ def export_tokens(
     out: str = typer.Option(..., "--out", metavar="TOKENS", help="Token store to write (Zarr v3 group), or the shard folder with --format wds / parquet."),
     batch_size: int = typer.Option(1024, "--batch-size", min=1, metavar="N", help="Latents per tokenize batch."),
     device: str = DeviceOpt,
-    format: str = typer.Option("zarr", "--format", metavar="zarr|wds|parquet|zarr+wds", help="zarr: a token store "
+    format: str = typer.Option("zarr", "--format", metavar="|".join(EXPORT_FORMATS), help="zarr: a token store "
                                "(uint16/uint32 ids, row for row as STORE); wds: webdataset shards {__key__, tokens.npy, "
                                "cls}; parquet: files of rows key, label, class, tokens; zarr+wds: both, shards in TOKENS-wds."),
     shard_size: int = typer.Option(10_000, "--shard-size", min=1, metavar="N", help="Rows per webdataset shard or parquet file."),

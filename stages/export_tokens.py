@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import posixpath
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +22,15 @@ from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import absolute_url, inside_parts, refuse_collisions, same_location
+from revq_pipe.pipeline.paths import absolute_url, refuse_collisions, same_location
 from revq_pipe.pipeline.reporting.console import progress_bar
+from revq_pipe.pipeline.storage.export_formats import ExportFormat, export_format
 from revq_pipe.pipeline.storage.run_dir import Run
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.storage.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
 from revq_pipe.pipeline.storage.token_store import TokenStore, token_dtype
 from revq_pipe.pipeline.scaleout.token_tasks import TokenizeTask, fill_on_cluster, written_on_cluster
 
-FORMATS = ("zarr", "wds", "parquet", "zarr+wds")
 log = logging.getLogger(__name__)
 
 
@@ -56,11 +55,11 @@ class ExportSummary:
             lines.append("the token store was already complete: nothing to do")
         elif self.resumed_from:
             lines.append(f"resumed at image {self.resumed_from}")
-        if "zarr" in self.format:
+        written = export_format(self.format)
+        if written.token_store:
             lines.append(f"token store: {self.out}")
         if self.shards:
-            kind = "parquet files" if "parquet" in self.format else "webdataset shards"
-            lines.append(f"{kind}: {len(self.shards)} in {Path(self.shards[0]).parent}")
+            lines.append(f"{written.shards.files}: {len(self.shards)} in {Path(self.shards[0]).parent}")
         return "\n".join(lines)
 
 
@@ -89,14 +88,13 @@ def export_tokens(
     local:N or a scheduler address), tasks on a dask cluster write the token store (formats zarr and
     zarr+wds), which equals a single-process export's.
     """
-    if format not in FORMATS:
-        raise UserError(f"unknown --format {format!r}: use one of {', '.join(FORMATS)}")
+    written = export_format(format)
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, not {batch_size}")
     if same_location(out, store):
         raise UserError("--out must not be the latent store itself")
     if cluster is not None:
-        if "zarr" not in format:
+        if not written.token_store:
             raise UserError("--cluster writes a token store: use --format zarr, or zarr+wds for shards made from it")
         shared_location(out, "--out")
         shared_location(store, "STORE")
@@ -109,31 +107,29 @@ def export_tokens(
     classes = list(latents.attrs.get("classes", []))
     attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
     shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
-    shard_folder = f"{str(out).rstrip('/')}-wds" if format == "zarr+wds" else out
-    if "wds" in format:  # before anything is written
-        refuse_collisions([wds_key(key) for key in latents.keys[:]], latents.keys, "webdataset __key__")
+    shard_folder = written.shard_folder(out)
+    if written.shards is not None and written.shards.key is not None:  # before anything is written
+        refuse_collisions([written.shards.key(key) for key in latents.keys[:]], latents.keys, written.shards.key_name)
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
     with contextlib.ExitStack() as leases:  # the cluster's tasks write under the driver's lease
-        for output in {out, shard_folder}:
+        for output in {out, shard_folder} - {None}:
             leases.enter_context(output_lease(output, "export-tokens"))
-        if "zarr" in format:
+        if written.token_store:
             tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
             summary.resumed_from = tokens.rows_done
             if cluster is None:
                 _fill_token_store(tokens, latents, model, batch_size, progress)
             elif not tokens.complete:
                 _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
-            if format == "zarr+wds":
-                rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
-                summary.shards = _shards(shard_folder, "wds", shard_attrs, rows, len(latents), shard_size, shuffle,
-                                         seed, classes, overwrite, progress)
+            rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
         else:
             rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
-            summary.shards = _shards(out, format, shard_attrs, rows, len(latents), shard_size, shuffle, seed,
-                                     classes, overwrite, progress)
+        if written.shards is not None:
+            summary.shards = _shards(shard_folder, written, shard_attrs, rows, len(latents), shard_size, shuffle,
+                                     seed, classes, overwrite, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -179,13 +175,12 @@ def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, 
             progress, total=len(tokens), initial=done, unit="img", desc="export-tokens"))
 
 
-def _shards(out: str, format: str, attrs: dict, rows, count: int, shard_size: int, shuffle: bool, seed: int,
-            classes: list[str], overwrite: bool, progress: bool) -> list[str]:
+def _shards(out: str, written: ExportFormat, attrs: dict, rows, count: int, shard_size: int, shuffle: bool,
+            seed: int, classes: list[str], overwrite: bool, progress: bool) -> list[str]:
     if shuffle:
         rows = shuffled_rows(rows, count, seed)
-    return write_shards(out, {**attrs, "format": format}, rows, count=count, format=format, shard_size=shard_size,
-                        classes=classes, key=wds_key if format == "wds" else str, overwrite=overwrite,
-                        progress=progress)
+    return write_shards(out, {**attrs, "format": written.shards.name}, rows, count=count, shards=written.shards,
+                        shard_size=shard_size, classes=classes, overwrite=overwrite, progress=progress)
 
 
 def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:
@@ -201,15 +196,3 @@ def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int)
         end = min(begin + step, len(latents))
         ids = model.tokenize_batched(latents.latents[begin:end], batch_size)
         yield ids.astype(dtype), latents.labels[begin:end], latents.keys[begin:end]
-
-
-def wds_key(key: str) -> str:
-    """A store key as a webdataset __key__, which names the sample's tar members: a relative path
-    inside the shard (no leading /, no `..`: `tarfile.extractall` would write outside its folder),
-    without the image's extension, since webdataset cuts a key at the first dot of the file name
-    ("cat/001.jpg" -> "cat/001", "/abs/../x.y.jpg" -> "abs/x_y")."""
-    stem, _ = posixpath.splitext(str(key))
-    parts = inside_parts(stem)
-    if not parts:
-        raise UserError(f"the key {key!r} names no sample: it has no name left inside a shard")
-    return "/".join(parts).replace(".", "_")

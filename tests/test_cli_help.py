@@ -50,6 +50,13 @@ def test_fit_help_says_what_a_preset_fixes_and_shows_its_defaults():
     assert "tiny: 64" in text  # the batch size
 
 
+def test_the_choices_shown_are_the_registries():
+    fit_help = " ".join(runner.invoke(app, ["fit", "--help"], terminal_width=200).stdout.split())
+    assert "--rectifier vit|cnn|mlp|none" in fit_help
+    export_help = " ".join(runner.invoke(app, ["export-tokens", "--help"], terminal_width=200).stdout.split())
+    assert "--format zarr|wds|parquet|zarr+wds" in export_help
+
+
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"revq-pipe {version('revq-pipe')}"

@@ -12,6 +12,7 @@ from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.loader import LatentLoader
+from revq_pipe.pipeline.model.rectifier import RECTIFIER_KINDS, RECTIFIERS
 from revq_pipe.pipeline.model.revq import GroupedQuantizer, ReVQ, TokenSplitter, usage_stats
 from revq_pipe.pipeline.storage.store import write_latent_store
 
@@ -79,7 +80,7 @@ def test_bad_inputs_are_user_errors():
         model.detokenize(torch.full((2, 32), 16))
 
 
-@pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp", "none"])
+@pytest.mark.parametrize("rectifier", RECTIFIERS)
 def test_save_pretrained_round_trips_through_config_json_and_safetensors(tmp_path, rectifier):
     model = small_model(rectifier=rectifier, split="spatial")
     model.save_pretrained(tmp_path)
@@ -251,7 +252,7 @@ def test_loader_visits_every_latent_once_per_epoch_in_a_seeded_order(small_store
     assert (loader.rows(picks)[:, 0, 0, 0] / 8).long().tolist() == [7, 2, 40]
 
 
-@pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp", "none"])
+@pytest.mark.parametrize("rectifier", RECTIFIERS)
 def test_the_residual_rectifier_is_exactly_the_identity_at_initialisation(rectifier):
     model = small_model(rectifier=rectifier)
     assert model.config.rectifier_form == "residual"
@@ -260,7 +261,7 @@ def test_the_residual_rectifier_is_exactly_the_identity_at_initialisation(rectif
         assert torch.equal(model.rectifier(x), x)
 
 
-@pytest.mark.parametrize("rectifier", ["vit", "cnn", "mlp"])
+@pytest.mark.parametrize("rectifier", [kind for kind in RECTIFIERS if kind != "none"])
 def test_the_paper_form_is_not_the_identity_and_the_form_is_recorded(tmp_path, rectifier):
     torch.manual_seed(0)
     config = resolve_model_config("tiny", (8, 4, 4), rectifier=rectifier, rectifier_form="paper")
@@ -271,6 +272,14 @@ def test_the_paper_form_is_not_the_identity_and_the_form_is_recorded(tmp_path, r
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["rectifier_form"] == "paper"
     assert ReVQ.from_pretrained(tmp_path).config.rectifier_form == "paper"
+
+
+def test_the_config_takes_exactly_the_registry_s_rectifier_kinds():
+    assert RECTIFIERS == tuple(RECTIFIER_KINDS) == ("vit", "cnn", "mlp", "none")
+    for kind in RECTIFIERS:
+        assert resolve_model_config("tiny", (8, 4, 4), rectifier=kind).rectifier == kind
+    with pytest.raises(UserError, match="unknown rectifier 'gan': use one of vit, cnn, mlp, none"):
+        resolve_model_config("tiny", (8, 4, 4), rectifier="gan")
 
 
 def test_a_run_saved_before_rectifier_forms_existed_loads_as_the_paper_form():

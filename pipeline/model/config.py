@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.model.rectifier import RECTIFIERS
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SPLITS = ("channel", "spatial")
-RECTIFIERS = ("vit", "cnn", "mlp", "none")
 # residual: g(q) = q + f(q) with f's last layer zero at initialisation, so the rectifier starts as the
 # identity and can only improve on the bare quantizer; paper: the released code's g(q) = f(q).
 RECTIFIER_FORMS = ("residual", "paper")

@@ -1,98 +1,68 @@
-"""The rectifier g: a small network at latent resolution mapping quantized latents toward the VAE's.
+"""The rectifier kinds: one registry of what `ReVQConfig.rectifier` may name and how each is built.
 
-The network f follows the paper's released code, a one-stage DC-AE decoder without upsampling built
-from diffusers' own `EfficientViTBlock`: conv in (with the channel-repeat shortcut of DC-AE's
-decoder), L blocks of width W, RMSNorm over channels, ReLU, conv out. `cnn` swaps the blocks for
-diffusers' `ResBlock`; `mlp` is a residual MLP over the flattened latent; `none` is the identity.
+`RECTIFIERS` (the registry's names) is what the config accepts and what `fit --rectifier` offers;
+`build_rectifier` builds the kind a config names. The networks themselves (torch and diffusers)
+live in pipeline/model/rectifier_networks.py and are imported only when a model is built, so
+the config and the CLI read this registry without them.
 
-Two forms (`ReVQConfig.rectifier_form`):
-- `residual` (default): g(q) = q + f(q) with f's last layer zero at initialisation, so g starts as
-  the identity and training can only move it away from the bare quantizer where that helps. With
-  the paper's form, measured on realistic latents, g first has to learn to pass its input through:
-  after 6 epochs its output was far worse than no rectifier (validation MSE 0.38 vs 0.083).
-- `paper`: g(q) = f(q), default PyTorch initialisation, as the released code has it.
+Every kind but `none` comes in the config's two forms, `residual` (g(q) = q + f(q), the identity
+at initialisation) and `paper` (g(q) = f(q)); rectifier_networks.py says why.
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock, ResBlock
-from diffusers.models.normalization import RMSNorm
-from torch import nn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
-from revq_pipe.pipeline.model.config import ReVQConfig
+if TYPE_CHECKING:
+    from torch import nn
 
-
-class ConvRectifier(nn.Module):
-    """conv in + shortcut -> blocks at width W -> RMSNorm -> ReLU -> conv out, all at latent resolution;
-    with `residual`, the input is added to that and conv out starts at zero (the identity at init)."""
-
-    def __init__(self, channels: int, width: int, blocks: list[nn.Module], *, residual: bool):
-        super().__init__()
-        self.residual = residual
-        self.width = width
-        self.conv_in = nn.Conv2d(channels, width, 3, 1, 1)
-        # DC-AE repeats each input channel W/C times as a shortcut around conv_in; rounding up and
-        # cutting to W keeps the same shortcut for widths that are not a multiple of C.
-        self.shortcut_repeats = -(-width // channels)
-        self.blocks = nn.Sequential(*blocks)
-        self.norm_out = RMSNorm(width, 1e-5, elementwise_affine=True, bias=True)
-        self.act = nn.ReLU()
-        self.conv_out = nn.Conv2d(width, channels, 3, 1, 1)
-        if residual:
-            zero_(self.conv_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x.repeat_interleave(self.shortcut_repeats, dim=1)[:, : self.width]
-        h = self.conv_in(x) + shortcut
-        h = self.blocks(h)
-        h = self.norm_out(h.movedim(1, -1)).movedim(-1, 1)
-        out = self.conv_out(self.act(h))
-        return x + out if self.residual else out
+    from revq_pipe.pipeline.model.config import ReVQConfig
 
 
-class MLPRectifier(nn.Module):
-    """Residual MLP over the flattened latent: x + fc2(silu(fc1(norm(x)))) per layer, hidden width W;
-    with `zero_init`, every fc2 starts at zero (the identity at init)."""
+def _vit(config: ReVQConfig, residual: bool) -> nn.Module:
+    from revq_pipe.pipeline.model.rectifier_networks import vit_rectifier
 
-    def __init__(self, numel: int, width: int, layers: int, *, zero_init: bool):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(numel), nn.Linear(numel, width), nn.SiLU(), nn.Linear(width, numel))
-            for _ in range(layers)
-        )
-        if zero_init:
-            for layer in self.layers:
-                zero_(layer[-1])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.flatten(1)
-        for layer in self.layers:
-            h = h + layer(h)
-        return h.view_as(x)
+    return vit_rectifier(config.latent_shape[0], config.rectifier_width, config.rectifier_layers,
+                         config.attention_head_dim, residual=residual)
 
 
-@torch.no_grad()
-def zero_(layer: nn.Module) -> nn.Module:
-    """Set a layer's weight and bias to zero, in place: its output is exactly 0 until it trains."""
-    for param in layer.parameters(recurse=False):
-        param.zero_()
-    return layer
+def _cnn(config: ReVQConfig, residual: bool) -> nn.Module:
+    from revq_pipe.pipeline.model.rectifier_networks import cnn_rectifier
+
+    return cnn_rectifier(config.latent_shape[0], config.rectifier_width, config.rectifier_layers, residual=residual)
+
+
+def _mlp(config: ReVQConfig, residual: bool) -> nn.Module:
+    from revq_pipe.pipeline.model.rectifier_networks import MLPRectifier
+
+    # The MLP is residual per layer in both forms; the residual form also starts it at the identity.
+    return MLPRectifier(config.latent_numel, config.rectifier_width, config.rectifier_layers, zero_init=residual)
+
+
+def _none(config: ReVQConfig, residual: bool) -> nn.Module:
+    from torch import nn
+
+    return nn.Identity()
+
+
+@dataclass(frozen=True)
+class RectifierKind:
+    """One rectifier kind: what it is (for help texts), and its builder from a config and its form."""
+
+    description: str
+    build: Callable[[ReVQConfig, bool], nn.Module]
+
+
+RECTIFIER_KINDS: dict[str, RectifierKind] = {
+    "vit": RectifierKind("EfficientViT blocks at latent resolution, as the paper's released code (default)", _vit),
+    "cnn": RectifierKind("the same frame with ResBlocks in place of the EfficientViT blocks", _cnn),
+    "mlp": RectifierKind("a residual MLP over the flattened latent", _mlp),
+    "none": RectifierKind("the identity: the quantizer alone", _none),
+}
+RECTIFIERS = tuple(RECTIFIER_KINDS)
 
 
 def build_rectifier(config: ReVQConfig) -> nn.Module:
-    """The rectifier the config names: vit (default), cnn, mlp or none, in the config's form."""
-    c, _, _ = config.latent_shape
-    w, n = config.rectifier_width, config.rectifier_layers
-    residual = config.rectifier_form == "residual"
-    if config.rectifier == "vit":
-        blocks = [EfficientViTBlock(w, attention_head_dim=config.attention_head_dim, qkv_multiscales=(5,),
-                                    norm_type="rms_norm") for _ in range(n)]
-        return ConvRectifier(c, w, blocks, residual=residual)
-    if config.rectifier == "cnn":
-        return ConvRectifier(c, w, [ResBlock(w, w, norm_type="rms_norm", act_fn="silu") for _ in range(n)],
-                             residual=residual)
-    if config.rectifier == "mlp":
-        # The MLP is residual per layer in both forms; the residual form also starts it at the identity.
-        return MLPRectifier(config.latent_numel, w, n, zero_init=residual)
-    return nn.Identity()
+    """The rectifier the config names (a kind of `RECTIFIER_KINDS`), in the config's form."""
+    return RECTIFIER_KINDS[config.rectifier].build(config, config.rectifier_form == "residual")

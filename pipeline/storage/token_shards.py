@@ -4,8 +4,9 @@
     OUT/tokens-000000.tar ...    webdataset: {__key__, tokens.npy, cls} per image
     OUT/tokens-000000.parquet    parquet: columns key, label, class, tokens (the ids as a list)
 
-Shards hold `shard_size` rows each (the last one fewer), so a multi-worker loader has shards to
-split between its workers. Rows come in the latent store's order, or in a seeded random order
+The shard formats (suffix, writer, key function) are export_formats.py's table. Shards hold
+`shard_size` rows each (the last one fewer), so a multi-worker loader has shards to split between
+its workers. Rows come in the latent store's order, or in a seeded random order
 (`shuffled_rows`): a store of class folders is sorted by class, and a shard of one class is a bad
 stream to train on. Each shard is written under `.partial` and renamed when complete, so a `*.tar`
 glob never sees a half-written shard and a resumed export starts after the complete ones, ending
@@ -25,8 +26,8 @@ from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
+from revq_pipe.pipeline.storage.export_formats import ShardFormat
 
-SHARD_SUFFIXES = {"wds": ".tar", "parquet": ".parquet"}
 DEFAULT_SHARD_SIZE = 10_000
 SHARD_STEM = "tokens-%06d"
 PARTIAL_SUFFIX = ".partial"
@@ -50,20 +51,19 @@ def shuffled_rows(rows_from: RowsFrom, count: int, seed: int, block: int = 4096)
     return permuted
 
 
-def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, format: str, shard_size: int,
-                 classes: list[str], key: Callable[[str], str], overwrite: bool, progress: bool) -> list[str]:
-    """Write `count` rows as shards of `shard_size` into the folder `out`, after those already complete.
+def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shards: ShardFormat, shard_size: int,
+                 classes: list[str], overwrite: bool, progress: bool) -> list[str]:
+    """Write `count` rows as `shards` files of `shard_size` rows into the folder `out`, after those
+    already complete.
 
     `attrs` describe the export (a folder holding another export's shards is refused unless
-    `overwrite`); `classes` name the labels (parquet's `class` column); `key` maps a store key
-    to a sample key (webdataset's).
+    `overwrite`); `classes` name the labels (parquet's `class` column).
     """
     if shard_size < 1:
         raise UserError(f"--shard-size must be at least 1, not {shard_size}")
     folder = local_path(out)
     if folder is None:
         raise UserError("token shards are written to a local folder, not a URL")
-    suffix = SHARD_SUFFIXES[format]
     manifest = folder / MANIFEST
     there = contents(folder)  # (a lease file is not content)
     if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
@@ -76,16 +76,15 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
     folder.mkdir(parents=True, exist_ok=True)
     write_json(manifest, attrs, indent=1)
 
-    names = [str(folder / (SHARD_STEM % i + suffix)) for i in range(-(-count // shard_size))]
+    names = [str(folder / (SHARD_STEM % i + shards.suffix)) for i in range(-(-count // shard_size))]
     done = 0
     while done < len(names) and os.path.exists(names[done]):
         done += 1
-    write = _write_tar if format == "wds" else _write_parquet
     with progress_bar(progress, total=count, initial=done * shard_size, unit="img",
-                      desc=f"{format} shards") as bar:
+                      desc=f"{shards.name} shards") as bar:
         for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
             partial = names[index] + PARTIAL_SUFFIX
-            write(partial, ids, labels, [key(str(k)) for k in keys], classes)
+            shards.write(partial, ids, labels, [shards.sample_key(k) for k in keys], classes)
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
@@ -105,23 +104,3 @@ def _rebatch(rows: Rows, size: int) -> Rows:
             held -= size
     if held:
         yield tuple(np.concatenate(column) for column in zip(*pending))
-
-
-def _write_tar(path: str, ids: np.ndarray, labels: np.ndarray, keys: list[str], classes: list[str]) -> None:
-    import webdataset as wds
-
-    with wds.TarWriter(path, mtime=0.0) as sink:  # a fixed mtime makes re-runs byte-identical
-        for row, label, key in zip(ids, labels, keys):
-            sink.write({"__key__": key, "tokens.npy": row, "cls": int(label)})
-
-
-def _write_parquet(path: str, ids: np.ndarray, labels: np.ndarray, keys: list[str], classes: list[str]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    names = [classes[label] if 0 <= label < len(classes) else None for label in labels.tolist()]
-    id_type = pa.from_numpy_dtype(ids.dtype)
-    tokens = pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1), type=id_type), ids.shape[1])
-    table = pa.table({"key": pa.array(keys, pa.string()), "label": pa.array(labels, pa.int64()),
-                      "class": pa.array(names, pa.string()), "tokens": tokens.cast(pa.list_(id_type))})
-    pq.write_table(table, path, compression="zstd")
