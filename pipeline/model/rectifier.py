@@ -11,7 +11,6 @@ at initialisation) and `paper` (g(q) = f(q)); rectifier_networks.py says why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
@@ -46,23 +45,16 @@ def _none(config: ReVQConfig, residual: bool) -> nn.Module:
     return nn.Identity()
 
 
-@dataclass(frozen=True)
-class RectifierKind:
-    """One rectifier kind: what it is (for help texts), and its builder from a config and its form."""
-
-    description: str
-    build: Callable[[ReVQConfig, bool], nn.Module]
-
-
-RECTIFIER_KINDS: dict[str, RectifierKind] = {
-    "vit": RectifierKind("EfficientViT blocks at latent resolution, as the paper's released code (default)", _vit),
-    "cnn": RectifierKind("the same frame with ResBlocks in place of the EfficientViT blocks", _cnn),
-    "mlp": RectifierKind("a residual MLP over the flattened latent", _mlp),
-    "none": RectifierKind("the identity: the quantizer alone", _none),
+# The registry: each kind's builder, from a config and whether the form is residual.
+RECTIFIER_KINDS: dict[str, Callable[[ReVQConfig, bool], nn.Module]] = {
+    "vit": _vit,  # EfficientViT blocks at latent resolution, as the paper's released code (default)
+    "cnn": _cnn,  # the same frame with ResBlocks in place of the EfficientViT blocks
+    "mlp": _mlp,  # a residual MLP over the flattened latent
+    "none": _none,  # the identity: the quantizer alone
 }
 RECTIFIERS = tuple(RECTIFIER_KINDS)
 
 
 def build_rectifier(config: ReVQConfig) -> nn.Module:
     """The rectifier the config names (a kind of `RECTIFIER_KINDS`), in the config's form."""
-    return RECTIFIER_KINDS[config.rectifier].build(config, config.rectifier_form == "residual")
+    return RECTIFIER_KINDS[config.rectifier](config, config.rectifier_form == "residual")
