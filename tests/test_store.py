@@ -1,5 +1,8 @@
 """The latent and token stores: layout, chunk-aligned writes, the resume protocol, dask statistics,
-local paths and fsspec URLs."""
+chunk marks and staging for --cluster jobs, local paths and fsspec URLs."""
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,7 +38,7 @@ def test_stats_accumulate_in_float64_over_chunks(tmp_path):
     latents = (3000 + rng.standard_normal((300, 2, 2, 2)) * 4).astype(np.float16)
     store = write_latent_store(str(tmp_path / "s.zarr"), latents, chunk_size=64)
     flat = latents.reshape(300, -1).astype(np.float64)
-    mean, std = latent_stats(store.latents)
+    mean, std = latent_stats(*store.dask_latents())
     np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-7)
     np.testing.assert_allclose(std, flat.std(0), rtol=1e-4)
     stored_mean, stored_std = store.require_stats()
@@ -153,3 +156,50 @@ def test_stores_written_before_the_shared_protocol_read_as_before(tmp_path):
     assert (latents.rows_done, latents.complete) == (6, True)
     latents.group.attrs["revq"] = {"complete": False, "progress": {"rows": 2, "cursor": [0, 3]}}
     assert (latents.rows_done, latents.complete, latents.progress["cursor"]) == (2, False, [0, 3])
+
+
+def test_chunk_marks_count_the_store_s_chunks_and_go_when_removed(tmp_path):
+    tokens = TokenStore.create(str(tmp_path / "t.zarr"), n=7, tokens=2, codes=8, chunk_size=3, attrs={})
+    assert tokens.chunk_marks("done") is None
+    marks = tokens.chunk_marks("done", create=True)
+    assert marks.undone() == [0, 1, 2]  # 7 rows in chunks of 3
+    marks.mark(1)
+    again = TokenStore.open(tokens.url, mode="r+").chunk_marks("done")
+    assert again.undone() == [0, 2] and tokens.chunk_marks("done", create=True).undone() == [0, 2]
+    tokens.remove_chunk_marks("done")
+    assert TokenStore.open(tokens.url).chunk_marks("done") is None
+
+
+def test_staging_lists_finished_pieces_and_goes_with_remove_staging(tmp_path):
+    store = LatentStore.create(str(tmp_path / "l.zarr"), n=0, latent_shape=(1, 2, 2), dtype="float32",
+                               chunk_size=4, attrs={}, unfinished=True)
+    staging = store.staging()
+    latents = np.arange(12, dtype=np.float32).reshape(3, 1, 2, 2)
+    arrays = {"latents": latents, "labels": np.array([0, 1, 2]), "keys": np.array(["a", "b", "c"])}
+    staging.write_piece("000000-000000000", arrays, {"rows": 3})
+    staging.write_piece("000000-000000001", {**arrays, "latents": latents[:0], "labels": np.zeros(0, np.int64),
+                                            "keys": np.array([], dtype=str)}, {"rows": 0})
+    assert staging.record("000000-000000002") is None
+    again = LatentStore.open(store.url, mode="r+", allow_incomplete=True).staging()
+    assert sorted(record["rows"] for record in again.records()) == [0, 3]
+    assert np.array_equal(again.rows("000000-000000000", "latents", 1, 3), latents[1:3])
+    assert list(again.rows("000000-000000000", "keys", 0, 3)) == ["a", "b", "c"]
+    assert again.chunk_marks() is None and again.chunk_marks(2).undone() == [0, 1]
+    store.remove_staging()
+    assert LatentStore.open(store.url, mode="r+", allow_incomplete=True).staging().records() == []
+
+
+# Modules that use the stores for a --cluster job or a policy: Zarr stays behind the stores' methods.
+ZARR_FREE = ["pipeline/scaleout/staged_encode.py", "pipeline/scaleout/token_tasks.py",
+             "pipeline/scaleout/chunk_tasks.py", "pipeline/storage/stats.py", "pipeline/storage/resume.py"]
+
+
+@pytest.mark.parametrize("module", ZARR_FREE)
+def test_tasks_and_store_policies_reach_zarr_only_through_the_stores(module):
+    tree = ast.parse((Path(__file__).parents[1] / module).read_text())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [name for name in imported if name and name.split(".")[0] == "zarr"]
+    groups = [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Attribute) and node.attr == "group"]
+    assert not groups, f"{module} reaches into a store's Zarr group at lines {groups}"
+    assert "zarr.json" not in (Path(__file__).parents[1] / module).read_text()

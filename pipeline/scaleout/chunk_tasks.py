@@ -2,8 +2,8 @@
 share.
 
 Work is cut into tasks over runs of whole chunks. A task writes only its own chunk objects and
-records each chunk's completion right after writing it (`ChunkMarks`, or a staged piece's own
-record), so
+records each chunk's completion right after writing it (the store's `ChunkMarks`, or a staged
+piece's own record: pipeline/storage/staging.py), so
 - dask runs a lost worker's task again elsewhere (and retries a task that raised), and the new
   attempt skips what the lost one finished;
 - a killed job resumes: the same command plans tasks for the unfinished chunks only.
@@ -17,9 +17,6 @@ import math
 import uuid
 from typing import Any, Callable, Sequence
 
-import numpy as np
-import zarr
-
 TASKS_PER_WORKER = 4  # enough tasks to balance uneven workers; few enough that each amortises its start
 TASK_RETRIES = 2  # for a task that raised (a lost worker's task is re-run by the scheduler regardless)
 
@@ -28,29 +25,6 @@ def new_job_id() -> str:
     """A fresh id for one run of a --cluster command: its task keys and progress topic carry it, and
     the store's progress record names it (tasks of one job write one store together)."""
     return uuid.uuid4().hex[:12]
-
-
-class ChunkMarks:
-    """Which chunks of a store are written: a bool Zarr array with one object per chunk, so tasks
-    marking different chunks never write the same object (no locks)."""
-
-    def __init__(self, array: zarr.Array):
-        self.array = array
-
-    @classmethod
-    def create(cls, group: zarr.Group, name: str, chunks: int) -> "ChunkMarks":
-        return cls(group.create_array(name, shape=(chunks,), chunks=(1,), dtype=bool, fill_value=False,
-                                      overwrite=True))
-
-    @classmethod
-    def find(cls, group: zarr.Group, name: str) -> "ChunkMarks | None":
-        return cls(group[name]) if name in group.array_keys() else None
-
-    def mark(self, chunk: int) -> None:
-        self.array[chunk] = True
-
-    def undone(self) -> list[int]:
-        return [int(i) for i in np.flatnonzero(~self.array[:])]
 
 
 def task_runs(items: Sequence[int], cluster_size: int) -> list[list[int]]:

@@ -14,7 +14,8 @@ webdataset shard): whole blocks, about one store chunk. Blocks are the very GPU 
 single-process encode makes, so every latent is computed in the same batch as there, and the
 finished store equals a single-process encode's array for array.
 
-While a --cluster encode is unfinished, the store holds
+While a --cluster encode is unfinished, the store holds (`LatentStore.staging`,
+pipeline/storage/staging.py)
 
     staging/<part>-<piece>   latents [latents_flip] labels keys of the piece's decodable images;
                              attrs "piece", written last, is its completion record (positions,
@@ -38,18 +39,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from revq_pipe.pipeline.scaleout.chunk_tasks import ChunkMarks, report_progress, run_tasks, task_runs, worker_cached
+from revq_pipe.pipeline.scaleout.chunk_tasks import report_progress, run_tasks, task_runs, worker_cached
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import filesystem
 from revq_pipe.pipeline.images.sources import (MAX_DEFAULT_WORKERS, Block, BlockDataset, Cursor, ImageSource, ShardUnit,
                                         WebDatasetSource)
-from revq_pipe.pipeline.storage.store import FLIP_ARRAY, SMALL_COMPRESSOR, LatentStore, skipped_attrs
+from revq_pipe.pipeline.storage.staging import Staging
+from revq_pipe.pipeline.storage.store import FLIP_ARRAY, LatentStore, skipped_attrs
 
 log = logging.getLogger(__name__)
-
-STAGING = "staging"
-CHUNKS_DONE = "chunks_done"
-PIECE_RECORD = "piece"
 
 
 def is_staged(store: LatentStore) -> bool:
@@ -114,9 +112,7 @@ class StagedEncode:
         self.laid_out = bool(store.progress.get("laid_out"))
         self.records: dict[tuple[int, int], PieceRecord] = {}
         if not self.laid_out:
-            if STAGING not in store.group:
-                store.group.create_group(STAGING)
-            self.staging = store.group[STAGING]
+            self.staging = store.staging()
             self.records = staged_records(self.staging)
         store.commit(store.rows_done, {"staged": True, "job": settings.job, "laid_out": self.laid_out})
         if self.records:
@@ -158,16 +154,13 @@ class StagedEncode:
                 raise UserError(f"no decodable images in {self.source.describe()}: {len(skipped)} samples "
                                 f"skipped ({reasons})")
             store.resize(total)
-            marks = ChunkMarks.find(self.staging, CHUNKS_DONE)
-            if marks is None:
-                marks = ChunkMarks.create(self.staging, CHUNKS_DONE, math.ceil(total / store.chunk_size))
+            marks = self.staging.chunk_marks(math.ceil(total / store.chunk_size))
             tasks = layout_tasks(ordered, marks.undone(), store.chunk_size, cluster_size, self.settings)
             with bar_for(total) as bar:
                 run_tasks(client, layout_task, tasks, name="lay-out", job=self.settings.job, bar=bar)
             store.commit(total, {"staged": True, "job": self.settings.job, "laid_out": True}, count=total,
                          **skipped_attrs(skipped))
-        if STAGING in store.group:
-            del store.group[STAGING]
+        store.remove_staging()
         skipped = store.skipped
         store.finish(count=len(store), source_count=len(store) + len(skipped), **skipped_attrs(skipped))
         return store
@@ -194,15 +187,10 @@ class StagedEncode:
         fs.rm(path, recursive=True)
 
 
-def staged_records(staging) -> dict[tuple[int, int], PieceRecord]:
+def staged_records(staging: Staging) -> dict[tuple[int, int], PieceRecord]:
     """The completion records of every finished piece (a piece without one was cut short)."""
-    records = {}
-    for _, group in staging.groups():
-        record = group.attrs.get(PIECE_RECORD)
-        if record is not None:
-            record = PieceRecord(**record)
-            records[(record.part, record.piece)] = record
-    return records
+    records = [PieceRecord(**record) for record in staging.records()]
+    return {(record.part, record.piece): record for record in records}
 
 
 def first_unstaged(records: dict[tuple[int, int], PieceRecord], part: int) -> int | None:
@@ -247,7 +235,7 @@ def encode_task(task: EncodeTask) -> None:
     settings = task.settings
     vae = _worker_vae(settings)
     store = LatentStore.open(settings.store, mode="r+", allow_incomplete=True)
-    staging = store.group[STAGING]
+    staging = store.staging()
     units = unstaged_units(task.units, staging, settings.span)
     loader = DataLoader(BlockDataset(units, settings.image_size, settings.batch_size), batch_size=None,
                         num_workers=min(_decode_processes(settings), len(units)),
@@ -264,7 +252,7 @@ def encode_task(task: EncodeTask) -> None:
         raise RuntimeError(f"blocks of pieces {sorted(pieces.waiting)} never completed")
 
 
-def unstaged_units(units: list, staging, span: int) -> list:
+def unstaged_units(units: list, staging: Staging, span: int) -> list:
     """`units` less the pieces already staged (by an earlier attempt of the task): block units of
     staged pieces go, and a shard starts at its first unstaged piece (or goes when staged to its end)."""
     todo, folder_pieces = [], {}
@@ -283,12 +271,9 @@ def unstaged_units(units: list, staging, span: int) -> list:
     return todo
 
 
-def piece_record(staging, part: int, piece: int) -> PieceRecord | None:
+def piece_record(staging: Staging, part: int, piece: int) -> PieceRecord | None:
     """The completion record of one piece, or None while it is not staged."""
-    name = piece_name(part, piece)
-    if name not in staging:
-        return None
-    record = staging[name].attrs.get(PIECE_RECORD)
+    record = staging.record(piece_name(part, piece))
     return PieceRecord(**record) if record is not None else None
 
 
@@ -299,7 +284,7 @@ class Piece:
                  settings: EncodeSettings):
         self.part, self.index, self.blocks, self.settings = part, index, blocks, settings
 
-    def write_to(self, staging) -> None:
+    def write_to(self, staging: Staging) -> None:
         """Write the piece's arrays, then its completion record (so a half-written piece has none)."""
         blocks = [block for block, _ in self.blocks]
         rows = [latents for _, latents in self.blocks if latents is not None]
@@ -314,14 +299,7 @@ class Piece:
         record = PieceRecord(part=self.part, piece=self.index, positions=sum(b.size for b in blocks),
                              rows=len(latents), last=blocks[-1].last,
                              skipped=[list(skip) for b in blocks for skip in b.skipped])
-        group = staging.create_group(record.name, overwrite=True)
-        for name, data in arrays.items():
-            array = group.create_array(name, shape=data.shape, chunks=(max(1, len(data)), *data.shape[1:]),
-                                       dtype=str if name == "keys" else data.dtype,
-                                       **({} if name == "keys" else {"compressors": SMALL_COMPRESSOR}))
-            if len(data):
-                array[...] = data
-        group.attrs[PIECE_RECORD] = asdict(record)
+        staging.write_piece(record.name, arrays, asdict(record))
 
 
 class PieceAssembler:
@@ -410,8 +388,8 @@ def layout_tasks(ordered: list[PieceRecord], chunks: list[int], chunk_size: int,
 def layout_task(task: LayoutTask) -> None:
     """Write the task's final chunks from the staged pieces, marking each when written. Runs on a worker."""
     store = LatentStore.open(task.store, mode="r+", allow_incomplete=True)
-    staging = store.group[STAGING]
-    marks = ChunkMarks(staging[CHUNKS_DONE])
+    staging = store.staging()
+    marks = staging.chunk_marks()
     names = ["latents", "labels", "keys"] + ([FLIP_ARRAY] if store.has_flip else [])
     for chunk in task.chunks:
         start = chunk * store.chunk_size
@@ -421,7 +399,7 @@ def layout_task(task: LayoutTask) -> None:
             low, high = max(start, first), min(stop, first + rows)
             if low < high:
                 for name in names:
-                    columns[name].append(staging[piece][name][low - first:high - first])
+                    columns[name].append(staging.rows(piece, name, low - first, high - first))
         data = {name: np.concatenate(parts) for name, parts in columns.items()}
         store.write(start, data["latents"], data["labels"], data["keys"], latents_flip=data.get(FLIP_ARRAY))
         marks.mark(chunk)

@@ -3,7 +3,7 @@
 A token store has one row per latent, so every chunk's place is known up front: each task reads
 its latent chunks, tokenizes them exactly as a single-process export does (chunk by chunk, in
 batches from each chunk's start) and writes its own token chunks, marking each one written in
-`chunks_done` (pipeline/scaleout/chunk_tasks.py). A lost worker's task runs again and skips the marked
+`chunks_done` (the store's chunk marks; the protocol is pipeline/scaleout/chunk_tasks.py's). A lost worker's task runs again and skips the marked
 chunks; a killed export resumes from them, and also from the rows an export without --cluster
 committed. At the end the driver commits every row, removes the marks and finishes the store, which
 then equals a single-process export's array for array. While it runs, the store's progress record
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from revq_pipe.pipeline.scaleout.chunk_tasks import ChunkMarks, report_progress, run_tasks, task_runs, worker_cached
+from revq_pipe.pipeline.scaleout.chunk_tasks import report_progress, run_tasks, task_runs, worker_cached
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.storage.token_store import TokenStore
@@ -25,7 +25,7 @@ CHUNKS_DONE = "chunks_done"
 
 def written_on_cluster(tokens: TokenStore) -> bool:
     """Whether an unfinished token store is being written by `export-tokens --cluster`."""
-    return CHUNKS_DONE in tokens.group.array_keys()
+    return tokens.chunk_marks(CHUNKS_DONE) is not None
 
 
 @dataclass
@@ -44,9 +44,7 @@ def fill_on_cluster(client, tokens: TokenStore, task: TokenizeTask, cluster_size
                     bar_from: Callable[[int], Any]) -> None:
     """Tokenize every chunk of `tokens` not written yet, on `cluster_size` dask workers, then finish
     the store; `bar_from(rows already written)` makes the progress bar."""
-    marks = ChunkMarks.find(tokens.group, CHUNKS_DONE)
-    if marks is None:
-        marks = ChunkMarks.create(tokens.group, CHUNKS_DONE, -(-len(tokens) // tokens.chunk_size))
+    marks = tokens.chunk_marks(CHUNKS_DONE, create=True)
     tokens.commit(tokens.rows_done, {"job": task.job})
     # Chunks below rows_done were committed by an export without --cluster.
     todo = [chunk for chunk in marks.undone()
@@ -55,7 +53,7 @@ def fill_on_cluster(client, tokens: TokenStore, task: TokenizeTask, cluster_size
         run_tasks(client, tokenize_task, [replace(task, chunks=run) for run in task_runs(todo, cluster_size)],
                   name="tokenize", job=task.job, bar=bar)
     tokens.commit(len(tokens))
-    del tokens.group[CHUNKS_DONE]
+    tokens.remove_chunk_marks(CHUNKS_DONE)
     tokens.finish()
 
 
@@ -75,7 +73,7 @@ def tokenize_task(task: TokenizeTask) -> None:
     model = worker_cached("run", (task.run, task.run_sha256, str(device)), load).model
     latents = LatentStore.open(task.store)
     tokens = TokenStore.open(task.tokens, mode="r+")
-    marks = ChunkMarks(tokens.group[CHUNKS_DONE])
+    marks = tokens.chunk_marks(CHUNKS_DONE)
     for chunk in task.chunks:
         start = chunk * tokens.chunk_size
         stop = start + _rows(tokens, chunk)

@@ -19,7 +19,7 @@ from typing import Any
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.latent_writer import WriteProgress
 from revq_pipe.pipeline.paths import local_path
-from revq_pipe.pipeline.storage.store import LatentStore, vacant
+from revq_pipe.pipeline.storage.store import LatentStore, is_zarr_store, vacant
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     path = local_path(out)
     if path is not None and path.is_file():
         raise UserError(f"--out {out} is a file, not a Zarr store")
-    if path is not None and not (path / "zarr.json").is_file():
+    if path is not None and not is_zarr_store(path):
         raise UserError(f"--out {out} exists and is not a Zarr store: refusing to write into it")
     try:
         existing = LatentStore.open(out, mode="r+", allow_incomplete=True)

@@ -12,8 +12,8 @@
 Writes are chunk-aligned along N, so several writers (encode on several GPUs or machines) can
 fill disjoint chunk ranges of one store without locks.
 
-`RowStore` is what the latent and the token store share: the per-row arrays, the attrs, and one
-resume protocol. A writer creates the store `unfinished` (attrs `complete: false`,
+`RowStore` is what the latent and the token store share: the per-row arrays, the attrs, one
+resume protocol, and the chunk completion marks of --cluster jobs (pipeline/storage/staging.py). A writer creates the store `unfinished` (attrs `complete: false`,
 `rows_done: 0`), fills rows in order a whole chunk at a time, calls `commit` after each chunk
 (`rows_done`, plus its own `progress` record of where to pick up, in one metadata write) and
 `finish` at the end (`complete: true`; a latent store computes its statistics first). `open`
@@ -32,7 +32,8 @@ from __future__ import annotations
 import math
 import shutil
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -41,7 +42,11 @@ from zarr.codecs import BloscCodec
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import exists, local_path
+from revq_pipe.pipeline.storage.staging import ChunkMarks, Staging
 from revq_pipe.pipeline.storage.stats import latent_stats
+
+if TYPE_CHECKING:
+    import dask.array
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
@@ -54,6 +59,7 @@ LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 LATENT_DTYPES = ("float16", "float32")
 FLIP_ARRAY = "latents_flip"
+STAGING = "staging"  # encode --cluster's staging group, while it runs
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
 
 
@@ -186,6 +192,14 @@ class RowStore:
     def __len__(self) -> int:
         return self.group[self.DATA].shape[0]
 
+    def chunk_marks(self, name: str, *, create: bool = False) -> ChunkMarks | None:
+        """The chunk completion marks `name`, one per chunk of the store: made (none written) when
+        `create` and there are none yet; None when there are none and not `create`."""
+        return ChunkMarks.open(self.group, name, -(-len(self) // self.chunk_size) if create else None)
+
+    def remove_chunk_marks(self, name: str) -> None:
+        del self.group[name]
+
 
 def first_row_where(array: zarr.Array, bad_rows) -> int | None:
     """The first row of `array` for which `bad_rows(chunk)` (a boolean per row of a chunk) is True,
@@ -196,6 +210,11 @@ def first_row_where(array: zarr.Array, bad_rows) -> int | None:
         if bad.any():
             return start + int(np.argmax(bad))
     return None
+
+
+def is_zarr_store(path: Path) -> bool:
+    """Whether the local folder `path` is a Zarr (v3) store: it has the root's zarr.json."""
+    return (path / "zarr.json").is_file()
 
 
 def vacant(url: str) -> bool:
@@ -233,7 +252,7 @@ def _new_group(url: str, attributes: dict[str, Any], overwrite: bool) -> zarr.Gr
     if leftovers:
         if not overwrite:
             raise FileExistsError(f"{url} already holds data")
-        if not (path / "zarr.json").is_file():
+        if not is_zarr_store(path):
             raise UserError(f"{url} holds files but is not a Zarr store: refusing to replace it")
         for entry in leftovers:
             if entry.is_dir() and not entry.is_symlink():
@@ -314,6 +333,22 @@ class LatentStore(RowStore):
     def _latent_arrays(self) -> list[zarr.Array]:
         return [self.latents, self.latents_flip] if self.has_flip else [self.latents]
 
+    def dask_latents(self) -> list[dask.array.Array]:
+        """The latents (and flipped latents, when stored) as lazy dask arrays of the store's chunks."""
+        import dask.array as da
+
+        return [da.from_zarr(array) for array in self._latent_arrays()]
+
+    def staging(self) -> Staging:
+        """encode --cluster's staging area in the store (made on first use; `remove_staging` ends it)."""
+        if STAGING not in self.group:
+            self.group.create_group(STAGING)
+        return Staging(self.group[STAGING], SMALL_COMPRESSOR)
+
+    def remove_staging(self) -> None:
+        if STAGING in self.group:
+            del self.group[STAGING]
+
     def resize(self, n: int) -> None:
         """Grow or shrink the per-row arrays to `n` rows (metadata only; chunks past `n` go)."""
         c, h, w = self.latent_shape
@@ -391,7 +426,7 @@ class LatentStore(RowStore):
     def compute_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """Compute the per-dimension mean/std of every stored latent (flipped ones too: training
         draws from both), store them and return them."""
-        mean, std = latent_stats(*self._latent_arrays())
+        mean, std = latent_stats(*self.dask_latents())
         self.write_stats(mean, std)
         return mean, std
 
