@@ -3,20 +3,22 @@
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
 CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands, and each command imports
 only its own stage, so `--help`, `--version` and every command start quickly.
-A `UserError` from any stage becomes one line on stderr and exit status 2. Log records of every
+A `UserError` from any stage becomes one line on stderr and exit status 2, naming this command's
+flags where the message names the Python parameters behind them. Log records of every
 module go to stderr through the one handler `pipeline.reporting.console` sets up, beside the progress bars.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from revq_pipe.pipeline.errors import UserError, os_error_line
+from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
 from revq_pipe.pipeline.reporting.console import console_reporting
 
 from revq_pipe.pipeline.model.config import preset_defaults, preset_help
@@ -65,7 +67,7 @@ def reports_user_errors(command):
         try:
             return command(*args, **kwargs)
         except UserError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {as_command_line(str(err), _flags_for(command))}", err=True)
             raise typer.Exit(2) from None
         except OSError as err:
             line = os_error_line(err)
@@ -78,6 +80,28 @@ def reports_user_errors(command):
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+def _flags(command) -> dict[str, tuple[str, bool]]:
+    """A command's parameters as its user types them, read from the command function's own typer
+    parameters: Python name -> (the flag, or an argument's metavar; whether it is an on/off flag)."""
+    flags = {}
+    for name, parameter in inspect.signature(command).parameters.items():
+        declared = parameter.default
+        if isinstance(declared, typer.models.OptionInfo):
+            flags[name] = (declared.param_decls[0], parameter.annotation in (bool, "bool"))
+        elif isinstance(declared, typer.models.ArgumentInfo):
+            flags[name] = (declared.metavar or name.upper(), False)
+    return flags
+
+
+def _flags_for(command) -> dict[str, tuple[str, bool]]:
+    """The flags a message from `command` may name: its own parameters, and any other command's
+    options (a message may advise another command, e.g. fit's `resume=True` from export-tokens)."""
+    commands = [info.callback for typer_app in (app, *(group.typer_instance for group in app.registered_groups))
+                for info in typer_app.registered_commands]
+    flags = {name: flag for other in commands for name, flag in _flags(other).items() if flag[0].startswith("--")}
+    return {**flags, **_flags(command)}
 
 
 DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda",

@@ -11,7 +11,7 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name} was asked for, but this machine has no CUDA device")
+            raise UserError(f"`device={name}` was asked for, but this machine has no CUDA device")
         return torch.device(name)
     if name == "cpu":
         return torch.device("cpu")

@@ -1,16 +1,47 @@
-"""The one exception type that means "the user asked for something impossible", and the file
-system failures that mean the same."""
+"""The one exception type that means "the user asked for something impossible", the file system
+failures that mean the same, and how a message names the parameters it is about."""
+
+from __future__ import annotations
 
 import errno
+import re
+from typing import Mapping
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad usage or bad input.
 
-    The CLI prints the message as one line on stderr and exits with status 2; library callers
-    can catch it like any exception. Raise it only for problems the user can fix (a missing path,
-    a mismatched store, an impossible config), never for bugs.
+    A `ValueError`, so library callers can catch it as one; the CLI prints the message as one line
+    on stderr and exits with status 2. Raise it only for problems the user can fix (a missing
+    path, a mismatched store, an impossible config), never for bugs.
+
+    A message names the parameters it is about as a Python caller passes them, in backquotes and
+    with the value where it matters: "`image_size=7` is not a multiple of 32", "pass
+    `overwrite=True`", "`out` must not be the latent store". The CLI shows its own flags in their
+    place (`as_command_line`): "--image-size 7", "--overwrite", "--out".
     """
+
+
+# A backquoted parameter of a message: `name` or `name=value`.
+PARAMETER = re.compile(r"`([a-z_][a-z0-9_]*)(?:=([^`]*))?`")
+
+
+def as_command_line(message: str, flags: Mapping[str, tuple[str, bool]]) -> str:
+    """`message` as a command line user reads it: each backquoted parameter that `flags` knows
+    (name -> (flag or metavar, whether it is an on/off flag)) becomes that flag, with its value
+    ("`image_size=7`" -> "--image-size 7", "`overwrite=True`" -> "--overwrite", "`store=x`" ->
+    "STORE x"); anything else stays as written."""
+
+    def flag(match: re.Match) -> str:
+        name, value = match.groups()
+        if name not in flags:
+            return match.group(0)
+        shown, on_off = flags[name]
+        if value is None or (on_off and value == "True"):
+            return shown
+        return match.group(0) if on_off else f"{shown} {value}"
+
+    return PARAMETER.sub(flag, message)
 
 
 # Failures of the file system that the user fixes (permissions, a read-only or full disk, a path

@@ -23,10 +23,10 @@ def claim_folder(out: Path, marker: str, command: str, arguments: dict[str, Any]
     record = {"made_by": command, **({"arguments": arguments} if arguments is not None else {})}
     if out.exists():
         if not out.is_dir():
-            raise UserError(f"--out {out} is a file, not a folder")
+            raise UserError(f"`out={out}` is a file, not a folder")
         if any(out.iterdir()):
             if not (out / marker).is_file():
-                raise UserError(f"--out {out} is not empty and was not made by `{command}`: choose another folder")
+                raise UserError(f"`out={out}` is not empty and was not made by `{command}`: choose another folder")
             if arguments is not None and read_json(out / marker) == record:
                 return True
             shutil.rmtree(out)

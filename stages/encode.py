@@ -138,8 +138,8 @@ def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None
         if job.resume.store is not None and job.resume.store.complete:
             return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
         if job.resume.store is not None and is_staged(job.resume.store):
-            raise UserError(f"{out} is being written by `encode --cluster`: run that again (any cluster) to finish "
-                            f"it, or pass --overwrite")
+            raise UserError(f"{out} is being written by an encode with `cluster`: run that again (any cluster) to "
+                            f"finish it, or pass `overwrite=True`")
         return run_encode(job, spec.load(job.device))
 
 
@@ -148,8 +148,8 @@ def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, dev
     """`encode` by tasks on a dask cluster, each encoding whole chunks of the source's order into the
     one store (pipeline/scaleout/staged_encode.py); the store equals a single-process encode's. `workers`:
     DataLoader processes per dask worker (default: its machine's CPUs shared among its workers)."""
-    shared_location(out, "--out")
-    shared_location(source, "SOURCE")
+    shared_location(out, "out")
+    shared_location(source, "source")
     with cluster_client(cluster) as client:
         log.info(f"encode on {describe(client)}")
         # The workers' device decides the compute precision, which the settings fingerprint holds.
@@ -158,8 +158,8 @@ def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, dev
         if job.resume.store is not None and job.resume.store.complete:
             return _summary(job, job.resume.store, encoded=0, seconds=0.0, already_complete=True)
         if job.resume.store is not None and not is_staged(job.resume.store) and job.resume.store.rows_done:
-            raise UserError(f"{out} was partly written by an encode without --cluster: run that again to finish it, "
-                            f"or pass --overwrite")
+            raise UserError(f"{out} was partly written by an encode without `cluster`: run that again to finish it, "
+                            f"or pass `overwrite=True`")
         hosts = worker_hosts(client)
         job.cluster_attrs = {"cluster": cluster, "dask_workers": sum(hosts.values()), "workers": workers}
         settings = EncodeSettings(
@@ -204,9 +204,9 @@ def prepare_encode(
     links lead out of it.
     """
     if dtype not in LATENT_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
+        raise UserError(f"`dtype` must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
-        raise UserError("--batch-size and chunk size must be at least 1, --workers at least 0")
+        raise UserError("`batch_size` and chunk size must be at least 1, `workers` at least 0")
     image_source = open_source(source, follow_links)
     if spec.note:
         log.warning(spec.note)
@@ -294,7 +294,7 @@ def _open_store(job: EncodeJob) -> LatentStore:
                                   chunk_size=job.chunk_size, attrs=attrs, overwrite=job.resume.replace,
                                   unfinished=True, flip=job.flip)
     except FileExistsError as err:  # zarr's mode "w-" found something at `out`
-        raise UserError(f"{job.out} already holds data: pass --overwrite to replace it") from err
+        raise UserError(f"{job.out} already holds data: pass `overwrite=True` to replace it") from err
 
 
 def _summary(job: EncodeJob, store: LatentStore, *, encoded: int, seconds: float,

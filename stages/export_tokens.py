@@ -90,14 +90,14 @@ def export_tokens(
     """
     written = export_format(format)
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
     if same_location(out, store):
-        raise UserError("--out must not be the latent store itself")
+        raise UserError("`out` must not be the latent store itself")
     if cluster is not None:
         if not written.token_store:
-            raise UserError("--cluster writes a token store: use --format zarr, or zarr+wds for shards made from it")
-        shared_location(out, "--out")
-        shared_location(store, "STORE")
+            raise UserError("`cluster` writes a token store: use `format=zarr`, or `format=zarr+wds` for shards made from it")
+        shared_location(out, "out")
+        shared_location(store, "store")
     dev = resolve_device(device if cluster is None else "cpu")  # with a cluster, the workers compute
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
@@ -140,8 +140,8 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
     existing = TokenStore.reopen(out, {**attrs, "count": len(latents)}, overwrite)
     if existing is not None:
         if not on_cluster and written_on_cluster(existing):
-            raise UserError(f"{out} is being written by `export-tokens --cluster`: run that again (any cluster) "
-                            f"to finish it, or pass --overwrite")
+            raise UserError(f"{out} is being written by an export-tokens with `cluster`: run that again (any cluster) "
+                            f"to finish it, or pass `overwrite=True`")
         return existing
     # Chunks of as many rows as the latent store's: each export step reads one latent chunk.
     return TokenStore.create(out, n=len(latents), tokens=run.tokens, codes=run.codes,

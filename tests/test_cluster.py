@@ -217,7 +217,7 @@ def test_killed_encode_job_resumes_to_the_identical_store(many_photos, tiny_dc_v
     kill_when(job, lambda: staged_pieces(out) >= 3)
     with pytest.raises(UserError, match="incomplete"):
         LatentStore.open(str(out))
-    with pytest.raises(UserError, match="being written by `encode --cluster`"):
+    with pytest.raises(UserError, match="being written by an encode with `cluster`"):
         encode(str(many_photos), str(out), **options)
 
     staged = staged_pieces(out)
@@ -235,7 +235,7 @@ def test_killed_export_job_resumes_to_the_identical_token_store(fitted, tmp_path
                          f"export_tokens({str(run)!r}, {store.url!r}, {str(out)!r}, device='cpu', progress=False, "
                          f"cluster='local:2')")
     kill_when(job, lambda: len(list((out / "chunks_done" / "c").glob("*"))) >= 5)
-    with pytest.raises(UserError, match="being written by `export-tokens --cluster`"):
+    with pytest.raises(UserError, match="being written by an export-tokens with `cluster`"):
         export_tokens(str(run), store.url, str(out), device="cpu", progress=False)
     export_tokens(str(run), store.url, str(out), device="cpu", progress=False, cluster=cluster.scheduler.address)
     assert_same_store(out, reference)

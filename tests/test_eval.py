@@ -204,7 +204,7 @@ def test_decode_with_vae_writes_one_png_per_key(pipeline, tmp_path):
     assert {p: p.stat().st_mtime_ns for p in pngs} == written
     other = str(tmp_path / "other-tokens.zarr")
     export_tokens(str(pipeline["run"]), pipeline["store"], other, device="cpu", progress=False)
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="`overwrite=True`"):
         decode(str(pipeline["run"]), other, str(images), vae=pipeline["vae"], device="cpu", progress=False)
 
     # `--images` alone decodes through the VAE the run records: the same PNGs

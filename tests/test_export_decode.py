@@ -198,7 +198,7 @@ def test_export_refuses_tokens_of_another_store_without_overwrite(fitted, tmp_pa
     out = str(tmp_path / "tokens.zarr")
     export_tokens(str(run), store.url, out, device="cpu", progress=False)
     other = latent_store(tmp_path / "other.zarr", seed=1)
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="`overwrite=True`"):
         export_tokens(str(run), other.url, out, device="cpu", progress=False)
     export_tokens(str(run), other.url, out, device="cpu", overwrite=True, progress=False)
     assert TokenStore.open(out).attrs["store"] == str((tmp_path / "other.zarr").resolve())

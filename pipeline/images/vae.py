@@ -59,7 +59,7 @@ class VaeSpec:
         """(C, H, W) of one latent at `image_size`; sizes the encoder cannot divide are a UserError."""
         factor = self.spatial_factor
         if image_size <= 0 or image_size % factor:
-            raise UserError(f"--image-size {image_size} is not a positive multiple of {factor}, "
+            raise UserError(f"`image_size={image_size}` is not a positive multiple of {factor}, "
                             f"the spatial compression of {self.name}")
         side = image_size // factor
         return (int(self.config["latent_channels"]), side, side)
@@ -163,7 +163,7 @@ def resolve_vae(spec: str | None) -> VaeSpec:
     path = Path(spec).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise UserError(f"--vae {spec} is a file, not a diffusers VAE directory")
+            raise UserError(f"`vae={spec}` is a file, not a diffusers VAE directory")
         if path.resolve() == EMBEDDED_VAE_DIR.resolve():
             return _embedded_spec()  # one name wherever the package is installed
         return _resolve_local(path.resolve(), name=str(path.resolve()))
@@ -188,7 +188,7 @@ def _resolve_default() -> VaeSpec:
             reason = str(err)
     if not (EMBEDDED_VAE_DIR / "config.json").is_file():
         raise UserError(f"no VAE available offline: {DEFAULT_VAE_ID} cannot be used ({reason}), and the "
-                        f"embedded VAE is not installed; pass --vae DIR with a diffusers VAE directory")
+                        f"embedded VAE is not installed; pass `vae=DIR` with a diffusers VAE directory")
     spec = _embedded_spec()
     spec.note = f"using the embedded VAE ({EMBEDDED_IMAGE_SIZE} px): {DEFAULT_VAE_ID} is not at hand ({reason})"
     return spec

@@ -21,8 +21,7 @@ from revq_pipe.pipeline.errors import UserError
 
 # Underscored, as diffusers marks config.json keys that are not architecture (`_class_name`).
 CHECKSUM_KEY = "_weights_sha256"
-_WAY_OUT = ("restore it, or write it again from the run's checkpoint with the same `revq-pipe fit` "
-            "command plus --resume")
+_WAY_OUT = "restore it, or write it again from the run's checkpoint: run the same fit with `resume=True`"
 
 
 def file_sha256(path: Path) -> str:

@@ -40,14 +40,14 @@ def cluster_client(spec: str) -> Iterator[Client]:
     if local:
         workers = int(local.group(1)) if local.group(1) else _default_local_workers()
         if workers < 1:
-            raise UserError(f"--cluster {spec}: a local cluster needs at least one worker")
+            raise UserError(f"`cluster={spec}`: a local cluster needs at least one worker")
         with _local_client(workers) as client:
             yield client
     elif ADDRESS_SPEC.fullmatch(spec):
         with _remote_client(spec) as client:
             yield client
     else:
-        raise UserError(f"--cluster takes local, local:N or a scheduler address such as tcp://host:8786, "
+        raise UserError(f"`cluster` takes local, local:N or a scheduler address such as tcp://host:8786, "
                         f"not {spec!r}")
 
 
@@ -72,11 +72,12 @@ def worker_hosts(client: Client) -> dict[str, int]:
     return counts
 
 
-def shared_location(url: str, what: str) -> None:
-    """Refuse a location the workers cannot see: fsspec's memory:// lives inside one process."""
+def shared_location(url: str, parameter: str) -> None:
+    """Refuse a location (given as `parameter`) the workers cannot see: fsspec's memory:// lives
+    inside one process."""
     fs, _ = filesystem(url)
     if "memory" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
-        raise UserError(f"{what} {url} is in this process's memory, which dask workers cannot reach: "
+        raise UserError(f"`{parameter}={url}` is in this process's memory, which dask workers cannot reach: "
                         f"use a path or URL every worker can open")
 
 

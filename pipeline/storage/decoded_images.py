@@ -53,7 +53,7 @@ class DecodedImages:
         began_only = there == [manifest_path] and manifest is not None and not manifest.get("rows_done")
         if there and not began_only and not overwrite:
             raise UserError(f"{folder} already holds files (or images decoded from other tokens): pass "
-                            f"--overwrite to write into it, or choose another --out")
+                            f"`overwrite=True` to write into it, or choose another `out`")
         images = cls(folder, paths, {"identity": identity, "count": len(paths), "rows_done": 0, "complete": False})
         images._save()
         return images

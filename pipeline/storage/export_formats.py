@@ -101,5 +101,5 @@ EXPORT_FORMATS: dict[str, ExportFormat] = {
 def export_format(name: str) -> ExportFormat:
     """The export format called `name`; an unknown one is a UserError naming those there are."""
     if name not in EXPORT_FORMATS:
-        raise UserError(f"unknown --format {name!r}: use one of {', '.join(EXPORT_FORMATS)}")
+        raise UserError(f"unknown `format={name}`: use one of {', '.join(EXPORT_FORMATS)}")
     return EXPORT_FORMATS[name]

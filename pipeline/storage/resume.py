@@ -45,14 +45,14 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
         return Resume(replace=True)
     path = local_path(out)
     if path is not None and path.is_file():
-        raise UserError(f"--out {out} is a file, not a Zarr store")
+        raise UserError(f"`out={out}` is a file, not a Zarr store")
     if path is not None and not is_zarr_store(path):
-        raise UserError(f"--out {out} exists and is not a Zarr store: refusing to write into it")
+        raise UserError(f"`out={out}` exists and is not a Zarr store: refusing to write into it")
     try:
         existing = LatentStore.open(out, mode="r+", allow_incomplete=True)
     except UserError:
         if not overwrite:
-            raise UserError(f"{out} is a Zarr store but not a latent store: pass --overwrite to replace it") from None
+            raise UserError(f"{out} is a Zarr store but not a latent store: pass `overwrite=True` to replace it") from None
         return Resume(replace=True)
     if overwrite:
         return Resume(replace=True)
@@ -61,8 +61,8 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
         changed = [k for k in settings if k != "settings_sha256" and old.get(k) != settings[k]]
         details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(settings[k])} now"
                             for k in changed[:3]) or "no settings fingerprint there"
-        raise UserError(f"{out} was made with other settings ({details}): pass --overwrite to replace it, "
-                        f"or choose another --out")
+        raise UserError(f"{out} was made with other settings ({details}): pass `overwrite=True` to replace it, "
+                        f"or choose another `out`")
     if existing.complete:
         return Resume(store=existing)
     progress = WriteProgress.of(existing)
@@ -74,7 +74,7 @@ def refuse_out_inside(out: str, root: Path | None) -> None:
     """A store inside an ImageFolder tree (`root`) would become a class folder on the next scan."""
     path = local_path(out)
     if root is not None and path is not None and path.resolve().is_relative_to(root):
-        raise UserError(f"--out {out} is inside SOURCE {root}: put the store outside the image folder")
+        raise UserError(f"`out={out}` is inside `source={root}`: put the store outside the image folder")
 
 
 def _short(value: Any) -> str:

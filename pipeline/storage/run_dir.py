@@ -95,9 +95,9 @@ class Run:
         """Refuse a VAE whose decoder cannot be the run's: another architecture or latent shape."""
         recorded = self.data_attrs.get("vae_config_sha256")
         if recorded is not None and spec.config_sha256() != recorded:
-            raise UserError(f"--vae {spec.name} is not the VAE the run's latents came from ({self.vae})")
+            raise UserError(f"`vae={spec.name}` is not the VAE the run's latents came from ({self.vae})")
         if self.image_size is not None and spec.latent_shape(self.image_size) != self.latent_shape:
-            raise UserError(f"--vae {spec.name} makes latents of shape {list(spec.latent_shape(self.image_size))} "
+            raise UserError(f"`vae={spec.name}` makes latents of shape {list(spec.latent_shape(self.image_size))} "
                             f"at {self.image_size} px, but the run's are {list(self.latent_shape)}")
 
 

@@ -13,13 +13,14 @@ Writes are chunk-aligned along N, so several writers (encode on several GPUs or 
 fill disjoint chunk ranges of one store without locks.
 
 `RowStore` is what the latent and the token store share: the per-row arrays, the attrs, one
-resume protocol, and the chunk completion marks of --cluster jobs (pipeline/storage/staging.py). A writer creates the store `unfinished` (attrs `complete: false`,
-`rows_done: 0`), fills rows in order a whole chunk at a time, calls `commit` after each chunk
-(`rows_done`, plus its own `progress` record of where to pick up, in one metadata write) and
-`finish` at the end (`complete: true`; a latent store computes its statistics first). `open`
-refuses an unfinished latent store unless asked, so no later stage reads a half-written store as
-if it were whole; a writer run again resumes at `rows_done`. Stores without the flag (written
-whole by other tools) are complete.
+resume protocol, and the chunk completion marks of --cluster jobs (pipeline/storage/staging.py).
+A writer creates the store `unfinished` (attrs `complete: false`, `rows_done: 0`), fills rows in
+order a whole chunk at a time, calls `commit` after each chunk (`rows_done`, plus its own
+`progress` record of where to pick up, in one metadata write) and `finish` at the end
+(`complete: true`; a latent store computes its statistics first). `open` refuses an unfinished
+latent store unless asked, so no later stage reads a half-written store as if it were whole; a
+writer run again resumes at `rows_done`. Stores without the flag (written whole by other tools)
+are complete.
 
 The group's first metadata write already holds the unfinished state, so a writer killed at any
 moment leaves either nothing, or a store it resumes, or one with no row committed
@@ -109,10 +110,10 @@ class RowStore:
         try:
             existing = cls(cls._open_group(url, "r+"), str(url))
         except UserError as err:
-            raise UserError(f"{err}: pass --overwrite to replace it") from None
+            raise UserError(f"{err}: pass `overwrite=True` to replace it") from None
         if any(existing.attrs.get(key) != value for key, value in identity.items()):
-            raise UserError(f"{url} holds {cls.KIND}s made from other inputs: pass --overwrite to replace it, "
-                            f"or choose another --out")
+            raise UserError(f"{url} holds {cls.KIND}s made from other inputs: pass `overwrite=True` to replace it, "
+                            f"or choose another `out`")
         remove_partial_writes(url)
         return existing
 
@@ -401,7 +402,7 @@ class LatentStore(RowStore):
             if row is not None:
                 what = "latents" if array is self.latents else "flipped latents"
                 raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds NaN or inf {what}: "
-                                f"re-encode that image (e.g. with --dtype float32) or leave it out")
+                                f"re-encode that image (e.g. with `dtype=float32`) or leave it out")
 
     def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray,
               latents_flip: np.ndarray | None = None) -> None:

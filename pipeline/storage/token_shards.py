@@ -60,7 +60,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     `overwrite`); `classes` name the labels (parquet's `class` column).
     """
     if shard_size < 1:
-        raise UserError(f"--shard-size must be at least 1, not {shard_size}")
+        raise UserError(f"`shard_size` must be at least 1, not {shard_size}")
     folder = local_path(out)
     if folder is None:
         raise UserError("token shards are written to a local folder, not a URL")
@@ -69,7 +69,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
         if read_json(manifest) != attrs:
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
-                            "pass --overwrite to replace them")
+                            "pass `overwrite=True` to replace them")
     elif there:
         for stale in [*folder.glob("tokens-*"), manifest]:
             stale.unlink(missing_ok=True)

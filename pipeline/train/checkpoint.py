@@ -53,7 +53,7 @@ def continued_train_config(checkpoint: dict[str, Any], train: TrainConfig, epoch
     saved = TrainConfig.from_dict(checkpoint["train_config"])
     total = saved.epochs if epochs is None else epochs
     if total < checkpoint["epoch"]:
-        raise UserError(f"--epochs {total}: the run has already trained {checkpoint['epoch']} epochs")
+        raise UserError(f"`epochs={total}`: the run has already trained {checkpoint['epoch']} epochs")
     return dataclasses.replace(train, epochs=total, lr_decay_epochs=saved.lr_decay_epochs)
 
 
@@ -82,7 +82,7 @@ def check_resume(checkpoint: dict[str, Any], model_config: ReVQConfig, train: Tr
         diff = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
         if diff:
             shown = ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in diff)
-            raise UserError(f"--resume with a different {kind} config than {out} was started with ({shown})")
+            raise UserError(f"`resume=True` with a different {kind} config than {out} was started with ({shown})")
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:

@@ -84,8 +84,8 @@ class DataParallelGroup:
         if not self.distributed or device.type != "cuda":
             return device
         if device.index is not None and self.local_world_size > 1:
-            raise UserError(f"--device {device} names one GPU, but torchrun started {self.local_world_size} "
-                            f"processes on this machine: pass --device cuda (each takes the GPU of its local rank)")
+            raise UserError(f"`device={device}` names one GPU, but torchrun started {self.local_world_size} "
+                            f"processes on this machine: pass `device=cuda` (each takes the GPU of its local rank)")
         if device.index is not None:
             return device
         if self.local_rank >= torch.cuda.device_count():
@@ -96,7 +96,7 @@ class DataParallelGroup:
     def require_divisible(self, batch_size: int) -> None:
         if batch_size % self.world_size:
             lower = batch_size // self.world_size * self.world_size
-            raise UserError(f"--batch-size {batch_size} is the global batch and must split evenly over the "
+            raise UserError(f"`batch_size={batch_size}` is the global batch and must split evenly over the "
                             f"{self.world_size} processes: use a multiple of {self.world_size}"
                             + (f" such as {lower}" if lower else ""))
 

@@ -68,6 +68,6 @@ def _tensorboard_writer(log_dir: Path, resumed_at: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as err:
-        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from err
+        raise UserError("`tensorboard=True` needs the tensorboard package: pip install tensorboard") from err
     # On resume, drop the events a killed run wrote after its last checkpoint (steps are epochs).
     return SummaryWriter(str(log_dir), purge_step=resumed_at or None)

@@ -68,7 +68,7 @@ class LatentLoader:
                  drop_last: bool = True, seed: int = 0, resident: bool | None = None, flip: bool = False,
                  group: DataParallelGroup = DataParallelGroup()):
         if flip and not store.has_flip:
-            raise ValueError(f"{store.url} holds no flipped latents (encode it with --flip)")
+            raise ValueError(f"{store.url} holds no flipped latents (encode it with `flip=True`)")
         self.store, self.batch_size, self.device = store, batch_size, device
         self.shuffle, self.drop_last, self.seed, self.flip = shuffle, drop_last, seed, flip
         self.group = group
