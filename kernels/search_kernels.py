@@ -145,6 +145,25 @@ def exact_search_kernel(
 
 
 @_jit
+def _screen_candidates(best, second, largest_sqnorm, query_rows, stride_xd, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The screen's candidates: slot bests within the rounding bound of the row's minimum score,
+    and per row whether a slot's second best may also be within it (unsettled: re-run exactly)."""
+    x_sqnorm = tl.zeros((BLOCK_M,), tl.float32)
+    for j in tl.static_range(D):
+        x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
+        x_sqnorm += x_j * x_j
+    row_min = tl.min(best, axis=1)
+    c_max = tl.max(largest_sqnorm, axis=0)
+    error = 2.5 * (D + 2) * UNIT_ROUNDOFF * (c_max + tl.sqrt(x_sqnorm * c_max))
+    nearest_bound = tl.maximum(x_sqnorm + row_min + error, 0.0)  # >= the distance of the best score's code
+    threshold = row_min + 2.0 * error + 2.2 * (D + 3) * UNIT_ROUNDOFF * nearest_bound
+    candidate = best <= threshold[:, None]
+    # Written as "not (second > threshold)" so that NaN or inf bounds (overflow) flag the row.
+    unsettled = tl.max(tl.where(second > threshold[:, None], 0, 1), axis=1)
+    return candidate, unsettled
+
+
+@_jit
 def screen_kernel(
     x_ptr,
     codes_ptr,
@@ -200,19 +219,7 @@ def screen_kernel(
         offs_k = next_offs_k
         codes = next_codes
 
-    # Candidates: slot bests within the rounding bound of the row's minimum score.
-    x_sqnorm = tl.zeros((BLOCK_M,), tl.float32)
-    for j in tl.static_range(D):
-        x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
-        x_sqnorm += x_j * x_j
-    row_min = tl.min(best, axis=1)
-    c_max = tl.max(largest_sqnorm, axis=0)
-    error = 2.5 * (D + 2) * UNIT_ROUNDOFF * (c_max + tl.sqrt(x_sqnorm * c_max))
-    nearest_bound = tl.maximum(x_sqnorm + row_min + error, 0.0)  # >= the distance of the best score's code
-    threshold = row_min + 2.0 * error + 2.2 * (D + 3) * UNIT_ROUNDOFF * nearest_bound
-    candidate = best <= threshold[:, None]
-    # Written as "not (second > threshold)" so that NaN or inf bounds (overflow) flag the row.
-    unsettled = tl.max(tl.where(second > threshold[:, None], 0, 1), axis=1)
+    candidate, unsettled = _screen_candidates(best, second, largest_sqnorm, query_rows, stride_xd, D, BLOCK_M)
     tl.store(flags_ptr + key_offs, unsettled.to(tl.int8), mask=row_valid & (unsettled != 0))
 
     # Exact direct distance of each candidate, then (min, lowest index) per row.

@@ -249,27 +249,20 @@ def save_checkpoint(path: Path, model, optimizer, scheduler, step: int, train_se
     partial.replace(path)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = args.work_dir / "checkpoint.pt"
+def resume_state(checkpoint_path: Path, model, optimizer, scheduler) -> tuple[int, float]:
+    """Load the checkpoint into the model, optimizer and scheduler: (step, training seconds so far)."""
+    state = torch.load(checkpoint_path, map_location="cpu")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    print(f"resumed at step {state['step']}", flush=True)
+    return state["step"], state["train_seconds"]
 
-    model = build_model(ARCHITECTURE, args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rate_factor(step, args.warmup_steps, args.steps))
-    step, train_seconds = 0, 0.0
-    if args.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, train_seconds = state["step"], state["train_seconds"]
-        print(f"resumed at step {step}", flush=True)
 
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"AutoencoderDC with {parameters / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}", flush=True)
+def train(args: argparse.Namespace, model, optimizer, scheduler, step: int, train_seconds: float,
+          checkpoint_path: Path) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """Train from `step` to args.steps, logging validation quality and checkpointing as asked:
+    (training seconds in all, the validation crops, the same crops colour-shifted)."""
     crops = TrainingCrops(EMBEDDED_IMAGE_SIZE, args.seed, augment=args.augment)
     validation = fixed_crops(TRAIN_PHOTOS, VALIDATION_CROPS, VALIDATION_SEED, EMBEDDED_IMAGE_SIZE)
     # The same crops with their colours shifted: how well colours generalise, still without the holdout.
@@ -301,23 +294,12 @@ def main(argv: list[str] | None = None) -> None:
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(checkpoint_path, model, optimizer, scheduler, step,
                             train_seconds + time.time() - started)
+    return train_seconds + time.time() - started, validation, validation_shifted
 
-    train_seconds += time.time() - started
-    final_validation = reconstruction_quality(model, validation)
-    final_shifted = reconstruction_quality(model, validation_shifted)
-    statistics = latent_statistics(model, fixed_crops(TRAIN_PHOTOS, STATISTICS_CROPS, STATISTICS_SEED, EMBEDDED_IMAGE_SIZE))
-    # DC-AE's convention: scaling_factor is the inverse RMS of the latents, for diffusion-style consumers.
-    model.register_to_config(scaling_factor=round(1.0 / statistics["rms"], 5))
-    holdout_images = fixed_crops(HOLDOUT_PHOTOS, EVAL_CROPS, EVAL_SEED, EMBEDDED_IMAGE_SIZE)
-    holdout = reconstruction_quality(model, holdout_images)
-    if args.save_dtype == "float16":
-        model = model.to(torch.float16)
-    model.save_pretrained(args.out, safe_serialization=True)
-    if args.save_dtype == "float16":
-        # Quality as shipped: weights rounded to float16, computed in float32 as CPU users would.
-        holdout = reconstruction_quality(AutoencoderDC.from_pretrained(args.out, torch_dtype=torch.float32), holdout_images)
 
-    record = {
+def training_record(args: argparse.Namespace, argv: list[str] | None, parameters: int, results: dict) -> dict:
+    """training_record.json: the command, the settings, the data and augmentation, and `results`."""
+    return {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "seed": args.seed,
         "steps": args.steps,
@@ -348,6 +330,45 @@ def main(argv: list[str] | None = None) -> None:
             # sample_images.photo_crops(holdout_photos, count, seed=seed, out_size=size): tests re-measure it.
             "holdout_crops": {"count": EVAL_CROPS, "seed": EVAL_SEED, "size": EMBEDDED_IMAGE_SIZE},
         },
+        **results,
+        "torch": torch.__version__,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = args.work_dir / "checkpoint.pt"
+
+    model = build_model(ARCHITECTURE, args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rate_factor(step, args.warmup_steps, args.steps))
+    step, train_seconds = 0, 0.0
+    if args.resume and checkpoint_path.exists():
+        step, train_seconds = resume_state(checkpoint_path, model, optimizer, scheduler)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"AutoencoderDC with {parameters / 1e6:.2f} M parameters; {args.steps} steps of {args.batch_size}", flush=True)
+    train_seconds, validation, validation_shifted = train(args, model, optimizer, scheduler, step, train_seconds,
+                                                          checkpoint_path)
+
+    final_validation = reconstruction_quality(model, validation)
+    final_shifted = reconstruction_quality(model, validation_shifted)
+    statistics = latent_statistics(model, fixed_crops(TRAIN_PHOTOS, STATISTICS_CROPS, STATISTICS_SEED, EMBEDDED_IMAGE_SIZE))
+    # DC-AE's convention: scaling_factor is the inverse RMS of the latents, for diffusion-style consumers.
+    model.register_to_config(scaling_factor=round(1.0 / statistics["rms"], 5))
+    holdout_images = fixed_crops(HOLDOUT_PHOTOS, EVAL_CROPS, EVAL_SEED, EMBEDDED_IMAGE_SIZE)
+    holdout = reconstruction_quality(model, holdout_images)
+    if args.save_dtype == "float16":
+        model = model.to(torch.float16)
+    model.save_pretrained(args.out, safe_serialization=True)
+    if args.save_dtype == "float16":
+        # Quality as shipped: weights rounded to float16, computed in float32 as CPU users would.
+        holdout = reconstruction_quality(AutoencoderDC.from_pretrained(args.out, torch_dtype=torch.float32), holdout_images)
+
+    record = training_record(args, argv, parameters, {
         "holdout": holdout,
         # Measured at the end on fresh crops of the training photos (what the training log follows).
         "train_photo_validation": {"crops": f"photo_crops(TRAIN_PHOTOS, {VALIDATION_CROPS}, seed={VALIDATION_SEED})",
@@ -356,8 +377,7 @@ def main(argv: list[str] | None = None) -> None:
         "latent_statistics": {"crops": f"photo_crops(TRAIN_PHOTOS, {STATISTICS_CROPS}, seed={STATISTICS_SEED})",
                               **statistics},
         "train_minutes": round(train_seconds / 60, 1),
-        "torch": torch.__version__,
-    }
+    })
     (args.out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps({"holdout": holdout, "latent_channel_mean_range": statistics["channel_mean_range"],
                       "latent_channel_std_range": statistics["channel_std_range"]}), flush=True)
