@@ -182,7 +182,7 @@ def test_decode_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted
 FIT_MOMENTS = {
     "early: epoch 1, before its third step": ("revq_pipe.pipeline.train.trainer:Trainer.step", 3, "before"),
     "between epoch 2's checkpoint and its metrics and weights": ("revq_pipe.stages.fit:save_checkpoint", 2, "after"),
-    "final: the last epoch's weights written to a temp file, not renamed": ("revq_pipe.pipeline.model.revq:save_file", 3,
+    "final: the last epoch's weights written to a temp file, not renamed": ("revq_pipe.pipeline.model.hub_mixin:save_file", 3,
                                                                            "after"),
 }
 
