@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperCommand
 
 from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
 from revq_pipe.pipeline.reporting.console import console_reporting
@@ -36,7 +37,7 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Measure the project's speed beside the reference way, in one run.", no_args_is_help=True,
                         rich_markup_mode=None)
-app.add_typer(bench_app, name="bench")
+app.add_typer(bench_app, name="bench", short_help="Measure the project's speed beside the reference way.")
 
 
 def _print_version(value: bool) -> None:
@@ -417,6 +418,42 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
     if min(values) < 1:
         raise UserError(f"{option} values must be positive, not {text!r}")
     return values
+
+
+class PlainHelpCommand(TyperCommand):
+    """A command's help with its arguments by name alone: `encode [OPTIONS] SOURCE` and `SOURCE  help`,
+    where Typer writes `{SOURCE}` and `SOURCE <str>`."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                pieces.append(_argument_name(param) if param.required else f"[{_argument_name(param)}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in rows:
+                name = _argument_name(param) if param.param_type_name == "argument" else record[0]
+                rows[param.param_type_name].append((name, record[1]))
+        for title, kind in (("Arguments", "argument"), ("Options", "option")):
+            if rows[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(rows[kind])
+
+
+def _argument_name(param) -> str:
+    name = param.metavar or param.name.upper()
+    return name + "..." if param.nargs != 1 and not name.endswith("...") else name
+
+
+# Every command gets plain argument names, and a short help that is its docstring's whole first
+# paragraph (click cuts a derived one off with "..." to fit the terminal; a given one wraps instead).
+for _command in (*app.registered_commands, *bench_app.registered_commands):
+    _command.cls = PlainHelpCommand
+    _command.short_help = _command.short_help or " ".join(_command.callback.__doc__.split("\n\n")[0].split())
 
 
 if __name__ == "__main__":

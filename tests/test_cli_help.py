@@ -7,7 +7,6 @@ import subprocess
 import sys
 from importlib.metadata import version
 
-import click
 import typer
 from typer.testing import CliRunner
 
@@ -20,7 +19,7 @@ def all_commands():
     """(words, click command) of every command, bench's sub-commands included."""
     root = typer.main.get_command(app)
     for name, command in root.commands.items():
-        if isinstance(command, click.Group):
+        if hasattr(command, "commands"):  # a group (Typer vendors its own click: no isinstance)
             for sub_name, sub in command.commands.items():
                 yield [name, sub_name], sub
         else:
@@ -35,7 +34,7 @@ def test_every_option_is_described_and_flags_show_no_value():
             if param.name == "help":
                 continue
             assert param.help, f"{' '.join(words)} {param.opts[0]} has no help"
-            if isinstance(param, click.Option) and param.is_flag:
+            if param.param_type_name == "option" and param.is_flag:
                 # the flag's line is the flag, then its description: no metavar between
                 line = next(line for line in text.splitlines() if line.strip().startswith(param.opts[0] + " "))
                 assert line.split(param.opts[0], 1)[1].strip().startswith(param.help[:20]), line
@@ -78,3 +77,27 @@ def test_from_revq_pipe_import_revq():
     from revq_pipe.pipeline.model.revq import ReVQ as defined
 
     assert ReVQ is defined
+
+
+def test_usage_lines_and_arguments_show_plain_names():
+    for words, command in all_commands():
+        text = runner.invoke(app, [*words, "--help"], terminal_width=80).stdout
+        usage = text.splitlines()[0]
+        assert "{" not in usage and "<" not in usage, usage
+        for param in command.params:
+            if param.param_type_name == "argument":
+                row = next(line for line in text.splitlines() if line.strip().startswith(param.metavar))
+                assert "<" not in row.split("  ")[0], row  # no `SOURCE <str>`
+    assert runner.invoke(app, ["encode", "--help"]).stdout.startswith("Usage: revq-pipe encode [OPTIONS] SOURCE\n")
+    assert "import-latents [OPTIONS] FILE...\n" in runner.invoke(app, ["import-latents", "--help"]).stdout
+
+
+def test_the_command_lists_show_whole_descriptions_on_a_narrow_terminal():
+    root = typer.main.get_command(app)
+    for words, group in (([], root), (["bench"], root.commands["bench"])):
+        text = runner.invoke(app, [*words, "--help"], terminal_width=80).stdout
+        listing = " ".join(text.split("Commands:", 1)[1].split())
+        assert "..." not in listing, listing
+        for name, command in group.commands.items():
+            if not hasattr(command, "commands"):  # a command: its docstring's whole first paragraph
+                assert f"{name} {' '.join(command.help.split(chr(10) * 2)[0].split())}" in listing, name

@@ -248,11 +248,27 @@ def test_cli_export_and_decode(fitted, tmp_path):
     assert len(LatentStore.open(decoded)) == COUNT
 
 
+def test_a_token_store_where_a_latent_store_belongs_is_named_as_such(fitted, tmp_path):
+    store, run = fitted
+    tokens = str(tmp_path / "tokens.zarr")
+    assert CliRunner().invoke(app, ["export-tokens", str(run), store.url, "--out", tokens, "--device", "cpu"]).exit_code == 0
+    for args in (["export-tokens", str(run), tokens, "--out", str(tmp_path / "again.zarr")],
+                 ["eval", str(run), tokens, "--latent-only"],
+                 ["fit", tokens, "--out", str(tmp_path / "run")],
+                 ["stats", tokens]):
+        result = CliRunner().invoke(app, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, (args, result.output)
+        assert lines[0] == f"error: {tokens} is a token store (made by export-tokens), not a latent store", args
+    assert not (tmp_path / "run").exists() and not (tmp_path / "again.zarr").exists()
+
+
 @pytest.mark.parametrize("args, reason", [
     (["export-tokens", "{run}", "{store}", "--out", "{tmp}/t.zarr", "--format", "csv"], "unknown --format"),
     (["export-tokens", "{tmp}/no-run", "{store}", "--out", "{tmp}/t.zarr"], "run directory not found"),
     (["export-tokens", "{run}", "{tmp}/no-store", "--out", "{tmp}/t.zarr"], "no Zarr store"),
-    (["decode", "{run}", "{store}", "--out", "{tmp}/d.zarr"], "not a token store"),
+    (["decode", "{run}", "{store}", "--out", "{tmp}/d.zarr"],
+     "is a latent store (made by encode or import-latents), not a token store"),
     (["export-tokens", "{run}", "{store}", "--out", "{tmp}/t.zarr", "--device", "tpu"], "unknown device"),
 ])
 def test_bad_usage_exits_2_with_one_line(fitted, tmp_path, args, reason):

@@ -145,3 +145,22 @@ def test_paper_checkpoint_mismatches_are_one_line_errors(paper_files, tmp_path):
                      "--out", tmp_path / "run")
         lines = result.output.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and reason in lines[0], result.output
+
+
+def test_a_yaml_that_is_not_a_paper_config_names_what_it_lacks(paper_files, tmp_path):
+    root = paper_files["root"]
+    cases = {  # the yaml, and what the one line must say
+        "train: {num_epochs: 100}\n": "it has no model (a paper config holds model.input_data_size",
+        YAML.replace("  quantizer:\n", "  quantizer_old:\n"): "it has no model.quantizer ",
+        YAML.replace("    num_code:", "    codes:"): "it has no model.quantizer.num_code ",
+        YAML.replace(f"num_code: {CODES}", "num_code: many"): "model.quantizer.num_code is 'many'",
+        YAML.replace("  input_data_size:", "  input_data_size: 7\n  old_size:"): "model.input_data_size is 7",
+    }
+    for number, (text, reason) in enumerate(cases.items()):
+        (tmp_path / f"{number}.yaml").write_text(text)
+        result = cli("import-checkpoint", root / "ckpt.pth", "--config", tmp_path / f"{number}.yaml",
+                     "--preprocessor", root / "preprocessor.pth", "--out", tmp_path / "run")
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and reason in lines[0], (text, result.output)
+        assert "'" not in lines[0].split("paper config:")[1].split(" is ")[0]  # no `no model.'model'`
+        assert not (tmp_path / "run").exists()

@@ -20,10 +20,11 @@ its 256-token models do not load there).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -68,14 +69,10 @@ def paper_model(checkpoint: str | Path, config: str | Path, preprocessor: str | 
 
 def paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: int | None) -> ReVQConfig:
     """The ReVQConfig of a released yaml config (its `name` becomes the preset when it is one)."""
-    try:
-        model = yaml_config["model"]
-        latent_shape = tuple(int(v) for v in model["input_data_size"])
-        quantizer, decoder = model["quantizer"], model["decoder"]
-        tokens, codes = int(quantizer["tokens_per_data"]), int(quantizer["num_code"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise UserError(f"not a ReVQ paper config: no model.{err} (expected model.input_data_size, "
-                        "model.quantizer, model.decoder)") from err
+    field = functools.partial(_paper_field, yaml_config)
+    latent_shape = field("model.input_data_size", lambda v: tuple(int(x) for x in v))
+    quantizer, decoder = field("model.quantizer", dict), field("model.decoder", dict)
+    tokens, codes = field("model.quantizer.tokens_per_data", int), field("model.quantizer.num_code", int)
     groups = int(quantizer.get("num_group") or tokens)
     if tokens % groups:
         raise UserError(f"tokens_per_data {tokens} is not a multiple of num_group {groups}")
@@ -110,6 +107,22 @@ def _codebooks(quantizer: dict[str, torch.Tensor], config: ReVQConfig) -> torch.
         raise UserError(f"the checkpoint's codebooks {tuple(embeddings.shape)} do not match the config "
                         f"(T={config.tokens}, K={config.codes}, d={config.dim})")
     return embeddings.float().repeat(config.tokens // groups, 1, 1)
+
+
+def _paper_field(yaml_config: dict[str, Any], dotted: str, convert: Callable[[Any], Any]) -> Any:
+    """The value at `dotted` ("model.quantizer.num_code") of a paper config, converted, or a UserError
+    naming the first missing or malformed part of the path."""
+    value: Any = yaml_config
+    for depth, key in enumerate(dotted.split(".")):
+        if not isinstance(value, dict) or key not in value:
+            where = ".".join(dotted.split(".")[:depth + 1])
+            raise UserError(f"not a ReVQ paper config: it has no {where} (a paper config holds "
+                            "model.input_data_size, model.quantizer and model.decoder)")
+        value = value[key]
+    try:
+        return convert(value)
+    except (TypeError, ValueError):
+        raise UserError(f"not a ReVQ paper config: {dotted} is {value!r}") from None
 
 
 def _rectifier_weights(decoder: dict[str, torch.Tensor], config: ReVQConfig) -> dict[str, torch.Tensor]:

@@ -80,6 +80,11 @@ def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
         raise UserError(f"{url} is not a Zarr v3 group: {err}") from err
 
 
+# What each kind of row store is, by its data array: how a store given in the wrong place is named.
+ROW_STORE_KINDS = {"latents": "a latent store (made by encode or import-latents)",
+                   "tokens": "a token store (made by export-tokens)"}
+
+
 class RowStore:
     """What the latent and token stores share: a Zarr group whose per-row arrays (the data array
     named by DATA, `labels`, `keys`) are chunked alike along N, attrs["revq"], and the resume
@@ -95,6 +100,10 @@ class RowStore:
     @classmethod
     def _open_group(cls, url: str, mode: str) -> zarr.Group:
         group = open_zarr_group(url, mode)
+        if cls.DATA not in group:
+            other = next((what for data, what in ROW_STORE_KINDS.items() if data in group), None)
+            if other is not None:  # the other kind of store, given where this one was expected
+                raise UserError(f"{url} is {other}, not a {cls.KIND} store")
         for name in (cls.DATA, "labels", "keys"):
             if name not in group:
                 raise UserError(f"{url} is not a {cls.KIND} store: it has no '{name}' array")
