@@ -63,14 +63,16 @@ class TrainConfig:
                         "each its own", 0, metavar="N", minimum=0)
     # "random": code k of every position starts as the token of the k-th of K distinct random samples
     # (the paper's way); "kmeans": those, refined by `kmeans_iters` Lloyd iterations per position on
-    # a sample bounded so that k-means costs at most `kmeans_budget` epochs' searches (codebook_init.py).
+    # a sample of the store, searching at most `kmeans_budget` x N latents in all (codebook_init.py).
     codebook_init: str = setting("kmeans (K distinct samples refined by Lloyd iterations on a larger sample, "
                                  "bounded by --kmeans-budget) or random (the K samples alone, the paper's way)",
                                  "kmeans", choices=CODEBOOK_INITS)
-    kmeans_iters: int = setting("Lloyd iterations of --codebook-init kmeans", 10, metavar="N", minimum=1)
-    kmeans_budget: float = setting("The most --codebook-init kmeans may cost, in epochs of nearest-code searches: "
-                                   "its iterations search at most this many times the store's latents, so at 1 "
-                                   "it takes less than one epoch of training", 1.0, metavar="F", minimum=0)
+    kmeans_iters: int = setting("The most Lloyd iterations of --codebook-init kmeans (fewer where its budget "
+                                "says so)", 10, metavar="N", minimum=1)
+    kmeans_budget: float = setting("The most --codebook-init kmeans may search, in times the store's latents (an "
+                                   "epoch searches each once, and costs more than 10 such searches with the "
+                                   "rectifier and optimizers: 4 keeps k-means well under one epoch)", 4.0,
+                                   metavar="F", minimum=0)
     # Each sample of an epoch is its image's latent or its flipped image's, at random (stores made
     # with `encode --flip`; see loader.py). `fit`'s default: when the store has them.
     flip: bool = setting("Ignore the store's flipped latents (encode --flip); by default fit trains on them too.",
