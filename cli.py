@@ -10,21 +10,22 @@ module go to stderr through the one handler `pipeline.reporting.console` sets up
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from typer.core import TyperCommand
 
 from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
+from revq_pipe.pipeline.model.config import Setting, preset_defaults, settings_of
 from revq_pipe.pipeline.reporting.console import console_reporting
-
-from revq_pipe.pipeline.model.config import preset_defaults, preset_help
-from revq_pipe.pipeline.model.rectifier import RECTIFIERS
 from revq_pipe.pipeline.storage.export_formats import EXPORT_FORMATS
+from revq_pipe.pipeline.train.config import FitConfig
 
 app = typer.Typer(
     name="revq-pipe",
@@ -65,10 +66,12 @@ def reports_user_errors(command):
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        flags = _flags_for(command)
         try:
-            return command(*args, **kwargs)
+            with _flags_in_log_lines(flags):
+                return command(*args, **kwargs)
         except UserError as err:
-            typer.echo(f"error: {as_command_line(str(err), _flags_for(command))}", err=True)
+            typer.echo(f"error: {as_command_line(str(err), flags)}", err=True)
             raise typer.Exit(2) from None
         except OSError as err:
             line = os_error_line(err)
@@ -77,10 +80,30 @@ def reports_user_errors(command):
             typer.echo(f"error: {line}", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as err:
-            typer.echo(f"interrupted: {str(err) or 'run the same command again to resume'}", err=True)
+            hint = as_command_line(str(err), flags) or "run the same command again to resume"
+            typer.echo(f"interrupted: {hint}", err=True)
             raise typer.Exit(130) from None
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _flags_in_log_lines(flags: dict[str, tuple[str, bool]]):
+    """While a command runs, its log lines show flags where they name parameters, as its errors do
+    (a warning's advice `codes=32` reads --codes 32)."""
+
+    def rewrite(record: logging.LogRecord) -> bool:
+        record.msg, record.args = as_command_line(record.getMessage(), flags), None
+        return True
+
+    handlers = logging.getLogger("revq_pipe").handlers
+    for handler in handlers:
+        handler.addFilter(rewrite)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(rewrite)
 
 
 def _flags(command) -> dict[str, tuple[str, bool]]:
@@ -182,36 +205,61 @@ def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store w
                f"(mean of means {mean.mean():.4g}, mean of stds {std.mean():.4g})")
 
 
+def _setting_option(setting: Setting, default: Any = None) -> inspect.Parameter:
+    """One CLI option for a config field, from its `Setting`: `--name VALUE` (None when not given: the
+    preset's or the field's default), or a flag (`--no-reset`) that sets the field to False."""
+    if setting.flag:
+        option = typer.Option(False, setting.flag, help=setting.help)
+        return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool)
+    shown = (f"the preset's; {preset_defaults(setting.name)}" if setting.from_preset
+             else setting.shown_default or setting.default)
+    option = typer.Option(default, setting.option, metavar=setting.metavar or "|".join(setting.choices),
+                          min=setting.minimum, show_default=False, help=f"{setting.help} (default: {shown}).")
+    return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=setting.type if default is not None else Optional[setting.type])
+
+
+def takes_fit_config(*, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (), **defaults: Any):
+    """Give a command one option per fit setting: FitConfig's own (preset, device), then every model
+    and training setting (`FitConfig.settings()`); or the `only` ones, less `exclude`. `defaults`
+    replaces the preset's or the device's default. The command receives them as `config: FitConfig`."""
+    own = {name: defaults.get(name, s.default) for name, s in settings_of(FitConfig).items()}
+    settings = [s for s in [*settings_of(FitConfig).values(), *FitConfig.settings().values()]
+                if (only is None or s.name in only) and s.name not in exclude]
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        options = [_setting_option(s, own.get(s.name)) for s in settings]
+
+        @functools.wraps(command)
+        def with_config(*args, **kwargs):
+            values = {s.name: kwargs.pop(s.name) for s in settings}
+            given = {name: values.pop(name, default) for name, default in own.items()}
+            for s in settings:
+                if s.flag:  # a flag given sets its field to False; not given, the default stands
+                    values[s.name] = False if values[s.name] else None
+            return command(*args, config=FitConfig.from_preset(**given, **values), **kwargs)
+
+        parameters = [p for p in signature.parameters.values() if p.name != "config"]
+        with_config.__signature__ = signature.replace(parameters=parameters + options)
+        with_config.__annotations__ = {p.name: p.annotation for p in parameters + options}
+        return with_config
+
+    return decorate
+
+
 @app.command()
 @reports_user_errors
+@takes_fit_config()
 def fit(
     store: str = typer.Argument(..., metavar="STORE", help="Latent store made by `revq-pipe encode` or import-latents."),
     out: str = typer.Option(..., "--out", metavar="RUN", help="Run directory to write."),
-    preset: str = typer.Option("512T_NC=16384", "--preset", metavar="NAME",
-                               help="A preset fixes the code dim d and the codes per token position K (and the "
-                                    "rectifier size, batch and epochs); the tokens per image T = C*H*W/d follow "
-                                    f"from the store's latent shape. {preset_help()}. Use tiny for small stores "
-                                    "(fewer than 8 latents per code memorise the data)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N", help=f"Epochs (default: the preset's; {preset_defaults('epochs')})."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Latents per step (default: the preset's; {preset_defaults('batch_size')})."),
-    lr: Optional[float] = typer.Option(None, "--lr", metavar="F", help="Codebook learning rate (default: 0.01; the rectifier's is 0.05 x this), decayed exponentially to 5% over the run."),
     val: Optional[str] = typer.Option(None, "--val", metavar="STORE", help="Latent store for validation MSE (with and without the rectifier) each epoch."),
-    device: str = DeviceOpt,
-    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seeds every random stream (codebook init, data order, reset noise, rectifier init), each its own."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run directory's checkpoint."),
-    split: Optional[str] = typer.Option(None, "--split", metavar="channel|spatial", help="Ablation: how latents are cut into tokens (default: channel)."),
-    rectifier: Optional[str] = typer.Option(None, "--rectifier", metavar="|".join(RECTIFIERS), help="Ablation: the rectifier network (default: vit)."),
-    rectifier_form: Optional[str] = typer.Option(None, "--rectifier-form", metavar="residual|paper", help="residual (default: g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), as the paper's code)."),
-    rectifier_width: Optional[int] = typer.Option(None, "--rectifier-width", min=1, metavar="W", help=f"Rectifier width (default: the preset's; {preset_defaults('rectifier_width')})."),
-    rectifier_layers: Optional[int] = typer.Option(None, "--rectifier-layers", min=0, metavar="L", help=f"Rectifier blocks (default: the preset's; {preset_defaults('rectifier_layers')})."),
-    codebook_init: str = typer.Option("random", "--codebook-init", metavar="random|kmeans", help="random (K distinct samples, the paper's way) or kmeans (those refined by Lloyd iterations on a larger sample)."),
-    no_reset: bool = typer.Option(False, "--no-reset", help="Ablation: no Non-Activation Reset."),
-    no_flip: bool = typer.Option(False, "--no-flip", help="Ignore the store's flipped latents (encode --flip); by default fit trains on them too."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", min=1, metavar="T", help="Tokens per image T, off-preset (d becomes C*H*W/T)."),
-    codes: Optional[int] = typer.Option(None, "--codes", min=1, metavar="K", help=f"Codes per token position K, off-preset (default: the preset's; {preset_defaults('codes')})."),
-    codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="auto (sparse on CUDA, dense on CPU), sparse (AdamW touching only the chosen codes) or dense (AdamW over all codes, the reference's way)."),
     tensorboard: bool = typer.Option(False, "--tensorboard", help="Also write each epoch's metrics as TensorBoard events into RUN/tensorboard (metrics.jsonl and metrics.png are always written)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Start over: remove what an earlier fit wrote in the run directory."),
+    *,
+    config: FitConfig,
 ):
     """Train the grouped quantizer and the rectifier from a latent store.
 
@@ -219,13 +267,7 @@ def fit(
     """
     from revq_pipe.stages.fit import fit as run_fit
 
-    result = run_fit(
-        store, out, preset=preset, epochs=epochs, batch_size=batch_size, lr=lr, val=val,
-        device=device, seed=seed, resume=resume, split=split, rectifier=rectifier, rectifier_form=rectifier_form,
-        rectifier_width=rectifier_width, rectifier_layers=rectifier_layers, reset=not no_reset, tokens=tokens,
-        codes=codes, codebook_update=codebook_update, codebook_init=codebook_init, flip=False if no_flip else None,
-        tensorboard=tensorboard, overwrite=overwrite,
-    )
+    result = run_fit(store, out, config, val=val, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if result.rank == 0:  # under torchrun, one report
         typer.echo(result.report())
 
@@ -369,42 +411,41 @@ def bench_cluster(
 
 @bench_app.command("fit")
 @reports_user_errors
+@takes_fit_config(only=("preset", "device", "batch_size", "codebook_update"), preset="512T_NC=16384")
 def bench_fit(
-    preset: str = typer.Option("512T_NC=16384", "--preset", metavar="NAME", help=f"The preset whose training step to time. {preset_help()}."),
-    device: str = DeviceOpt,
     steps: int = typer.Option(20, "--steps", min=1, metavar="N", help="Training steps timed."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Default: the preset's ({preset_defaults('batch_size')})."),
-    codebook_update: str = typer.Option("auto", "--codebook-update", metavar="auto|sparse|dense", help="This project's codebook update: auto, sparse or dense."),
+    *,
+    config: FitConfig,
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
     from revq_pipe.stages.bench.fit import bench_fit as run_bench
 
-    typer.echo(run_bench(preset, device=device, steps=steps, batch_size=batch_size,
-                         codebook_update=codebook_update).report())
+    typer.echo(run_bench(config, steps=steps).report())
 
 
 @bench_app.command("quality")
 @reports_user_errors
+@takes_fit_config(exclude=("codes", "rectifier", "rectifier_form"), preset="tiny")
 def bench_quality(
     train: str = typer.Argument(..., metavar="TRAIN", help="Latent store to fit on (e.g. revq-demo/latents-train.zarr)."),
     val: str = typer.Argument(..., metavar="VAL", help="Latent store of held-out images to score on (e.g. revq-demo/latents-eval.zarr)."),
     out: Path = typer.Option(Path("revq-bench-quality"), "--out", metavar="DIR", help="Folder for every variant's run, quality.json and quality.md; the same command again goes on from the fits it finished."),
     images: Optional[str] = typer.Option(None, "--images", metavar="SOURCE", help="VAL's source images, for PSNR/SSIM through the tokens."),
     vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="The VAE both stores were encoded with (default: the one VAL records)."),
-    preset: str = typer.Option("tiny", "--preset", metavar="NAME", help=f"The preset every variant starts from. {preset_help()}."),
     codes: Optional[str] = typer.Option(None, "--codes", metavar="K,K,...", help="Comma-separated K values (default: the preset's K and K/4)."),
-    variants: Optional[str] = typer.Option(None, "--variants", metavar="NAME,...", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-noflip, none-noflip."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, metavar="N", help=f"Epochs per variant (default: the preset's; {preset_defaults('epochs')})."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, metavar="N", help=f"Latents per step (default: the preset's; {preset_defaults('batch_size')})."),
-    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of every variant's random streams."),
-    device: str = DeviceOpt,
+    variants: Optional[str] = typer.Option(None, "--variants", metavar="NAME,...", help="Comma-separated: vit, vit-paper, cnn, cnn-paper, mlp, mlp-paper, none (the default set), and vit-kmeans, none-kmeans, vit-random, none-random (the codebook init), vit-noflip, none-noflip."),
+    *,
+    config: FitConfig,
 ):
-    """Rectifier ablation: validation MSE with and without the rectifier, and PSNR, per variant and K."""
+    """Rectifier ablation: validation MSE with and without the rectifier, and PSNR, per variant and K.
+
+    Every variant is a fit with the fit options given here (the preset tiny unless --preset says
+    otherwise); the variant sets the rectifier, its form, and for some the codebook init or flips.
+    """
     from revq_pipe.stages.bench.quality import bench_quality as run_bench
 
-    result = run_bench(train, val, out=out, images=images, vae=vae, preset=preset, codes=_int_list(codes, "--codes"),
-                       variants=variants.split(",") if variants else None, epochs=epochs, batch_size=batch_size,
-                       seed=seed, device=device)
+    result = run_bench(train, val, config, out=out, images=images, vae=vae, codes=_int_list(codes, "--codes"),
+                       variants=variants.split(",") if variants else None)
     typer.echo(result.report())
 
 

@@ -58,9 +58,9 @@ def decode(
     `images` (or a `vae`), into PNG images under the folder `out` (one per key, the key's extension
     replaced) through `vae`, by default the VAE the run records."""
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
     if same_location(out, tokens):
-        raise UserError("--out must not be the token store itself")
+        raise UserError("`out` must not be the token store itself")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     store = TokenStore.open(tokens)
@@ -69,7 +69,7 @@ def decode(
     if images and vae is None:
         vae = run_info.vae
         if vae is None:
-            raise UserError(f"{run} does not record the VAE its latents came from: pass --vae")
+            raise UserError(f"{run} does not record the VAE its latents came from: pass `vae`")
     store.check_ids(run_info.codes)
     started = time.perf_counter()
     with output_lease(out, "decode"):

@@ -112,9 +112,9 @@ def evaluate(
     `latent_only` skips them.
     """
     if latent_only and (vae is not None or images is not None):
-        raise UserError("--latent-only skips the image metrics: it cannot go with --vae or --images")
+        raise UserError("`latent_only=True` skips the image metrics: it cannot go with `vae` or `images`")
     if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
@@ -166,9 +166,9 @@ def _image_inputs(run: Run, latents: LatentStore, vae: str | None, images: str |
     source = images or recorded_source(latents.attrs.get("source") or {})
     try:
         if vae_name is None:
-            raise UserError("the store does not record its VAE: pass --vae")
+            raise UserError("the store does not record its VAE: pass `vae`")
         if source is None:
-            raise UserError("the store does not record its source images: pass --images")
+            raise UserError("the store does not record its source images: pass `images`")
         spec = resolve_vae(vae_name)
         run.check_vae(spec)
         open_source(source)

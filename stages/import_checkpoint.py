@@ -34,7 +34,7 @@ def import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str,
     into the run dir `out`; the latents it tokenizes come from `vae` at `image_size`."""
     run_dir = Path(out)
     if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise UserError(f"{out} already exists and is not empty: pass --overwrite to write into it")
+        raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
     model = paper_model(checkpoint, config, preprocessor, vae=vae, image_size=image_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(run_dir)

@@ -59,7 +59,7 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
     shape = tuple(int(v) for v in first.latents.shape[1:])
     dtype = dtype or ("float16" if first.latents.dtype == np.float16 else "float32")
     if dtype not in LATENT_DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
+        raise UserError(f"`dtype` must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     attrs = {"format_version": FORMAT_VERSION, "count": 0, "classes": list(classes or []),
              "source": {"kind": "imported", "files": [str(Path(f).expanduser().resolve()) for f in files]},
              **_vae_attrs(vae, image_size, shape), **skipped_attrs([])}
@@ -68,7 +68,7 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
         store = LatentStore.create(out, n=0, latent_shape=shape, dtype=dtype, chunk_size=chunk, attrs=attrs,
                                    overwrite=overwrite, unfinished=True)
     except FileExistsError as err:
-        raise UserError(f"{out} already exists: pass --overwrite to replace it") from err
+        raise UserError(f"{out} already exists: pass `overwrite=True` to replace it") from err
     rows = _ChunkedRows(store, chunk)
     for index, path in enumerate(files):
         latent_file = first if index == 0 else read_latent_file(path)
@@ -91,8 +91,8 @@ def _vae_attrs(vae: str | None, image_size: int | None, shape: tuple[int, int, i
     spec = resolve_vae(vae)
     size = image_size or spec.default_image_size
     if spec.latent_shape(size) != shape:
-        raise UserError(f"--vae {vae} makes latents of shape {spec.latent_shape(size)} at {size} px, but the "
-                        f"files hold {shape}: pass the --image-size they were encoded at, or the right --vae")
+        raise UserError(f"`vae={vae}` makes latents of shape {spec.latent_shape(size)} at {size} px, but the "
+                        f"files hold {shape}: pass the `image_size` they were encoded at, or the right `vae`")
     return {"vae": spec.name, "vae_class": spec.class_name, "vae_config_sha256": spec.config_sha256(),
             "image_size": size}
 

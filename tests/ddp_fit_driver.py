@@ -1,7 +1,7 @@
 """`fit` under torchrun for tests/test_distributed_fit.py, with each rank keeping its own record.
 
 Usage: torchrun --nproc-per-node N ddp_fit_driver.py SPEC_JSON
-SPEC_JSON: {"record": DIR, "runs": [{"name": NAME, "fit": {fit's keyword arguments}}, ...],
+SPEC_JSON: {"record": DIR, "runs": [{"name": NAME, "fit": {fit's keyword arguments, config as a dict}}, ...],
             optional "kill": {"rank": R, "step": S}, optional "drift": {"rank": R}}
 
 Every rank writes DIR/NAME-rank<r>.json: the sha256 of its own codebooks after each epoch end,
@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from revq_pipe.pipeline.train.trainer import Trainer
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 
@@ -50,7 +51,7 @@ def main(spec: dict) -> None:
     for run in spec["runs"]:
         current["name"] = run["name"]
         hashes.clear()
-        fit(**run["fit"])
+        fit(**{**run["fit"], "config": FitConfig.from_dict(run["fit"]["config"])})
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 runner = CliRunner()
@@ -58,7 +59,8 @@ def fitted(tmp_path_factory, tiny_dc_vae_dir):
     root = tmp_path_factory.mktemp("fitted")
     keys = [f"class{i % 3}/img{i:02d}.jpg" for i in range(COUNT)]
     store = latents_with_keys(root / "latents.zarr", keys, vae=str(tiny_dc_vae_dir), shape=(4, 8, 8))
-    fit(store.url, str(root / "run"), preset="tiny", codes=8, epochs=1, batch_size=8, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=8, device="cpu")
+    fit(store.url, str(root / "run"), config, progress=False)
     export_tokens(str(root / "run"), store.url, str(root / "tokens.zarr"), device="cpu", progress=False)
     return {"store": store.url, "run": str(root / "run"), "tokens": str(root / "tokens.zarr"),
             "vae": str(tiny_dc_vae_dir)}

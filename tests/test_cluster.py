@@ -27,6 +27,7 @@ from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 from test_encode import damaged_folder
 
@@ -149,7 +150,8 @@ def fitted(tmp_path_factory):
     store = write_latent_store(str(root / "latents.zarr"), latents, np.arange(600) % 3,
                                [f"class{i % 3}/img.{i:04d}.jpg" for i in range(600)], chunk_size=8,
                                attrs={"vae": "test-vae", "image_size": 32})
-    fit(store.url, str(root / "run"), preset="tiny", codes=32, epochs=1, batch_size=64, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=32, epochs=1, batch_size=64, device="cpu")
+    fit(store.url, str(root / "run"), config, progress=False)
     reference = str(root / "single.zarr")
     export_tokens(str(root / "run"), store.url, reference, device="cpu", progress=False, format="zarr+wds",
                   shard_size=128)

@@ -22,6 +22,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train import loader as loader_module
 from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 DRIVER = Path(__file__).with_name("ddp_fit_driver.py")
@@ -51,8 +52,15 @@ def stores(tmp_path_factory):
 
 
 def fit_kwargs(stores, out, update):
-    return dict(store=stores["train"], out=str(out), preset="tiny", epochs=EPOCHS, batch_size=BATCH, codes=32,
-                val=stores["val"], device="cpu", codebook_update=update, progress=False)
+    """fit's arguments as JSON for the driver: its config as `FitConfig.to_dict()`."""
+    config = FitConfig.from_preset("tiny", epochs=EPOCHS, batch_size=BATCH, codes=32, device="cpu",
+                                   codebook_update=update)
+    return dict(store=stores["train"], out=str(out), config=config.to_dict(), val=stores["val"], progress=False)
+
+
+def fit_in_process(kwargs, **more):
+    """fit in this process, with the driver's arguments."""
+    return fit(**{**kwargs, "config": FitConfig.from_dict(kwargs["config"]), **more})
 
 
 def torchrun(*command, log_dir=None):
@@ -97,7 +105,7 @@ def two_process_runs(stores):
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
 def test_two_processes_train_as_one_process_on_the_same_global_batch(stores, two_process_runs, tmp_path, update):
-    one = fit(**fit_kwargs(stores, tmp_path / "one", update))
+    one = fit_in_process(fit_kwargs(stores, tmp_path / "one", update))
     two = two_process_runs[update]
     # The codebooks see the same global batches and the same update: the same bits. The rectifier's
     # gradients are averaged over two halves instead of one batch: rounding apart.
@@ -164,7 +172,7 @@ def test_resume_after_a_kill_with_one_process_ends_as_the_uninterrupted_run(stor
     out = tmp_path / "killed"
     shutil.copytree(killed_run, out)
     caplog.set_level(logging.DEBUG, logger="revq_pipe")
-    resumed = fit(**{**fit_kwargs(stores, out, "sparse"), "resume": True})
+    resumed = fit_in_process(fit_kwargs(stores, out, "sparse"), resume=True)
     assert resumed.started_at_epoch == 1
     assert "resuming after epoch 1 (trained on 2 processes until now, on 1 from here)" in caplog.text
     # The same global batches in the same order; the rectifier's gradient sums round differently.

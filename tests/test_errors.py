@@ -18,8 +18,6 @@ from revq_pipe.stages.export_tokens import export_tokens
 ROOT = Path(__file__).parents[1]
 # Flags that are no parameter of ours: torchrun's.
 OTHER_PROGRAMS_FLAGS = {"--nproc-per-node"}
-# Its messages move to parameter names with the one fit config (issue 20 §2), by whoever rewrites it.
-NOT_YET = {"pipeline/model/config.py"}
 
 
 def test_a_user_error_is_a_value_error():
@@ -75,8 +73,7 @@ def raised_messages(path: Path) -> list[tuple[int, str]]:
 
 
 def test_messages_raised_in_pipeline_and_the_stages_name_parameters_not_flags():
-    modules = [p for p in [*ROOT.glob("pipeline/**/*.py"), ROOT / "stages/encode.py", ROOT / "stages/export_tokens.py"]
-               if str(p.relative_to(ROOT)) not in NOT_YET]
+    modules = [*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("stages/**/*.py")]
     flags = [(str(path.relative_to(ROOT)), line, flag) for path in modules for line, text in raised_messages(path)
              for flag in re.findall(r"--[a-z][a-z-]*", text) if flag not in OTHER_PROGRAMS_FLAGS]
     assert not flags

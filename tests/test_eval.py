@@ -25,6 +25,7 @@ from revq_pipe.stages.decode import decode
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import evaluate
 from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 CODES = 8  # fit samples its first codebooks from the store's 12 latents
@@ -37,7 +38,8 @@ def pipeline(tmp_path_factory, photo_folder, tiny_dc_vae_dir):
     store = str(root / "latents.zarr")
     encode(str(photo_folder), store, vae=str(tiny_dc_vae_dir), image_size=TINY_IMAGE_SIZE, device="cpu",
            dtype="float32", workers=0, progress=False)
-    fit(store, str(root / "run"), preset="tiny", codes=CODES, epochs=2, batch_size=4, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=CODES, epochs=2, batch_size=4, device="cpu")
+    fit(store, str(root / "run"), config, progress=False)
     return {"store": store, "run": root / "run", "vae": str(tiny_dc_vae_dir), "images": str(photo_folder)}
 
 

@@ -17,6 +17,7 @@ from revq_pipe.pipeline.storage.token_store import TokenStore, token_dtype
 from revq_pipe.stages import export_tokens as export_module
 from revq_pipe.stages.decode import decode
 from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 LATENT_SHAPE = (16, 4, 4)  # the tiny preset's d=4 gives T=64 tokens
@@ -40,7 +41,8 @@ def fitted(tmp_path_factory):
     """A latent store and a run fitted on it with the tiny preset (one short epoch)."""
     root = tmp_path_factory.mktemp("fitted")
     store = latent_store(root / "latents.zarr")
-    fit(store.url, str(root / "run"), preset="tiny", codes=CODES, epochs=1, batch_size=16, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=CODES, epochs=1, batch_size=16, device="cpu")
+    fit(store.url, str(root / "run"), config, progress=False)
     return store, root / "run"
 
 
@@ -230,8 +232,8 @@ def test_decode_refuses_tokens_of_another_run(fitted, tmp_path):
     tokens = str(tmp_path / "tokens.zarr")
     export_tokens(str(run), store.url, tokens, device="cpu", progress=False)
     other_run = tmp_path / "other-run"
-    fit(store.url, str(other_run), preset="tiny", codes=CODES, epochs=1, batch_size=16, seed=1, device="cpu",
-        progress=False)
+    config = FitConfig.from_preset("tiny", codes=CODES, epochs=1, batch_size=16, seed=1, device="cpu")
+    fit(store.url, str(other_run), config, progress=False)
     with pytest.raises(UserError, match="another run"):
         decode(str(other_run), tokens, str(tmp_path / "decoded.zarr"), device="cpu", progress=False)
     assert not (tmp_path / "decoded.zarr").exists()

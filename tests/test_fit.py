@@ -16,12 +16,14 @@ from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
 from revq_pipe.pipeline.train.trainer import Trainer
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import TrainingStopped, fit
 
 
 
 
 SHAPE = (8, 4, 4)  # T = 32 tokens of d = 4 with the tiny preset
+FOUR_EPOCHS = FitConfig.from_preset("tiny", epochs=4, batch_size=32, codes=8, device="cpu")
 
 
 def clustered_latents(n, *, clusters, noise, seed, repeat=1):
@@ -53,8 +55,7 @@ def stores(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit_run(stores):
     out = stores["root"] / "vit"
-    result = fit(stores["train"], str(out), preset="tiny", epochs=4, batch_size=32, codes=8, val=stores["val"],
-                 device="cpu", progress=False)
+    result = fit(stores["train"], str(out), FOUR_EPOCHS, val=stores["val"], progress=False)
     return out, result
 
 
@@ -63,8 +64,8 @@ def test_fit_lowers_both_losses_and_the_rectifier_beats_none_on_validation(store
     first, last = result.history[0], result.history[-1]
     assert last["codebook_loss"] < first["codebook_loss"]
     assert last["rectifier_loss"] < 0.5 * first["rectifier_loss"]
-    plain = fit(stores["train"], str(stores["root"] / "plain"), preset="tiny", epochs=4, batch_size=32, codes=8,
-                val=stores["val"], device="cpu", rectifier="none", progress=False)
+    plain = fit(stores["train"], str(stores["root"] / "plain"), FOUR_EPOCHS.with_overrides(rectifier="none"),
+                val=stores["val"], progress=False)
     assert last["val_mse"] < 0.6 * plain.history[-1]["val_mse"]
     assert "validation latent MSE" in result.report()
 
@@ -107,23 +108,23 @@ def test_the_reset_keeps_codes_in_use_when_k_exceeds_the_clusters(tmp_path, upda
     store = make_store(tmp_path / "store", 512, clusters=8, noise=0.3, seed=0, repeat=8)
     usage = {}
     for reset in (True, False):
-        result = fit(store, str(tmp_path / f"run{reset}"), preset="tiny", epochs=6, codes=64, rectifier="none",
-                     reset=reset, device="cpu", progress=False, codebook_update=update)
+        config = FitConfig.from_preset("tiny", epochs=6, codes=64, rectifier="none", reset=reset, device="cpu",
+                                       codebook_update=update)
+        result = fit(store, str(tmp_path / f"run{reset}"), config, progress=False)
         usage[reset] = result.history[-1]["usage_mean_pct"]
         assert (result.history[-1]["codes_reset"] > 0) == reset
     assert usage[True] > 85 and usage[True] > usage[False] + 10
 
 
-def run_kwargs(stores, **overrides):
-    """3 epochs of 4 steps on the small store."""
-    return dict(preset="tiny", epochs=3, batch_size=64, codes=8, device="cpu", progress=False, val=stores["val"],
-                **overrides)
+def small_run(stores, out, **overrides):
+    """fit's arguments for 3 epochs of 4 steps on the small store."""
+    config = FitConfig.from_preset("tiny", epochs=3, batch_size=64, codes=8, device="cpu", **overrides)
+    return dict(store=stores["small"], out=str(out), config=config, val=stores["val"], progress=False)
 
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
 def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run(stores, tmp_path, monkeypatch, update):
-    kwargs = run_kwargs(stores, codebook_update=update)
-    fit(stores["small"], str(tmp_path / "whole"), **kwargs)
+    fit(**small_run(stores, tmp_path / "whole", codebook_update=update))
 
     real_step, calls = Trainer.step, {"n": 0}
 
@@ -135,10 +136,10 @@ def test_resume_after_a_crash_ends_with_the_same_weights_as_an_uninterrupted_run
 
     monkeypatch.setattr(Trainer, "step", crashing_step)
     with pytest.raises(RuntimeError, match="injected"):
-        fit(stores["small"], str(tmp_path / "crashed"), **kwargs)
+        fit(**small_run(stores, tmp_path / "crashed", codebook_update=update))
     monkeypatch.setattr(Trainer, "step", real_step)
     assert load_checkpoint(tmp_path / "crashed", torch.device("cpu"))["epoch"] == 1
-    resumed = fit(stores["small"], str(tmp_path / "crashed"), resume=True, **kwargs)
+    resumed = fit(**small_run(stores, tmp_path / "crashed", codebook_update=update), resume=True)
     assert resumed.started_at_epoch == 1 and resumed.epochs_done == 3
 
     whole, crashed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "crashed"))
@@ -165,7 +166,7 @@ def test_a_non_finite_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_c
     monkeypatch.setattr(Trainer, "step", diverging_step)
     out = tmp_path / "run"
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 3: non-finite loss.*epoch 1 is kept"):
-        fit(stores["small"], str(out), **run_kwargs(stores, rectifier="cnn"))
+        fit(**small_run(stores, out, rectifier="cnn"))
     assert load_checkpoint(out, torch.device("cpu"))["epoch"] == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     ReVQ.from_pretrained(out)
@@ -183,7 +184,7 @@ def test_non_finite_codebooks_stop_the_run_at_the_next_search(stores, tmp_path, 
 
     monkeypatch.setattr(SparseAdamW, "apply", poisoning_apply)
     with pytest.raises(TrainingStopped, match=r"epoch 2, step 2: codebooks contains NaN or inf"):
-        fit(stores["small"], str(tmp_path / "run"), **run_kwargs(stores, rectifier="none", codebook_update="sparse"))
+        fit(**small_run(stores, tmp_path / "run", rectifier="none", codebook_update="sparse"))
 
 
 def test_bench_fit_runs_both_steps_on_the_cpu_and_they_agree_on_the_first_step():
@@ -258,8 +259,8 @@ def photo_stores(tmp_path_factory):
 def test_on_photo_latents_the_default_rectifier_beats_none_and_the_paper_form(photo_stores, tmp_path):
     history = {}
     for name, options in (("default", {}), ("none", {"rectifier": "none"}), ("paper", {"rectifier_form": "paper"})):
-        result = fit(photo_stores["train"], str(tmp_path / name), preset="tiny", epochs=4, batch_size=32, codes=32,
-                     val=photo_stores["val"], device="cpu", progress=False, **options)
+        config = FitConfig.from_preset("tiny", epochs=4, batch_size=32, codes=32, device="cpu", **options)
+        result = fit(photo_stores["train"], str(tmp_path / name), config, val=photo_stores["val"], progress=False)
         history[name] = [m["val_mse"] for m in result.history]
     assert history["default"][-1] < history["none"][-1]
     assert history["default"][-1] < 0.9 * history["paper"][-1]

@@ -25,9 +25,23 @@ def cli(*args):
     return CliRunner().invoke(app, ["fit", *map(str, args)])
 
 
-def test_the_default_preset_on_a_small_store_names_the_tiny_preset_or_a_sensible_k(tmp_path):
+def test_the_default_on_a_small_store_is_tiny_cut_to_fit_said_in_one_line_and_recorded(tmp_path):
     small = store(tmp_path / "small.zarr", 323)
-    result = cli(small, "--out", tmp_path / "run")  # the default 512T_NC=16384 preset
+    result = cli(small, "--out", tmp_path / "run", "--epochs", "1", "--device", "cpu", "--reset-ratio", "0.5")
+    assert result.exit_code == 0, result.output
+    # 323 latents: 323 // 8 = 40 -> 32 codes, the tiny preset's batch of 64
+    assert ("preset auto: tiny, K=32 for 323 latents (512T_NC=16384 needs 131,072: 8 per code; --preset "
+            "chooses)") in result.stderr.splitlines()
+    assert "256T_NC=32, preset tiny: T=256, K=32, d=4" in result.stdout
+    record = json.loads((tmp_path / "run" / "training.json").read_text())
+    assert record["fit_config"] == {"preset": "auto", "device": "cpu", "epochs": 1, "reset_ratio": 0.5}
+    assert record["train"]["codebook_init"] == "kmeans" and record["train"]["reset_ratio"] == 0.5
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["codes"] == 32
+
+
+def test_a_paper_preset_on_a_small_store_names_the_tiny_preset_or_a_sensible_k(tmp_path):
+    small = store(tmp_path / "small.zarr", 323)
+    result = cli(small, "--out", tmp_path / "run", "--preset", "512T_NC=16384")
     lines = result.output.strip().splitlines()
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
     assert "K=16384 codes per position (preset 512T_NC=16384) need at least 16384 latents" in lines[0]
@@ -36,7 +50,7 @@ def test_the_default_preset_on_a_small_store_names_the_tiny_preset_or_a_sensible
     assert not (tmp_path / "run").exists()
 
     bigger = store(tmp_path / "bigger.zarr", 2000, seed=1)
-    result = cli(bigger, "--out", tmp_path / "run")
+    result = cli(bigger, "--out", tmp_path / "run", "--preset", "512T_NC=16384")
     assert result.exit_code == 2 and "use --preset tiny (K=128) or --codes 128 (at most N/8)" in result.output
 
 

@@ -17,11 +17,12 @@ from typer.testing import CliRunner
 
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 runner = CliRunner()
 REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
-TINY = dict(preset="tiny", codes=16, batch_size=32, device="cpu", progress=False)
+TINY = FitConfig.from_preset("tiny", codes=16, batch_size=32, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -65,15 +66,15 @@ def test_two_cpu_fits_at_two_threads_write_bit_identical_weights(tmp_path, two_t
     latents = np.random.default_rng(0).normal(size=(512, 16, 8, 8)).astype(np.float32)
     store = write_latent_store(str(tmp_path / "latents.zarr"), latents).url
     for name in ("a", "b"):
-        fit(store, str(tmp_path / name), preset="tiny", epochs=1, batch_size=64, codebook_update="dense",
-            device="cpu", progress=False)
+        config = FitConfig.from_preset("tiny", epochs=1, batch_size=64, codebook_update="dense", device="cpu")
+        fit(store, str(tmp_path / name), config, progress=False)
     assert_same_weights(tmp_path / "a", tmp_path / "b")
     assert not torch.are_deterministic_algorithms_enabled()  # fit gave the setting back
 
 
 def test_a_finished_run_extends_with_the_learning_rate_held_at_its_final_value(store, tmp_path):
     run = str(tmp_path / "run")
-    fit(store, run, epochs=2, **TINY)
+    fit(store, run, TINY.with_overrides(epochs=2), progress=False)
     first_two = metrics(run)
     args = ["fit", store, "--out", run, "--preset", "tiny", "--codes", "16", "--batch-size", "32", "--device", "cpu"]
     result = runner.invoke(app, [*args, "--resume", "--epochs", "4"])
@@ -90,9 +91,28 @@ def test_a_finished_run_extends_with_the_learning_rate_held_at_its_final_value(s
     assert result.exit_code == 2 and "already trained 4 epochs" in result.output
 
 
+def test_a_run_started_before_k_means_became_the_default_resumes_with_the_same_command(store, tmp_path):
+    """Its checkpoint says codebook_init "random" (the default then) and has no kmeans_budget; resumed
+    without --codebook-init, it goes on as it began and ends as an uninterrupted run does."""
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    fit(store, str(run), TINY.with_overrides(epochs=1, codebook_init="random"), progress=False)
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    del checkpoint["train_config"]["kmeans_budget"]
+    torch.save(checkpoint, run / "checkpoint.pt")
+    args = ["fit", store, "--out", str(run), "--preset", "tiny", "--codes", "16", "--batch-size", "32", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--resume", "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "training.json").read_text())["train"]["codebook_init"] == "random"
+    # the extension keeps the decay of the run's first epoch, as --lr-decay-epochs 1 sets it from the start
+    fit(store, str(whole), TINY.with_overrides(epochs=2, codebook_init="random", lr_decay_epochs=1), progress=False)
+    assert_same_weights(run, whole)
+    result = runner.invoke(app, [*args, "--resume", "--epochs", "3", "--codebook-init", "kmeans"])
+    assert result.exit_code == 2 and "codebook_init: 'random' -> 'kmeans'" in result.output
+
+
 def test_overwrite_starts_the_run_over_in_place_and_keeps_other_files(store, tmp_path):
     run = tmp_path / "run"
-    fit(store, str(run), epochs=1, seed=1, **TINY)
+    fit(store, str(run), TINY.with_overrides(epochs=1, seed=1), progress=False)
     (run / "notes.txt").write_text("mine")
     args = ["fit", store, "--out", str(run), "--preset", "tiny", "--codes", "16", "--batch-size", "32",
             "--device", "cpu", "--epochs", "2"]
@@ -102,7 +122,7 @@ def test_overwrite_starts_the_run_over_in_place_and_keeps_other_files(store, tmp
     assert result.exit_code == 2 and "pass one of them" in result.output
     result = runner.invoke(app, [*args, "--overwrite"])
     assert result.exit_code == 0, result.output
-    fit(store, str(tmp_path / "fresh"), epochs=2, **TINY)
+    fit(store, str(tmp_path / "fresh"), TINY.with_overrides(epochs=2), progress=False)
     assert_same_weights(run, tmp_path / "fresh")
     assert untimed(metrics(run)) == untimed(metrics(tmp_path / "fresh"))
     assert (run / "notes.txt").read_text() == "mine"

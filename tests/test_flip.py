@@ -14,6 +14,7 @@ from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.images.sample_images import photo_crops
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.stages.encode import encode
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 from conftest import TINY_IMAGE_SIZE
@@ -82,17 +83,17 @@ def test_each_epoch_takes_every_sample_once_as_itself_or_its_flip(stores, reside
 
 
 def test_fit_uses_the_flipped_latents_unless_told_not_to(stores, tmp_path):
-    kwargs = dict(preset="tiny", epochs=2, batch_size=16, codes=8, device="cpu", progress=False)
-    with_flip = fit(stores["flip"].url, str(tmp_path / "flip"), **kwargs)
+    config = FitConfig.from_preset("tiny", epochs=2, batch_size=16, codes=8, device="cpu")
+    with_flip = fit(stores["flip"].url, str(tmp_path / "flip"), config, progress=False)
     assert with_flip.train_config.flip is True and with_flip.history[-1]["codebook_loss"] > 0
-    assert fit(stores["plain"].url, str(tmp_path / "plain"), **kwargs).train_config.flip is False
+    assert fit(stores["plain"].url, str(tmp_path / "plain"), config, progress=False).train_config.flip is False
     result = CliRunner().invoke(app, ["fit", stores["flip"].url, "--out", str(tmp_path / "cli"), "--preset", "tiny",
                                       "--codes", "8", "--batch-size", "16", "--device", "cpu", "--epochs", "1",
                                       "--no-flip"])
     assert result.exit_code == 0, result.stderr
     assert json.loads((tmp_path / "cli" / "training.json").read_text())["train"]["flip"] is False
     with pytest.raises(UserError, match="holds no flipped latents"):
-        fit(stores["plain"].url, str(tmp_path / "bad"), flip=True, **kwargs)
+        fit(stores["plain"].url, str(tmp_path / "bad"), config.with_overrides(flip=True), progress=False)
 
 
 def test_encode_with_flip_into_a_plain_store_needs_overwrite(png_folders, tiny_dc_vae_dir, stores):

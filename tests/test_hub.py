@@ -21,6 +21,7 @@ from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.pipeline.storage.token_store import TokenStore
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 VAE_ID = "someone/tiny-vae"
@@ -36,8 +37,8 @@ def run(tmp_path_factory):
     latents = rng.normal(size=(96, 8, 4, 4)).astype(np.float32)
     train = write_latent_store(str(root / "train.zarr"), latents[:64], attrs={"vae": VAE_ID, "image_size": 32})
     val = write_latent_store(str(root / "val.zarr"), latents[64:], attrs={"vae": VAE_ID, "image_size": 32})
-    fit(train.url, str(root / "run"), preset="tiny", codes=8, epochs=2, batch_size=16, val=val.url, device="cpu",
-        progress=False)
+    config = FitConfig.from_preset("tiny", codes=8, epochs=2, batch_size=16, device="cpu")
+    fit(train.url, str(root / "run"), config, val=val.url, progress=False)
     return {"root": root, "run": root / "run", "train": train.url, "val": val.url}
 
 

@@ -23,6 +23,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.storage.token_store import TokenStore
 from revq_pipe.stages.encode import encode
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 runner = CliRunner()
@@ -35,7 +36,7 @@ def tokenizer(tmp_path_factory, photo_folder, tiny_dc_vae_dir):
     store, run, tokens, pngs = (str(root / name) for name in ("latents.zarr", "run", "tokens.zarr", "pngs"))
     encode(str(photo_folder), store, vae=str(tiny_dc_vae_dir), image_size=TINY_IMAGE_SIZE, device="cpu",
            dtype="float32", workers=0, progress=False)
-    fit(store, run, preset="tiny", codes=8, epochs=1, batch_size=4, device="cpu", progress=False)
+    fit(store, run, FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=4, device="cpu"), progress=False)
     for args in (["export-tokens", run, store, "--out", tokens, "--device", "cpu"],
                  ["decode", run, tokens, "--out", pngs, "--images", "--device", "cpu"]):
         assert runner.invoke(app, args).exit_code == 0

@@ -9,7 +9,8 @@ from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock
 from safetensors.torch import load_file
 
 from revq_pipe.pipeline.train.codebook_optim import SparseAdamW
-from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.model.config import ReVQConfig, resolve_model_config
+from revq_pipe.pipeline.train.config import TrainConfig, resolve_train_config
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.model.rectifier import RECTIFIER_KINDS, RECTIFIERS

@@ -9,6 +9,7 @@ from revq_pipe.pipeline.train.codebook_init import sample_rows
 from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.seeds import STREAMS, stream_seed
 from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 
@@ -50,8 +51,8 @@ def test_the_codebook_sample_is_not_the_first_batch(store):
 
 def test_runs_reproduce_with_one_seed_and_differ_with_another(store, tmp_path):
     def weights(name, seed):
-        fit(store, str(tmp_path / name), preset="tiny", epochs=2, batch_size=32, codes=8, seed=seed, device="cpu",
-            progress=False)
+        config = FitConfig.from_preset("tiny", epochs=2, batch_size=32, codes=8, seed=seed, device="cpu")
+        fit(store, str(tmp_path / name), config, progress=False)
         return load_file(tmp_path / name / "model.safetensors")
 
     first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)

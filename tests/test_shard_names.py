@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.stages.export_tokens import export_tokens
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 HOSTILE = ["/abs/path/name.jpg", "../../escape.png", "a/../../b/c.jpg", "./dot/./x.jpg", "deep/ok.v2.jpg",
@@ -25,7 +26,8 @@ def hostile(tmp_path_factory):
     latents = np.random.default_rng(0).normal(size=(len(HOSTILE) * 4, 16, 4, 4)).astype(np.float32)
     keys = HOSTILE + [f"more/{i}.jpg" for i in range(len(HOSTILE), len(latents))]
     store = write_latent_store(str(root / "latents.zarr"), latents, keys=keys)
-    fit(store.url, str(root / "run"), preset="tiny", codes=8, epochs=1, batch_size=8, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=8, device="cpu")
+    fit(store.url, str(root / "run"), config, progress=False)
     return store, root / "run"
 
 
@@ -64,7 +66,8 @@ def test_keys_that_become_one_sample_name_are_refused(tmp_path):
     latents = np.random.default_rng(0).normal(size=(16, 16, 4, 4)).astype(np.float32)
     keys = [f"k{i}.jpg" for i in range(14)] + ["/same/x.jpg", "same/x.png"]
     store = write_latent_store(str(tmp_path / "latents.zarr"), latents, keys=keys)
-    fit(store.url, str(tmp_path / "run"), preset="tiny", codes=8, epochs=1, batch_size=8, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=8, device="cpu")
+    fit(store.url, str(tmp_path / "run"), config, progress=False)
     result = CliRunner().invoke(app, ["export-tokens", str(tmp_path / "run"), store.url, "--out",
                                       str(tmp_path / "shards"), "--format", "wds"])
     assert result.exit_code == 2

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.pipeline.storage.token_store import TokenStore
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 COUNT, CLASSES = 40, ["cat", "dog", "fox"]
@@ -27,7 +28,8 @@ def exported(tmp_path_factory):
     keys = [f"{CLASSES[label]}/img.{i:03d}.jpg" for i, label in enumerate(labels)]
     store = write_latent_store(str(root / "latents.zarr"), rng.normal(size=(COUNT, 8, 4, 4)).astype(np.float32),
                                labels, keys, chunk_size=16, attrs={"vae": "test-vae", "classes": CLASSES})
-    fit(store.url, str(root / "run"), preset="tiny", codes=8, epochs=1, batch_size=16, device="cpu", progress=False)
+    config = FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=16, device="cpu")
+    fit(store.url, str(root / "run"), config, progress=False)
     assert cli("export-tokens", root / "run", store.url, "--out", root / "tokens.zarr").exit_code == 0
     tokens = TokenStore.open(str(root / "tokens.zarr"))
     by_key = {str(k): row for k, row in zip(tokens.keys[:], tokens.tokens[:])}

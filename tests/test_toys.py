@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig
+from revq_pipe.pipeline.model.config import ReVQConfig
+from revq_pipe.pipeline.train.config import TrainConfig
 from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.train.trainer import Trainer
 

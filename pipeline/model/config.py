@@ -1,21 +1,25 @@
-"""Presets and the two configs of a ReVQ run: the model (rebuilds `ReVQ`) and its training.
+"""Presets, the model's config (`ReVQConfig`), and how a user sets a config field (`setting`).
 
 `ReVQConfig` is everything needed to rebuild the model; `ReVQ.save_pretrained` writes it as the run
 dir's `config.json` (flat, diffusers-style). It describes the architecture only (and names the VAE
 when that is a hub id or the embedded one), so a published run carries no local paths: where the
-training data came from and how `fit` trained (`TrainConfig`) live in the run's training record
-(pipeline/train/training_record.py). Impossible combinations raise `UserError` here, before any work starts,
-and `check_codes_fit_data` refuses (or warns about) K codes that a store's N latents cannot teach.
+training data came from and how `fit` trained (pipeline/train/config.py) live in the run's training
+record (pipeline/train/training_record.py). Impossible combinations raise `UserError` here, before
+any work starts.
+
+Fields a user may set carry a `Setting` in their metadata: its help, choices and bounds. The CLI
+builds one option per such field from it (cli.py), and `FitConfig` accepts exactly these names, so
+a new setting is one field with its `setting(...)` here or in pipeline/train/config.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
-from dataclasses import dataclass
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +29,10 @@ from revq_pipe.pipeline.model.rectifier import RECTIFIERS
 if TYPE_CHECKING:
     import torch
 
-log = logging.getLogger(__name__)
-
 SPLITS = ("channel", "spatial")
 # residual: g(q) = q + f(q) with f's last layer zero at initialisation, so the rectifier starts as the
 # identity and can only improve on the bare quantizer; paper: the released code's g(q) = f(q).
 RECTIFIER_FORMS = ("residual", "paper")
-CODEBOOK_INITS = ("random", "kmeans")
-CODEBOOK_UPDATES = ("sparse", "dense")
 
 # The paper's released configs: code dim d and codes K per token position, rectifier width x layers,
 # batch size; T follows from the latent shape (C*H*W / d). `tiny` is sized for CPU demos and tests
@@ -43,8 +43,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "256T_NC=262144": dict(dim=8, codes=262144, rectifier_width=512, rectifier_layers=4, batch_size=128, epochs=100),
     "tiny": dict(dim=4, codes=128, rectifier_width=64, rectifier_layers=2, batch_size=64, epochs=20),
 }
-# Fewer latents per code than this and the codebooks tend to memorise the training set.
-MIN_LATENTS_PER_CODE = 8
 
 
 def preset_help() -> str:
@@ -63,10 +61,64 @@ def use_compile(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("REVQ_COMPILE", "1") != "0"
 
 
-def _preset(name: str) -> dict[str, Any]:
+def preset_values(name: str) -> dict[str, Any]:
+    """A preset's values (d, K, rectifier size, batch, epochs); `UserError` naming the presets for an unknown one."""
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a user sets one config field: the help of its CLI option, and what it accepts.
+
+    `from_preset`: its default is the preset's value of the same name (the help lists them);
+    `shown_default`: the default as the help states it, where it is not the field's own;
+    `flag`: an option without a value that sets the field to False (e.g. `--no-reset`); other
+    settings are `--<name>` with a value. `name`, `type` (without None) and `default` are the
+    field's, filled in by `settings_of`.
+    """
+
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    minimum: int | float | None = None
+    from_preset: bool = False
+    shown_default: str | None = None
+    flag: str | None = None
+    name: str = ""
+    type: Any = None
+    default: Any = None
+
+    @property
+    def option(self) -> str:
+        """The CLI option's name."""
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any) -> None:
+        """Refuse a value outside the choices or below the minimum, naming the setting."""
+        if self.choices and value not in self.choices:
+            raise UserError(f"unknown {self.name.replace('_', ' ')} {value!r}: use one of {', '.join(self.choices)}")
+        if self.minimum is not None and value < self.minimum:
+            raise UserError(f"{self.name} must be at least {self.minimum}, not {value}")
+
+
+def setting(help: str, default: Any = MISSING, **how: Any) -> Any:
+    """A dataclass field a user may set, with its `Setting` (see there) in the field's metadata."""
+    return field(default=default, metadata={"setting": Setting(help, **how)})
+
+
+def settings_of(cls: type) -> dict[str, Setting]:
+    """The user-settable fields of dataclass `cls`, in field order, each `Setting` knowing its
+    field's name, value type (without `None`) and default."""
+    hints = typing.get_type_hints(cls)
+    found = {}
+    for f in dataclasses.fields(cls):
+        if "setting" in f.metadata:
+            kind = next((t for t in typing.get_args(hints[f.name]) if t is not type(None)), hints[f.name])
+            default = None if f.default is MISSING else f.default
+            found[f.name] = dataclasses.replace(f.metadata["setting"], name=f.name, type=kind, default=default)
+    return found
 
 
 @dataclass
@@ -80,16 +132,19 @@ class ReVQConfig:
     """
 
     latent_shape: tuple[int, int, int]
-    tokens: int
-    codes: int
+    tokens: int = setting("Tokens per image T, off-preset (d becomes C*H*W/T)", metavar="T", minimum=1,
+                          shown_default="C*H*W / the preset's d")
+    codes: int = setting("Codes per token position K, off-preset", metavar="K", minimum=1, from_preset=True)
     dim: int
     preset: str = "custom"
-    split: str = "channel"
-    rectifier: str = "vit"
-    rectifier_form: str = "residual"
-    rectifier_width: int = 64
-    rectifier_layers: int = 2
-    attention_head_dim: int = 32
+    split: str = setting("Ablation: how latents are cut into tokens", "channel", choices=SPLITS)
+    rectifier: str = setting("Ablation: the rectifier network", "vit", choices=RECTIFIERS)
+    rectifier_form: str = setting("residual (g(q) = q + f(q), the identity at initialisation) or paper (g(q) = f(q), "
+                                  "as the paper's code)", "residual", choices=RECTIFIER_FORMS)
+    rectifier_width: int = setting("Rectifier width", 64, metavar="W", minimum=1, from_preset=True)
+    rectifier_layers: int = setting("Rectifier blocks", 2, metavar="L", minimum=0, from_preset=True)
+    attention_head_dim: int = setting("Channels per attention head of the vit rectifier (its width must be a "
+                                      "multiple)", 32, metavar="D", minimum=1)
     vae: str | None = None
     image_size: int | None = None
 
@@ -146,162 +201,32 @@ class ReVQConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
-@dataclass
-class TrainConfig:
-    """How `fit` trains: the paper's recipe (AdamW, exponential decay to 5%, grad clip 1, reset)."""
-
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.01  # codebooks; the rectifier gets lr * rectifier_lr_scale
-    rectifier_lr_scale: float = 0.05
-    rectifier_weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    final_lr_fraction: float = 0.05
-    reset: bool = True
-    reset_ratio: float = 0.2
-    reset_noise: float = 0.1
-    seed: int = 0
-    # "random": code k of every position starts as the token of the k-th of K distinct random samples
-    # (the paper's way); "kmeans": those, refined by `kmeans_iters` Lloyd iterations per position on
-    # a bounded sample of the store (see codebook_init.py).
-    codebook_init: str = "random"
-    kmeans_iters: int = 10
-    # Each sample of an epoch is its image's latent or its flipped image's, at random (stores made
-    # with `encode --flip`; see loader.py).
-    flip: bool = False
-    # "sparse": AdamW that touches only the chosen codes each step (dense AdamW's updates, with each
-    # code's momentum tail applied at once; see codebook_optim.py); "dense": torch AdamW over all codes.
-    codebook_update: str = "sparse"
-    # Epochs the exponential decay spans (default: `epochs`). A run extended past its first
-    # --epochs keeps its decay, and its extra epochs train at the decay's end value.
-    lr_decay_epochs: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UserError(f"epochs and batch size must be positive (got {self.epochs}, {self.batch_size})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"learning rate must be a positive number, not {self.lr}")
-        if self.codebook_update not in CODEBOOK_UPDATES:
-            raise UserError(f"unknown codebook update {self.codebook_update!r}: use auto, {' or '.join(CODEBOOK_UPDATES)}")
-        if not 0 < self.reset_ratio <= 1:
-            raise UserError(f"reset ratio must be in (0, 1], not {self.reset_ratio}")
-        if self.seed < 0:
-            raise UserError(f"--seed must be a non-negative integer, not {self.seed}")
-        if self.codebook_init not in CODEBOOK_INITS:
-            raise UserError(f"unknown codebook init {self.codebook_init!r}: use {' or '.join(CODEBOOK_INITS)}")
-        if self.kmeans_iters < 1:
-            raise UserError(f"k-means needs at least one iteration, not {self.kmeans_iters}")
-        if self.lr_decay_epochs is None:
-            self.lr_decay_epochs = self.epochs
-
-    def lr_at(self, epoch: int) -> float:
-        """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after
-        `lr_decay_epochs` (the run), and that value for the epochs of an extension after them."""
-        return self.lr * self.final_lr_fraction ** (min(epoch, self.lr_decay_epochs) / self.lr_decay_epochs)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def resolve_model_config(
-    preset: str,
-    latent_shape: tuple[int, int, int],
-    *,
-    tokens: int | None = None,
-    codes: int | None = None,
-    split: str | None = None,
-    rectifier: str | None = None,
-    rectifier_form: str | None = None,
-    rectifier_width: int | None = None,
-    rectifier_layers: int | None = None,
-    vae: str | None = None,
-    image_size: int | None = None,
-) -> ReVQConfig:
-    """The model config for a preset on latents of `latent_shape`, with the user's off-preset choices.
+def resolve_model_config(preset: str, latent_shape: tuple[int, int, int], *, vae: str | None = None,
+                         image_size: int | None = None, **overrides: Any) -> ReVQConfig:
+    """The model config for a preset on latents of `latent_shape`, with the user's `overrides` of
+    any setting of `ReVQConfig` (`settings_of`).
 
     The preset fixes d, K and the rectifier's width x layers; T = C*H*W / d unless `tokens` is given,
     in which case d = C*H*W / T.
     """
-    p = _preset(preset)
+    p = preset_values(preset)
+    settings = settings_of(ReVQConfig)
+    values = {name: p[name] if s.from_preset else s.default for name, s in settings.items()}
+    values.update({name: value for name, value in overrides.items() if value is not None})
     n = math.prod(latent_shape)
+    tokens = values.pop("tokens")
     if tokens is not None:
         if tokens < 1 or n % tokens:
-            raise UserError(f"--tokens {tokens} does not divide the latent's C*H*W = {n} numbers {tuple(latent_shape)}")
+            raise UserError(f"`tokens={tokens}` does not divide the latent's C*H*W = {n} numbers {tuple(latent_shape)}")
         dim = n // tokens
     else:
         dim = p["dim"]
         if n % dim:
             raise UserError(f"preset {preset} cuts latents into tokens of d={dim}, which does not divide "
-                            f"C*H*W = {n} {tuple(latent_shape)}: pass --tokens")
+                            f"C*H*W = {n} {tuple(latent_shape)}: pass `tokens`")
         tokens = n // dim
-    return ReVQConfig(
-        latent_shape=tuple(latent_shape), tokens=tokens, codes=codes if codes is not None else p["codes"], dim=dim,
-        preset=preset, split=split or "channel", rectifier=rectifier or "vit",
-        rectifier_form=rectifier_form or "residual",
-        rectifier_width=rectifier_width if rectifier_width is not None else p["rectifier_width"],
-        rectifier_layers=rectifier_layers if rectifier_layers is not None else p["rectifier_layers"],
-        vae=vae, image_size=image_size,
-    )
-
-
-def resolve_train_config(
-    preset: str,
-    *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int = 0,
-    reset: bool = True,
-    codebook_update: str = "auto",
-    codebook_init: str = "random",
-    flip: bool = False,
-    device: torch.device | None = None,
-) -> TrainConfig:
-    """The training config for a preset, with the user's overrides.
-
-    `codebook_update` "auto" picks "sparse" on CUDA, where codebooks are large and its momentum tails
-    run compiled, and "dense" on the CPU, where the small codebooks of CPU runs make dense AdamW the
-    cheaper of the two (they train the same: see codebook_optim.py).
-    """
-    p = _preset(preset)
-    if codebook_update == "auto":
-        codebook_update = "sparse" if device is not None and device.type == "cuda" else "dense"
-    return TrainConfig(
-        epochs=epochs if epochs is not None else p["epochs"],
-        batch_size=batch_size if batch_size is not None else p["batch_size"],
-        lr=lr if lr is not None else TrainConfig.lr, seed=seed, reset=reset, codebook_update=codebook_update,
-        codebook_init=codebook_init, flip=flip,
-    )
-
-
-def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset: bool) -> None:
-    """Refuse K codes per position that N latents cannot initialise (K > N), and warn where they
-    would be memorised rather than learned (K > N/8: fewer than 8 latents per code), naming a fix:
-    the tiny preset (with K = N/8 where its 128 codes are too many), or K = N/8 rounded down to a
-    power of two."""
-    k = config.codes
-    if k <= n // MIN_LATENTS_PER_CODE:
-        return
-    sensible = 2 ** int(math.log2(n // MIN_LATENTS_PER_CODE)) if n >= MIN_LATENTS_PER_CODE else None
-    tiny = PRESETS["tiny"]["codes"]
-    fixes = []
-    if from_preset and config.preset != "tiny" and sensible is not None:
-        # the tiny preset's smaller rectifier and batch suit small stores too
-        fixes.append(f"--preset tiny (K={tiny})" if sensible >= tiny else f"--preset tiny --codes {sensible}")
-    if sensible is not None:
-        fixes.append(f"--codes {sensible} (at most N/{MIN_LATENTS_PER_CODE})")
-    fix = " or ".join(fixes) if fixes else f"a store of at least {MIN_LATENTS_PER_CODE * k} latents"
-    what = f"K={k} codes per position" + (f" (preset {config.preset})" if from_preset else " (--codes)")
-    if k > n:
-        raise UserError(f"{what} need at least {k} latents to start from, and about {MIN_LATENTS_PER_CODE * k} "
-                        f"not to memorise them, but {store} holds {n}: use {fix}")
-    log.warning(f"warning: {what} for {n} latents, fewer than {MIN_LATENTS_PER_CODE} per code: the codebooks "
-                f"may memorise the training latents; consider {fix}")
+    return ReVQConfig(latent_shape=tuple(latent_shape), tokens=tokens, dim=dim, preset=preset, vae=vae,
+                      image_size=image_size, **values)
 
 
 def read_run_config(run_dir: str | Path) -> dict[str, Any]:

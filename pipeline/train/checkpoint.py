@@ -11,13 +11,14 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from revq_pipe.pipeline.atomic_files import write_atomically
-from revq_pipe.pipeline.model.config import ReVQConfig, TrainConfig
+from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.train.config import TrainConfig
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -46,15 +47,23 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | Non
         raise UserError(f"{path} cannot be read as a revq-pipe checkpoint: {err}") from err
 
 
-def continued_train_config(checkpoint: dict[str, Any], train: TrainConfig, epochs: int | None) -> TrainConfig:
-    """The training config of a resumed run: the checkpoint's number of epochs, or `epochs` when
-    given (more than the run had extends it), and always the learning-rate decay of the run's
-    start: an extension's extra epochs train at the decay's end value (TrainConfig.lr_at)."""
+# Settings that say how a run began: a resumed run keeps its checkpoint's values unless the user
+# sets them again (then they must agree, as every other setting must).
+START_SETTINGS = ("lr_decay_epochs", "codebook_init", "kmeans_iters", "kmeans_budget")
+
+
+def continued_train_config(checkpoint: dict[str, Any], train: TrainConfig, given: Mapping[str, Any]) -> TrainConfig:
+    """The training config of a resumed run, from `train` (resolved from the user's settings, of which
+    `given` are the ones set explicitly): the checkpoint's number of epochs, or `given["epochs"]`
+    (more than the run had extends it), and the checkpoint's `START_SETTINGS` unless given, so a run
+    keeps the learning-rate decay of its start (an extension's extra epochs train at the decay's end
+    value: TrainConfig.lr_at) and the codebook initialisation it began with."""
     saved = TrainConfig.from_dict(checkpoint["train_config"])
-    total = saved.epochs if epochs is None else epochs
+    total = given.get("epochs", saved.epochs)
     if total < checkpoint["epoch"]:
         raise UserError(f"`epochs={total}`: the run has already trained {checkpoint['epoch']} epochs")
-    return dataclasses.replace(train, epochs=total, lr_decay_epochs=saved.lr_decay_epochs)
+    kept = {name: getattr(saved, name) for name in START_SETTINGS if name not in given}
+    return dataclasses.replace(train, epochs=total, **kept)
 
 
 def start_over(run_dir: Path) -> None:

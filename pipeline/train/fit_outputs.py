@@ -1,4 +1,4 @@
-"""What `fit` writes into the run dir besides its checkpoint, after every epoch.
+"""What `fit` writes into the run dir besides its checkpoint, after every epoch, and what it reports.
 
     config.json, model.safetensors, README.md   the model (ReVQ.save_pretrained; card with metrics)
     training.json                               where the data came from, how it trained (once)
@@ -11,11 +11,14 @@ checkpoint and these files, the next `--resume` brings them level again.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from revq_pipe.pipeline.train.checkpoint import write_metrics
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.model.config import ReVQConfig
+from revq_pipe.pipeline.train.checkpoint import write_metrics
+from revq_pipe.pipeline.train.config import TrainConfig
 from revq_pipe.pipeline.reporting.metrics_plot import plot_metrics
 from revq_pipe.pipeline.train.training_record import training_summary, write_training_record
 
@@ -47,6 +50,39 @@ class FitOutputs:
     def close(self) -> None:
         if self.events is not None:
             self.events.close()
+
+
+@dataclass
+class FitResult:
+    """What a `fit` run did: where it is, its configs, and the last epoch's metrics."""
+
+    run_dir: Path
+    model_config: ReVQConfig
+    train_config: TrainConfig
+    epochs_done: int
+    started_at_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    rank: int = 0  # this process's, under torchrun: only rank 0's result is worth reporting
+
+    def report(self) -> str:
+        last = self.history[-1] if self.history else {}
+        m = self.model_config
+        lines = [f"fit: {self.run_dir} ({m.name}, preset {m.preset}: T={m.tokens}, K={m.codes}, d={m.dim}, "
+                 f"rectifier {m.rectifier}) - {self.epochs_done}/{self.train_config.epochs} epochs"
+                 + (f", resumed at epoch {self.started_at_epoch + 1}" if self.started_at_epoch else "")
+                 + f", {self.seconds:.1f} s"]
+        if last:
+            lines.append(f"  last epoch: codebook loss {last['codebook_loss']:.4g}, rectifier loss "
+                         f"{last['rectifier_loss']:.4g}, code usage {last['usage_mean_pct']:.1f}% "
+                         f"(min {last['usage_min_pct']:.1f}%), perplexity {last['perplexity']:.1f}")
+            if "val_mse" in last:
+                lines.append(f"  validation latent MSE {last['val_mse']:.4g} (normalised), "
+                             f"{last['val_mse_raw']:.4g} (raw); quantizer alone {last['val_mse_quantizer']:.4g} "
+                             f"(normalised)")
+        lines.append(f"  load it: ReVQ.from_pretrained({str(self.run_dir)!r}); metrics in {self.run_dir / 'metrics.jsonl'}"
+                     f", curves in {self.run_dir / 'metrics.png'}")
+        return "\n".join(lines)
 
 
 def epoch_line(m: dict[str, Any], epochs: int) -> str:

@@ -9,40 +9,31 @@ the lease; the other ranks of the job would otherwise be refused as another job.
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import os
 from pathlib import Path
+from typing import Iterator
 
+import torch
+
+from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME
 from revq_pipe.pipeline.train.determinism import deterministic_on_cpu
-from revq_pipe.pipeline.device import resolve_device
-from revq_pipe.pipeline.lease import output_lease
 
 
-def guards_run_dir(fit):
-    """Wrap `fit(store, out, *, device, resume, ...)` in the lease on `out`, CPU determinism and
-    the Ctrl-C hint (a KeyboardInterrupt whose message the CLI prints)."""
-    signature = inspect.signature(fit)
-
-    @functools.wraps(fit)
-    def guarded(*args, **kwargs):
-        arguments = signature.bind(*args, **kwargs)
-        arguments.apply_defaults()
-        out, device = arguments.arguments["out"], arguments.arguments["device"]
-        lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
-        with lease, deterministic_on_cpu(resolve_device(device)):
-            try:
-                return fit(*args, **kwargs)
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(_resume_hint(Path(out), arguments.arguments)) from None
-
-    return guarded
+@contextlib.contextmanager
+def run_guard(out: str, device: torch.device, *, resume: bool, overwrite: bool) -> Iterator[None]:
+    """The lease on the run dir `out`, CPU determinism on `device`, and the Ctrl-C hint (a
+    KeyboardInterrupt whose message the CLI prints) for a run started with `resume` / `overwrite`."""
+    lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lease, deterministic_on_cpu(device):
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_resume_hint(Path(out), resume=resume, overwrite=overwrite)) from None
 
 
-def _resume_hint(run_dir: Path, arguments: dict) -> str:
+def _resume_hint(run_dir: Path, *, resume: bool, overwrite: bool) -> str:
     if not (run_dir / CHECKPOINT_NAME).is_file():
         return "no epoch had completed: run the same command again to start over"
-    how = ("again" if arguments["resume"] else
-           "with --resume instead of --overwrite" if arguments.get("overwrite") else "with --resume")
+    how = "again" if resume else "with `resume=True` instead of `overwrite=True`" if overwrite else "with `resume=True`"
     return f"the last completed epoch's checkpoint is kept in {run_dir}: run the same command {how} to continue"

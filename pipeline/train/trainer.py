@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from revq_pipe.kernels import NonFiniteError
 from revq_pipe.pipeline.train.codebook_optim import codebook_optimizer
-from revq_pipe.pipeline.model.config import TrainConfig, use_compile
+from revq_pipe.pipeline.model.config import use_compile
+from revq_pipe.pipeline.train.config import TrainConfig
 from revq_pipe.pipeline.train.distributed import DataParallelGroup
 from revq_pipe.pipeline.train.loader import LatentLoader
 from revq_pipe.pipeline.model.revq import ReVQ, latent_metrics, usage_stats

@@ -1,9 +1,10 @@
 """The run dir's training record, `training.json`: where a run's training data came from, how `fit`
 trained, and what a published model card says about it.
 
-    {"data":  {"url": absolute store URL, "count": N, "revq": the store's attrs (VAE, classes, ...)},
-     "val":   {"url": ..., "count": ...} or null,
-     "train": the TrainConfig}
+    {"data":       {"url": absolute store URL, "count": N, "revq": the store's attrs (VAE, classes, ...)},
+     "val":        {"url": ..., "count": ...} or null,
+     "fit_config": the FitConfig as given (preset, device, the settings set), as of the last start or resume,
+     "train":      the TrainConfig it resolved to}
 
 It lives beside config.json rather than in it because it holds local paths (store locations, a
 VAE folder): config.json describes the model alone, so `push_to_hub` publishes config.json, the

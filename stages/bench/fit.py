@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from revq_pipe.pipeline.reporting.benchmarking import mean_seconds, reference_search
-from revq_pipe.pipeline.model.config import TrainConfig, resolve_model_config, resolve_train_config
+from revq_pipe.pipeline.train.config import FitConfig, TrainConfig
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.loader import free_memory
@@ -128,13 +128,13 @@ def _check_memory(tokens: int, codes: int, dim: int, device: torch.device) -> No
                         f"{device} has {free / 2**30:.1f} GiB free")
 
 
-def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 20,
-              batch_size: int | None = None, codebook_update: str = "auto") -> BenchFitResult:
-    """Time `steps` training steps of this project and of the reference style on random latents
-    (at the preset's batch size unless `batch_size` is given)."""
-    dev = resolve_device(device)
-    config = resolve_model_config(preset, DCAE_F32C32_LATENT)
-    train = resolve_train_config(preset, batch_size=batch_size, codebook_update=codebook_update, device=dev)
+def bench_fit(fit_config: FitConfig | None = None, steps: int = 20) -> BenchFitResult:
+    """Time `steps` training steps of this project and of the reference style on random latents, with
+    the model and training `fit_config` gives for ImageNet's DC-AE latents (default: 512T_NC=16384)."""
+    fit_config = fit_config or FitConfig.from_preset("512T_NC=16384")
+    dev = resolve_device(fit_config.device)
+    resolved = fit_config.resolve(IMAGENET_TRAIN_IMAGES, DCAE_F32C32_LATENT, device=dev)
+    config, train = resolved.model, resolved.train
     b = train.batch_size
     _check_memory(config.tokens, config.codes, config.dim, dev)
 
@@ -153,6 +153,6 @@ def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 
         ms[name], peak_gib = _time_steps(step, batches, steps, dev)
         if dev.type == "cuda":
             peak[name] = peak_gib
-    return BenchFitResult(preset=preset, device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
+    return BenchFitResult(preset=config.preset, device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                           codebook_update=train.codebook_update, batch_size=b, tokens=config.tokens, codes=config.codes, dim=config.dim, steps=steps,
                           ms=ms, first_losses=first, peak_gib=peak)

@@ -1,7 +1,8 @@
 """`revq-pipe bench quality`: the rectifier ablation, as a table anyone can re-make.
 
-Every variant is a whole `fit` on the same training store with the same seed, preset, epochs and
-batch: only the rectifier (kind and form) and K change. Each is scored on a validation store of
+Every variant is a whole `fit` on the same training store with the same `FitConfig` (the preset
+`tiny` unless it says otherwise): only the rectifier (kind and form) and K change, and for some
+variants the codebook initialisation or the flips. Each is scored on a validation store of
 pictures the training store does not hold (the demo's held-out photos): the latent MSE with the
 rectifier and with the quantizer alone at every epoch end, and, given the validation images and
 the VAE, PSNR/SSIM of the images decoded through the tokens.
@@ -22,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from revq_pipe.pipeline.model.config import PRESETS
+from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.train.config import SMALL_PRESET, FitConfig, ResolvedFit
 from revq_pipe.pipeline.workdir import claim_folder
 from revq_pipe.stages.evaluate import evaluate
 from revq_pipe.stages.fit import fit
@@ -31,9 +34,10 @@ from revq_pipe.stages.fit import fit
 log = logging.getLogger(__name__)
 
 MARKER = "revq-bench-quality.json"
-# name -> fit's options. "paper" is the released code's rectifier g(q) = f(q); the others are
+# name -> fit settings. "paper" is the released code's rectifier g(q) = f(q); the others are
 # revq-pipe's residual form g(q) = q + f(q), the identity at initialisation. The first seven are
-# the rectifier ablation (the default set); the rest change training, not the model.
+# the rectifier ablation (the default set); the rest change training, not the model: "kmeans" and
+# "random" set the codebook init (the default's k-means, or the paper's K random samples alone).
 VARIANTS: dict[str, dict[str, Any]] = {
     "vit": {"rectifier": "vit", "rectifier_form": "residual"},
     "vit-paper": {"rectifier": "vit", "rectifier_form": "paper"},
@@ -44,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "none": {"rectifier": "none"},
     "vit-kmeans": {"rectifier": "vit", "codebook_init": "kmeans"},
     "none-kmeans": {"rectifier": "none", "codebook_init": "kmeans"},
+    "vit-random": {"rectifier": "vit", "codebook_init": "random"},
+    "none-random": {"rectifier": "none", "codebook_init": "random"},
     "vit-noflip": {"rectifier": "vit", "flip": False},
     "none-noflip": {"rectifier": "none", "flip": False},
 }
@@ -127,50 +133,44 @@ class QualityResult:
 def bench_quality(
     train: str,
     val: str,
+    config: FitConfig | None = None,
     *,
     out: str | Path = "revq-bench-quality",
     images: str | None = None,
     vae: str | None = None,
-    preset: str = "tiny",
     codes: list[int] | None = None,
     variants: list[str] | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    seed: int = 0,
-    device: str = "auto",
 ) -> QualityResult:
-    """Fit every variant for every K in `codes` (default: the preset's K and a quarter of it) into
-    `out`, and collect validation MSE with and without the rectifier, and PSNR/SSIM with `images`."""
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    """Fit every variant for every K in `codes` (default: the K `config` resolves to on `train`, and a
+    quarter of it) into `out`, each with `config` (default: the tiny preset) and the variant's
+    settings, and collect validation MSE with and without the rectifier, and PSNR/SSIM with `images`."""
+    config = config or FitConfig.from_preset(SMALL_PRESET)
     variants = list(variants or RECTIFIER_ABLATION)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
     if (images is None) != (vae is None):
-        raise UserError("PSNR needs both --images (the validation store's source) and --vae")
-    preset_codes = PRESETS[preset]["codes"]
-    codes = list(codes or [preset_codes, max(preset_codes // 4, 1)])
-    epochs = epochs or PRESETS[preset]["epochs"]
-    batch_size = batch_size or PRESETS[preset]["batch_size"]
+        raise UserError("PSNR needs both `images` (the validation store's source) and `vae`")
+    base = _resolve_on(train, config)
+    codes = list(codes or [base.model.codes, max(base.model.codes // 4, 1)])
     out = Path(out)
-    arguments = {"train": str(train), "val": str(val), "images": images, "vae": vae, "preset": preset,
-                 "codes": codes, "variants": variants, "epochs": epochs, "batch_size": batch_size, "seed": seed}
+    arguments = {"train": str(train), "val": str(val), "images": images, "vae": vae, "config": config.to_dict(),
+                 "codes": codes, "variants": variants}
     if claim_folder(out, MARKER, "revq-pipe bench quality", arguments):
         log.info(f"going on with the benchmark in {out}: finished fits are read back, an interrupted one resumes")
-    result = QualityResult(train=str(train), val=str(val), preset=preset, epochs=epochs, batch_size=batch_size,
-                           seed=seed)
+    result = QualityResult(train=str(train), val=str(val), preset=base.model.preset, epochs=base.train.epochs,
+                           batch_size=base.train.batch_size, seed=base.train.seed)
     started = time.perf_counter()
     runs = [(k, name) for k in codes for name in variants]
     for number, (k, name) in enumerate(runs, 1):
         run = out / f"K{k}-{name}"
         # resume=True: a fit this folder already finished only reads its checkpoint back.
-        fitted = fit(train, str(run), preset=preset, epochs=epochs, batch_size=batch_size, codes=k, val=val,
-                     seed=seed, device=device, progress=False, resume=True, **VARIANTS[name])
+        fitted = fit(train, str(run), config.with_overrides(codes=k, **VARIANTS[name]), val=val, progress=False,
+                     resume=True)
         row = VariantResult(variant=name, codes=k, val_mse=[m["val_mse"] for m in fitted.history],
                             val_mse_quantizer=[m["val_mse_quantizer"] for m in fitted.history])
         if images is not None:
-            image = evaluate(str(run), val, vae=vae, images=images, device=device, progress=False).image
+            image = evaluate(str(run), val, vae=vae, images=images, device=config.device, progress=False).image
             row.psnr_tokens, row.ssim_tokens, row.psnr_vae = image["psnr_tokens"], image["ssim_tokens"], image["psnr_vae"]
         result.rows.append(row)
         log.info(f"[{number}/{len(runs)}] K={k} {name}: val MSE {row.val_mse[-1]:.4f} "
@@ -180,3 +180,10 @@ def bench_quality(
     (out / "quality.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
     (out / "quality.md").write_text(result.markdown() + "\n")
     return result
+
+
+def _resolve_on(train: str, config: FitConfig) -> ResolvedFit:
+    """What `config` resolves to on the store `train`: the preset's K, epochs, batch and seed the table names."""
+    store = LatentStore.open(train)
+    return config.resolve(len(store), store.latent_shape, device=resolve_device(config.device),
+                          has_flip=store.has_flip, store=train)

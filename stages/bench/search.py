@@ -75,10 +75,10 @@ def parse_shape(shape: str) -> SearchShape:
     except ValueError:
         values = []
     if len(values) != 4 or min(values) < 1:
-        raise UserError(f"--shape must be one of {', '.join(BENCH_PRESETS)} or G,M,K,d with positive integers, got {shape!r}")
+        raise UserError(f"`shape` must be one of {', '.join(BENCH_PRESETS)} or G,M,K,d with positive integers, got {shape!r}")
     groups, queries, codes, dim = values
     if dim > 64:
-        raise UserError(f"--shape d must be at most 64, got {dim}")
+        raise UserError(f"`shape` d must be at most 64, got {dim}")
     return SearchShape(groups, queries, codes, dim, f"G={groups},M={queries},K={codes},d={dim}")
 
 
@@ -209,7 +209,7 @@ def bench_search(shape: str, device: str = "auto") -> BenchSearchResult:
     if dev.type == "cpu" and spec.pairs > CPU_MAX_PAIRS:
         raise UserError(
             f"{spec.label} is {spec.pairs:.3g} pairs: minutes per method on the CPU; "
-            "pass a small --shape G,M,K,d (e.g. 8,64,4096,8) or run on CUDA"
+            "pass a small `shape` G,M,K,d (e.g. 8,64,4096,8) or run on CUDA"
         )
     gen = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(spec.groups, spec.queries, spec.dim, generator=gen, device=dev)
