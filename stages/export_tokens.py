@@ -2,11 +2,13 @@
 
 Reads a latent store chunk by chunk, tokenizes it with a fitted run (quantization only: the
 rectifier is not needed to find ids), and writes a token store (Zarr, row for row as the latent
-store), shards for training loaders (webdataset {__key__, tokens.npy, cls}, or parquet rows of key,
-label, class, tokens; in store order or a seeded shuffle; pipeline/storage/token_shards.py), or a token
-store and webdataset shards. Every output resumes where a killed export stopped, and the resumed
-result is identical to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token
-store (pipeline/scaleout/token_tasks.py).
+store), shards for training loaders (webdataset {__key__, key.txt, tokens.npy, cls}, or parquet
+rows of key, label, class, tokens; in store order or a seeded shuffle;
+pipeline/storage/token_shards.py), or a token store and webdataset shards. Every export holds each
+row's latent-store key exactly (`keys`, parquet's `key`, webdataset's `key.txt`): the field they
+join on. Every output resumes where a killed export stopped, and the resumed result is identical
+to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token store
+(pipeline/scaleout/token_tasks.py).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import absolute_url, refuse_collisions, same_location
+from revq_pipe.pipeline.paths import absolute_url, same_location
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.storage.export_formats import ExportFormat, export_format
 from revq_pipe.pipeline.storage.run_dir import Run
@@ -108,8 +110,8 @@ def export_tokens(
     attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
     shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
     shard_folder = written.shard_folder(out)
-    if written.shards is not None and written.shards.key is not None:  # before anything is written
-        refuse_collisions([written.shards.key(key) for key in latents.keys[:]], latents.keys, written.shards.key_name)
+    if written.shards is not None:  # before anything is written
+        written.shards.check_keys(latents.keys[:])
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,

@@ -1,7 +1,7 @@
 """Token exports as shard files for training loaders: webdataset tars or parquet files.
 
     OUT/export.json              the export's attrs (run, store, T, K, classes, format, shard size, order)
-    OUT/tokens-000000.tar ...    webdataset: {__key__, tokens.npy, cls} per image
+    OUT/tokens-000000.tar ...    webdataset: {__key__, key.txt, tokens.npy, cls} per image
     OUT/tokens-000000.parquet    parquet: columns key, label, class, tokens (the ids as a list)
 
 The shard formats (suffix, writer, key function) are export_formats.py's table. Shards hold
@@ -84,7 +84,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
                       desc=f"{shards.name} shards") as bar:
         for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
             partial = names[index] + PARTIAL_SUFFIX
-            shards.write(partial, ids, labels, [shards.sample_key(k) for k in keys], classes)
+            shards.write(partial, ids, labels, [str(key) for key in keys], classes)
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
