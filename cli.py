@@ -281,8 +281,8 @@ def export_tokens(
     batch_size: int = typer.Option(1024, "--batch-size", min=1, metavar="N", help="Latents per tokenize batch."),
     device: str = DeviceOpt,
     format: str = typer.Option("zarr", "--format", metavar="|".join(EXPORT_FORMATS), help="zarr: a token store "
-                               "(uint16/uint32 ids, row for row as STORE); wds: webdataset shards {__key__, tokens.npy, "
-                               "cls}; parquet: files of rows key, label, class, tokens; zarr+wds: both, shards in TOKENS-wds."),
+                               "(uint16/uint32 ids, row for row as STORE); wds: webdataset shards {__key__, key.txt, "
+                               "tokens.npy, cls}; parquet: files of rows key, label, class, tokens; zarr+wds: both, shards in TOKENS-wds."),
     shard_size: int = typer.Option(10_000, "--shard-size", min=1, metavar="N", help="Rows per webdataset shard or parquet file."),
     shuffle: bool = typer.Option(False, "--shuffle", help="Write shards in a random order fixed by --seed, not the store's (class-sorted for ImageFolders). The Zarr token store keeps the store's order."),
     seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of the --shuffle order."),

@@ -2,28 +2,33 @@
 
 Reads a latent store chunk by chunk, tokenizes it with a fitted run (quantization only: the
 rectifier is not needed to find ids), and writes a token store (Zarr, row for row as the latent
-store), shards for training loaders (webdataset {__key__, tokens.npy, cls}, or parquet rows of key,
-label, class, tokens; in store order or a seeded shuffle; pipeline/storage/token_shards.py), or a token
-store and webdataset shards. Every output resumes where a killed export stopped, and the resumed
-result is identical to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token
-store (pipeline/scaleout/token_tasks.py).
+store), shards for training loaders (webdataset {__key__, key.txt, tokens.npy, cls}, or parquet
+rows of key, label, class, tokens; in store order or a seeded shuffle;
+pipeline/storage/token_shards.py), or a token store and webdataset shards. Every export holds each
+row's latent-store key exactly (`keys`, parquet's `key`, webdataset's `key.txt`): the field they
+join on. Every output resumes where a killed export stopped, and the resumed result is identical
+to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token store
+(pipeline/scaleout/token_tasks.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
 from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared_location
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import absolute_url, refuse_collisions, same_location
+from revq_pipe.pipeline.paths import absolute_url, same_location
 from revq_pipe.pipeline.reporting.console import progress_bar
+from revq_pipe.pipeline.storage.dataset_card import dataset_card, write_card
 from revq_pipe.pipeline.storage.export_formats import ExportFormat, export_format
 from revq_pipe.pipeline.storage.run_dir import Run
 from revq_pipe.pipeline.storage.store import LatentStore
@@ -86,7 +91,8 @@ def export_tokens(
     token store keeps the latent store's order). An existing output made from the same run, store
     and settings is resumed; one made otherwise is refused unless `overwrite`. With `cluster` (local,
     local:N or a scheduler address), tasks on a dask cluster write the token store (formats zarr and
-    zarr+wds), which equals a single-process export's.
+    zarr+wds), which equals a single-process export's. Every output folder gets a dataset card,
+    README.md (pipeline/storage/dataset_card.py).
     """
     written = export_format(format)
     if batch_size < 1:
@@ -108,17 +114,20 @@ def export_tokens(
     attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
     shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
     shard_folder = written.shard_folder(out)
-    if written.shards is not None and written.shards.key is not None:  # before anything is written
-        refuse_collisions([written.shards.key(key) for key in latents.keys[:]], latents.keys, written.shards.key_name)
+    if written.shards is not None:  # before anything is written
+        written.shards.check_keys(latents.keys[:])
     started = time.perf_counter()
 
     summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
+    card = functools.partial(dataset_card, attrs=attrs, count=len(latents), dtype=summary.dtype,
+                             image_size=latents.attrs.get("image_size") or run_info.image_size)
     with contextlib.ExitStack() as leases:  # the cluster's tasks write under the driver's lease
         for output in {out, shard_folder} - {None}:
             leases.enter_context(output_lease(output, "export-tokens"))
         if written.token_store:
             tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
+            write_card(out, card("zarr"))  # the store exists: its folder holds a Zarr group to put the card in
             summary.resumed_from = tokens.rows_done
             if cluster is None:
                 _fill_token_store(tokens, latents, model, batch_size, progress)
@@ -129,7 +138,7 @@ def export_tokens(
             rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
         if written.shards is not None:
             summary.shards = _shards(shard_folder, written, shard_attrs, rows, len(latents), shard_size, shuffle,
-                                     seed, classes, overwrite, progress)
+                                     seed, classes, card, overwrite, progress)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -176,11 +185,14 @@ def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, 
 
 
 def _shards(out: str, written: ExportFormat, attrs: dict, rows, count: int, shard_size: int, shuffle: bool,
-            seed: int, classes: list[str], overwrite: bool, progress: bool) -> list[str]:
+            seed: int, classes: list[str], card: Callable[..., str], overwrite: bool, progress: bool) -> list[str]:
     if shuffle:
         rows = shuffled_rows(rows, count, seed)
+    files = (f"{-(-count // shard_size)} {written.shards.files} of at most {shard_size} rows, "
+             + (f"shuffled (seed {seed})" if shuffle else "in the latent store's order"))
     return write_shards(out, {**attrs, "format": written.shards.name}, rows, count=count, shards=written.shards,
-                        shard_size=shard_size, classes=classes, overwrite=overwrite, progress=progress)
+                        shard_size=shard_size, classes=classes, card=card(written.shards.name, files=files),
+                        overwrite=overwrite, progress=progress)
 
 
 def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:

@@ -159,7 +159,8 @@ def test_webdataset_shards_hold_keys_tokens_and_labels(fitted, tmp_path, monkeyp
     tokens = TokenStore.open(str(out))
     samples = read_shards(tmp_path / "tokens.zarr-wds")
     assert len(list((tmp_path / "tokens.zarr-wds").glob("tokens-*.tar"))) == 4  # 12+12+12+4
-    assert [s["__key__"] for s in samples] == [f"class{i % 3}/img_{i:03d}" for i in range(COUNT)]
+    assert [s["key.txt"] for s in samples] == list(tokens.keys[:]) == list(store.keys[:])  # the store's keys, exactly
+    assert [s["__key__"] for s in samples] == [f"class{i % 3}/img%2E{i:03d}%2Ejpg" for i in range(COUNT)]
     np.testing.assert_array_equal(np.stack([s["tokens.npy"] for s in samples]), tokens.tokens[:])
     assert samples[0]["tokens.npy"].dtype == np.uint16
     assert [s["cls"] for s in samples] == list(store.labels[:])

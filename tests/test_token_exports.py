@@ -1,5 +1,6 @@
 """Token exports for training loaders: shard size, a seeded shuffled order, parquet files that load
-with pyarrow and `datasets`, class names, and the README's multi-worker webdataset loader."""
+with pyarrow and `datasets`, class names, the README's multi-worker webdataset loader, and the one
+field (the latent store's key) on which the zarr, wds and parquet exports of a store join."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
+import zarr
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
@@ -17,6 +19,9 @@ from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 COUNT, CLASSES = 40, ["cat", "dog", "fox"]
+# Keys with dots in their names, some differing only after a dot: webdataset cuts a sample's key at
+# the first dot of a member's file name, so these are the keys an export could mix up.
+DOTTED = ["cat/img.v2.jpg", "cat/img.v2.png", "cat/img_v2.jpg", "cat/img.v2", "cat/img", "cat/img.tar.gz"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +30,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("exports")
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(3), [14, 13, 13])
-    keys = [f"{CLASSES[label]}/img.{i:03d}.jpg" for i, label in enumerate(labels)]
+    keys = DOTTED + [f"{CLASSES[label]}/img.{i:03d}.jpg" for i, label in enumerate(labels)][len(DOTTED):]
     store = write_latent_store(str(root / "latents.zarr"), rng.normal(size=(COUNT, 8, 4, 4)).astype(np.float32),
                                labels, keys, chunk_size=16, attrs={"vae": "test-vae", "classes": CLASSES})
     config = FitConfig.from_preset("tiny", codes=8, epochs=1, batch_size=16, device="cpu")
@@ -73,7 +78,7 @@ def test_shuffled_export_is_a_seeded_permutation_keeping_each_rows_tokens(export
 
     ordered, first, again, other = export("ordered"), export("a", "--shuffle"), export("b", "--shuffle"), \
         export("c", "--shuffle", "--seed", 1)
-    keys = {name: [s["__key__"] for s in shard_samples(folder)] for name, folder in
+    keys = {name: [s["key.txt"] for s in shard_samples(folder)] for name, folder in
             (("ordered", ordered), ("first", first), ("other", other))}
     assert sorted(keys["first"]) == sorted(keys["ordered"]) and keys["first"] != keys["ordered"]
     assert keys["other"] != keys["first"]
@@ -82,9 +87,8 @@ def test_shuffled_export_is_a_seeded_permutation_keeping_each_rows_tokens(export
     # every shard mixes classes, where the store's order gives one class per shard at first
     first_shard = [s["cls"] for s in shard_samples_of(sorted(first.glob("*.tar"))[0])]
     assert len(set(first_shard)) == 3
-    by_wds_key = {key.rsplit(".", 1)[0].replace(".", "_"): row for key, row in exported["by_key"].items()}
     for sample in shard_samples(first):
-        np.testing.assert_array_equal(sample["tokens.npy"], by_wds_key[sample["__key__"]])
+        np.testing.assert_array_equal(sample["tokens.npy"], exported["by_key"][sample["key.txt"]])
 
 
 def test_parquet_export_loads_with_pyarrow_and_datasets(exported, tmp_path, monkeypatch):
@@ -116,7 +120,7 @@ def test_the_readme_training_loop_reads_shards_with_two_workers(exported, tmp_pa
     # The README's loader, as written there (with this test's paths and sizes).
     shards = sorted(str(p) for p in out.glob("tokens-*.tar"))
     dataset = (wds.WebDataset(shards, shardshuffle=len(shards), nodesplitter=wds.split_by_node)
-               .shuffle(1000).decode().to_tuple("__key__", "tokens.npy", "cls").batched(8))
+               .shuffle(1000).decode().to_tuple("key.txt", "tokens.npy", "cls").batched(8))
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=2)
     embedding = torch.nn.Embedding(8, 4)
     seen = []
@@ -125,4 +129,24 @@ def test_the_readme_training_loop_reads_shards_with_two_workers(exported, tmp_pa
         labels = torch.as_tensor(labels)
         assert embedding(ids).shape == (len(keys), 32, 4) and labels.dtype == torch.int64
         seen += keys
-    assert sorted(seen) == sorted(k.rsplit(".", 1)[0].replace(".", "_") for k in exported["by_key"])
+    assert sorted(seen) == sorted(exported["by_key"])
+
+
+def test_zarr_wds_and_parquet_exports_join_on_the_key(exported, tmp_path):
+    """One row per image in each export, joined on the latent store's key: the same tokens and label."""
+    for format in ("wds", "parquet"):
+        result = cli("export-tokens", exported["run"], exported["store"], "--out", tmp_path / format,
+                     "--format", format, "--shard-size", 16, "--shuffle")
+        assert result.exit_code == 0, result.output
+    tokens = exported["tokens"]
+    zarr_rows = {key: (list(ids), label) for key, ids, label in
+                 zip(tokens.keys[:].tolist(), tokens.tokens[:], tokens.labels[:].tolist())}
+    wds_rows = {s["key.txt"]: (list(s["tokens.npy"]), s["cls"]) for s in shard_samples(tmp_path / "wds")}
+    parquet_rows = {row["key"]: (row["tokens"], row["label"])
+                    for row in pq.read_table(sorted(str(p) for p in (tmp_path / "parquet").glob("*.parquet"))).to_pylist()}
+    store_keys = zarr.open_group(exported["store"], mode="r")["keys"][:].tolist()
+    assert len(zarr_rows) == len(wds_rows) == len(parquet_rows) == COUNT  # no two keys shared a row
+    assert sorted(zarr_rows) == sorted(wds_rows) == sorted(parquet_rows) == sorted(store_keys)
+    assert set(DOTTED) <= set(store_keys)
+    for key in store_keys:
+        assert zarr_rows[key] == wds_rows[key] == parquet_rows[key], key

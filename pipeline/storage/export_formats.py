@@ -1,47 +1,60 @@
 """What `export-tokens` can write: one table of export formats, and the shard formats they use.
 
     zarr       a token store at OUT (Zarr, row for row as the latent store; token_store.py)
-    wds        webdataset shards in the folder OUT: {__key__, tokens.npy, cls} per image
+    wds        webdataset shards in the folder OUT: {__key__, key.txt, tokens.npy, cls} per image
     parquet    parquet files in the folder OUT: key, label, class, tokens per image
     zarr+wds   the token store at OUT, and webdataset shards made from it in OUT-wds
 
-A shard format is its file suffix, its writer (one shard file from blocks of ids, labels, keys)
-and its key function (a store key -> the sample's key in the shard). The CLI's `--format` choices
-are this table's names. Nothing heavy is imported here: the writers import webdataset or pyarrow
-when they run.
+Every format carries each row's store key exactly (the token store's `keys`, parquet's `key`,
+webdataset's `key.txt`): the one field the exports of a store join on. A shard format is its file
+suffix, its writer (one shard file from blocks of ids, labels, keys) and its key function (a store
+key -> the name of the sample's members in the shard, where the format has one). The CLI's
+`--format` choices are this table's names. Nothing heavy is imported here: the writers import
+webdataset or pyarrow when they run.
 """
 
 from __future__ import annotations
 
-import posixpath
+import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.paths import inside_parts
 
 if TYPE_CHECKING:
     import numpy as np
 
 
+_WDS_ESCAPED = re.compile(r"[%.\\\x00-\x1f\x7f]")  # what a __key__ cannot hold as it is
+
+
 def wds_key(key: str) -> str:
-    """A store key as a webdataset __key__, which names the sample's tar members: a relative path
-    inside the shard (no leading /, no `..`: `tarfile.extractall` would write outside its folder),
-    without the image's extension, since webdataset cuts a key at the first dot of the file name
-    ("cat/001.jpg" -> "cat/001", "/abs/../x.y.jpg" -> "abs/x_y")."""
-    stem, _ = posixpath.splitext(str(key))
-    parts = inside_parts(stem)
-    if not parts:
-        raise UserError(f"the key {key!r} names no sample: it has no name left inside a shard")
-    return "/".join(parts).replace(".", "_")
+    """A store key as a webdataset __key__, reversibly: `urllib.parse.unquote` gives the key back.
+
+    webdataset names a sample's tar members `<__key__>.<member>` and reads the key back up to the
+    first dot of the file name, so `%`, `.`, `\\` and control characters are percent-escaped, and
+    so is every `/` that would leave an empty path part (a leading, trailing or doubled one). The
+    member names are then relative paths of plain parts inside the shard (no root, no `..` part:
+    `tarfile.extractall` cannot write outside its folder), and two keys never share a sample
+    ("cats/img.v2.jpg" -> "cats/img%2Ev2%2Ejpg", "../x.jpg" -> "%2E%2E/x%2Ejpg")."""
+    parts = str(key).split("/")
+    if parts == [""]:
+        raise UserError("a row has the empty key, which names no webdataset sample: give every row a key")
+    escaped = [_WDS_ESCAPED.sub(lambda char: f"%{ord(char[0]):02X}", part) for part in parts]
+    joined = escaped[0]
+    for before, after in zip(escaped, escaped[1:]):
+        joined += ("/" if before and after else "%2F") + after
+    return joined
 
 
 def write_tar(path: str, ids: np.ndarray, labels: np.ndarray, keys: list[str], classes: list[str]) -> None:
+    """One webdataset shard: per row `__key__` (wds_key), `key.txt` (the store key exactly: the join
+    field shared with the token store and parquet), `tokens.npy` and `cls`."""
     import webdataset as wds
 
     with wds.TarWriter(path, mtime=0.0) as sink:  # a fixed mtime makes re-runs byte-identical
         for row, label, key in zip(ids, labels, keys):
-            sink.write({"__key__": key, "tokens.npy": row, "cls": int(label)})
+            sink.write({"__key__": wds_key(key), "key.txt": str(key), "tokens.npy": row, "cls": int(label)})
 
 
 def write_parquet(path: str, ids: np.ndarray, labels: np.ndarray, keys: list[str], classes: list[str]) -> None:
@@ -58,22 +71,25 @@ def write_parquet(path: str, ids: np.ndarray, labels: np.ndarray, keys: list[str
 
 @dataclass(frozen=True)
 class ShardFormat:
-    """Shard files of one kind: `write(path, ids, labels, keys, classes)` makes one file; `key` maps a
-    store key to the sample's key there (None: the store key as it is), which messages call `key_name`."""
+    """Shard files of one kind: `write(path, ids, labels, keys, classes)` makes one file from store
+    keys; `key` maps a store key to the name its sample's members take there (None: the format
+    stores the key as a value only), refusing a key it cannot name."""
 
     name: str
     suffix: str
     files: str  # how reports name them
     write: Callable[[str, "np.ndarray", "np.ndarray", list[str], list[str]], None]
     key: Callable[[str], str] | None
-    key_name: str
 
-    def sample_key(self, key: str) -> str:
-        return self.key(key) if self.key is not None else str(key)
+    def check_keys(self, keys: Iterable[str]) -> None:
+        """Refuse, before anything is written, a key the format cannot name (UserError)."""
+        if self.key is not None:
+            for key in keys:
+                self.key(key)
 
 
-WDS = ShardFormat("wds", ".tar", "webdataset shards", write_tar, wds_key, "webdataset __key__")
-PARQUET = ShardFormat("parquet", ".parquet", "parquet files", write_parquet, None, "parquet key")
+WDS = ShardFormat("wds", ".tar", "webdataset shards", write_tar, wds_key)
+PARQUET = ShardFormat("parquet", ".parquet", "parquet files", write_parquet, None)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ class ChunkMarks:
     def open(cls, group: zarr.Group, name: str, chunks: int | None) -> "ChunkMarks | None":
         """The marks `name` in `group`; made for `chunks` chunks (all unwritten) when there are none
         yet, or None when there are none and `chunks` is None."""
-        if name in group.array_keys():
-            return cls(group[name])
+        marks = group.get(name)  # looked up by name: listing the group warns about any foreign file in it
+        if isinstance(marks, zarr.Array):  # (a lease, a dataset card)
+            return cls(marks)
         if chunks is None:
             return None
         return cls(group.create_array(name, shape=(chunks,), chunks=(1,), dtype=bool, fill_value=False,

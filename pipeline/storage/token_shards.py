@@ -1,7 +1,8 @@
 """Token exports as shard files for training loaders: webdataset tars or parquet files.
 
     OUT/export.json              the export's attrs (run, store, T, K, classes, format, shard size, order)
-    OUT/tokens-000000.tar ...    webdataset: {__key__, tokens.npy, cls} per image
+    OUT/README.md                its dataset card (pipeline/storage/dataset_card.py)
+    OUT/tokens-000000.tar ...    webdataset: {__key__, key.txt, tokens.npy, cls} per image
     OUT/tokens-000000.parquet    parquet: columns key, label, class, tokens (the ids as a list)
 
 The shard formats (suffix, writer, key function) are export_formats.py's table. Shards hold
@@ -26,6 +27,7 @@ from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
+from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
 from revq_pipe.pipeline.storage.export_formats import ShardFormat
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -52,9 +54,9 @@ def shuffled_rows(rows_from: RowsFrom, count: int, seed: int, block: int = 4096)
 
 
 def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shards: ShardFormat, shard_size: int,
-                 classes: list[str], overwrite: bool, progress: bool) -> list[str]:
+                 classes: list[str], card: str, overwrite: bool, progress: bool) -> list[str]:
     """Write `count` rows as `shards` files of `shard_size` rows into the folder `out`, after those
-    already complete.
+    already complete, with the dataset card `card` as its README.md.
 
     `attrs` describe the export (a folder holding another export's shards is refused unless
     `overwrite`); `classes` name the labels (parquet's `class` column).
@@ -65,16 +67,19 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     if folder is None:
         raise UserError("token shards are written to a local folder, not a URL")
     manifest = folder / MANIFEST
+    own = {manifest, folder / CARD_NAME}  # an export's files besides its shards
     there = contents(folder)  # (a lease file is not content)
-    if there and there != [manifest] and not overwrite:  # a manifest alone: begun, nothing written
+    begun = manifest in there and set(there) <= own  # begun, no shard written
+    if there and not begun and not overwrite:
         if read_json(manifest) != attrs:
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
                             "pass `overwrite=True` to replace them")
     elif there:
-        for stale in [*folder.glob("tokens-*"), manifest]:
+        for stale in [*folder.glob("tokens-*"), *own]:
             stale.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(manifest, attrs, indent=1)
+    write_card(str(folder), card)
 
     names = [str(folder / (SHARD_STEM % i + shards.suffix)) for i in range(-(-count // shard_size))]
     done = 0
@@ -84,7 +89,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
                       desc=f"{shards.name} shards") as bar:
         for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
             partial = names[index] + PARTIAL_SUFFIX
-            shards.write(partial, ids, labels, [shards.sample_key(k) for k in keys], classes)
+            shards.write(partial, ids, labels, [str(key) for key in keys], classes)
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
