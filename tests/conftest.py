@@ -12,6 +12,11 @@ For any stage's tests:
 Session-scoped and read-only: copy before changing them.
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
+
+Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests
+start (the CLI, torchrun's ranks, dask workers), since OMP_NUM_THREADS is set before torch is
+imported: on the CPU, float sums round by thread count, and the tests compare what children write
+with in-process runs bit for bit. Tests that need another count set it themselves.
 """
 
 import os
@@ -19,6 +24,10 @@ import os
 # Tests never reach a model hub: anything that would download must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One thread also spares a 2-core CI box OpenMP contention, which made training tests several
+# times slower. Set, not defaulted: a child at the caller's OMP_NUM_THREADS would round otherwise.
+TORCH_THREADS = 1
+os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 
 import shutil  # noqa: E402
 import uuid  # noqa: E402
@@ -26,6 +35,8 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)  # also when a plugin imported torch before this file
 
 TINY_IMAGE_SIZE = 32
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
@@ -101,16 +112,6 @@ def photo_shards(tmp_path_factory, photo_folder) -> str:
             sink.write({"__key__": f"{path.parent.name}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label)})
     shards = sorted(out.glob("*.tar"))
     return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
-
-
-@pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """The tests run tiny ops on a 2-core CI box: one intra-op thread avoids OpenMP contention,
-    which made the training tests several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ the same global batch, codebooks bit-identical across ranks at every epoch end, 
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -56,11 +55,10 @@ def fit_kwargs(stores, out, update):
 
 
 def torchrun(*command, log_dir=None):
-    """`torchrun --standalone --nproc-per-node 2 COMMAND` (a free port, one thread per process)."""
+    """`torchrun --standalone --nproc-per-node 2 COMMAND` (a free port; conftest's thread count)."""
     redirect = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *redirect, *map(str, command)], capture_output=True, text=True, env=env, timeout=600)
+                           *redirect, *map(str, command)], capture_output=True, text=True, timeout=600)
 
 
 def driver(spec):
