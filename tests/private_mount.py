@@ -6,18 +6,9 @@ it sees ENOSPC and EROFS from the kernel itself; the mount ends with the script.
 import os
 import shutil
 import subprocess
+import tempfile
 
 import pytest
-
-
-def usable() -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True)
-    return probe.returncode == 0
-
-
-needs_private_mounts = pytest.mark.skipif(not usable(), reason="this kernel or container allows no user namespaces")
 
 
 def run_with_tmpfs(mount_point, size_kb: int, script: str) -> subprocess.CompletedProcess:
@@ -27,3 +18,20 @@ def run_with_tmpfs(mount_point, size_kb: int, script: str) -> subprocess.Complet
     return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", setup + script],
                           env={**os.environ, "MNT": str(mount_point)}, capture_output=True,
                           text=True, timeout=600)
+
+
+def unusable_because() -> str | None:
+    """Why no private mount namespace can be made here (None when one can)."""
+    if shutil.which("unshare") is None:
+        return "util-linux's `unshare` command is not installed"
+    with tempfile.TemporaryDirectory() as mount_point:
+        probe = run_with_tmpfs(mount_point, 64, "true")
+    if probe.returncode != 0:
+        return (f"this kernel or container refuses a tmpfs in an unprivileged user namespace "
+                f"(`unshare --user --map-root-user --mount`: {probe.stderr.strip() or probe.returncode})")
+    return None
+
+
+_REASON = unusable_because()
+needs_private_mounts = pytest.mark.skipif(
+    _REASON is not None, reason=f"mounts a small tmpfs, which needs a private mount namespace: {_REASON}")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed: pip install -e '.[test]' brings it where triton has wheels (Linux)")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -26,7 +27,8 @@ from revq_pipe.kernels.search_kernels import INTERPRETED, exact_search_kernel, f
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreter functions here"),
+    pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set: Triton makes the kernels interpreter functions, "
+                                           "which do not compile"),
 ]
 
 ARCHS = (80, 90)
