@@ -10,6 +10,7 @@ For any stage's tests:
 - `photo_shards`: the same JPEG bytes as webdataset shards (keys `<class>/<file stem>`, `cls` =
   the class's sorted index), as a brace pattern; `PHOTO_SHARD_SIZE` samples per shard.
 Session-scoped and read-only: copy before changing them.
+- `preloaded`: child processes that start with revq-pipe imported (tests/preloaded.py).
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
 
@@ -112,6 +113,17 @@ def photo_shards(tmp_path_factory, photo_folder) -> str:
             sink.write({"__key__": f"{path.parent.name}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label)})
     shards = sorted(out.glob("*.tar"))
     return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+@pytest.fixture(scope="session")
+def preloaded():
+    """Children forked from one process that imported torch, diffusers and the stages once
+    (tests/preloaded.py): `preloaded.run("module:function", *args, logs=DIR)`."""
+    from preloaded import PreloadedServer
+
+    server = PreloadedServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture
