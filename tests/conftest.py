@@ -30,6 +30,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 TORCH_THREADS = 1
 os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -113,6 +114,17 @@ def photo_shards(tmp_path_factory, photo_folder) -> str:
             sink.write({"__key__": f"{path.parent.name}/{path.stem}", "jpg": path.read_bytes(), "cls": str(label)})
     shards = sorted(out.glob("*.tar"))
     return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Torch computes with `count` intra-op threads in this process inside the block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
