@@ -10,7 +10,7 @@ on), its stdin on /dev/null and its stdout and stderr in files. A child that run
 limit ends by SIGALRM.
 
 Protocol: the test writes one JSON request per line to the server's stdin,
-{"call": "module:function", "args": [...], "kwargs": {...}, "logs": DIR, "timeout_s": N};
+{"call": "module:function", "args": [...], "kwargs": {...}, "logs": DIR, "timeout_s": N, "cpus": N or null};
 the server answers {"pid": P} at once and {"exitcode": C} when the child has ended (C is -9 after
 a SIGKILL, as subprocess reports it). One child runs at a time.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -35,14 +36,16 @@ class PreloadedServer:
     """The test session's side: starts the server, asks it for children."""
 
     def __init__(self) -> None:
+        # Unbuffered: a reply waiting in a buffer would escape `Child.poll`'s select.
         self._server = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
+                                        bufsize=0)
 
-    def start(self, call: str, *args, logs: Path, timeout_s: int = 600, **kwargs) -> Child:
-        """Fork a child that calls `call` ("module:function") with args and kwargs (JSON values)."""
-        request = {"call": call, "args": args, "kwargs": kwargs, "logs": str(logs), "timeout_s": timeout_s}
-        self._server.stdin.write(json.dumps(request) + "\n")
-        self._server.stdin.flush()
+    def start(self, call: str, *args, logs: Path, timeout_s: int = 600, cpus: int | None = None, **kwargs) -> Child:
+        """Fork a child that calls `call` ("module:function") with args and kwargs (JSON values),
+        on at most `cpus` of the machine's CPUs when given."""
+        request = {"call": call, "args": args, "kwargs": kwargs, "logs": str(logs), "timeout_s": timeout_s,
+                   "cpus": cpus}
+        self._server.stdin.write((json.dumps(request) + "\n").encode())
         return Child(self, self._reply()["pid"], Path(logs))
 
     def run(self, call: str, *args, logs: Path, **kwargs) -> Child:
@@ -54,6 +57,9 @@ class PreloadedServer:
     def close(self) -> None:
         self._server.stdin.close()
         self._server.wait()
+
+    def _replied(self) -> bool:
+        return bool(select.select([self._server.stdout], [], [], 0)[0])
 
     def _reply(self) -> dict:
         line = self._server.stdout.readline()
@@ -73,6 +79,10 @@ class Child:
         if self.exitcode is None:
             self.exitcode = self.server._reply()["exitcode"]
         return self.exitcode
+
+    def poll(self) -> int | None:
+        """The exit status if the child has ended, else None."""
+        return self.wait() if self.exitcode is not None or self.server._replied() else None
 
     @property
     def stdout(self) -> str:
@@ -107,6 +117,8 @@ def _child(request: dict) -> None:
     code = 1
     try:
         os.setsid()
+        if request["cpus"]:
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:request["cpus"]])
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.alarm(request["timeout_s"])
         logs = Path(request["logs"])
