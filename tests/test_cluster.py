@@ -175,8 +175,10 @@ def test_export_on_two_workers_equals_a_single_process(fitted, tmp_path, cluster
         assert (Path(f"{out}-wds") / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
-def test_bad_cluster_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, fitted, tmp_path, memory_root):
+def test_bad_cluster_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, fitted, tmp_path, memory_root,
+                                                 monkeypatch):
     store, run, _ = fitted
+    monkeypatch.setattr("revq_pipe.pipeline.scaleout.cluster.CONNECT_TIMEOUT_S", 1)  # nothing listens on port 9
     encode_args = ["encode", str(photo_folder), "--vae", str(tiny_dc_vae_dir), "--out", str(tmp_path / "s.zarr"),
                    "--cluster"]
     for args, reason in [
