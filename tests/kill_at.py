@@ -38,15 +38,16 @@ def kill_on_call(target: str, nth: int, when: str, signal_number: int) -> None:
     setattr(owner, name, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
 
 
-def run_cli(cli_args: list[str], target: str, nth: int, when: str, *, signal_name: str = "SIGKILL",
-            encode_chunk_rows: int | None = None) -> None:
-    """The CLI with `cli_args`, signalled at the nth call of target. `encode_chunk_rows` makes
-    encode cut chunks of that many rows, so a few images span several."""
+def run_cli(cli_args: list[str], target: str | None = None, nth: int = 1, when: str = "before", *,
+            signal_name: str = "SIGKILL", encode_chunk_rows: int | None = None) -> None:
+    """The CLI with `cli_args`, signalled at the nth call of target (when one is named).
+    `encode_chunk_rows` makes encode cut chunks of that many rows, so a few images span several."""
     if encode_chunk_rows is not None:
         from revq_pipe.stages import encode
 
         encode.default_chunk_rows = lambda *shape: encode_chunk_rows
-    kill_on_call(target, nth, when, signal.Signals[signal_name])
+    if target is not None:
+        kill_on_call(target, nth, when, signal.Signals[signal_name])
     from revq_pipe.cli import app
 
     app(cli_args)

@@ -35,10 +35,11 @@ PRELOAD = ("revq_pipe.cli", "revq_pipe.stages.encode", "revq_pipe.stages.export_
 class PreloadedServer:
     """The test session's side: starts the server, asks it for children."""
 
-    def __init__(self) -> None:
+    def __init__(self, launcher: tuple[str, ...] = ()) -> None:
+        """`launcher`: a command that runs the server, e.g. `unshare ...` for a namespace of its own."""
         # Unbuffered: a reply waiting in a buffer would escape `Child.poll`'s select.
-        self._server = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        bufsize=0)
+        self._server = subprocess.Popen([*launcher, sys.executable, __file__], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, bufsize=0)
 
     def start(self, call: str, *args, logs: Path, timeout_s: int = 600, cpus: int | None = None, **kwargs) -> Child:
         """Fork a child that calls `call` ("module:function") with args and kwargs (JSON values),
@@ -105,6 +106,7 @@ def serve() -> None:
         _answer({"pid": pid})
         _, status = os.waitpid(pid, 0)
         _answer({"exitcode": os.waitstatus_to_exitcode(status)})
+    os._exit(0)  # nothing is left to flush; tearing down torch's and dask's modules takes seconds
 
 
 def _answer(reply: dict) -> None:
