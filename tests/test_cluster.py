@@ -59,6 +59,14 @@ def many_photos(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def many_photos_in_one_process(many_photos, tiny_dc_vae_dir, tmp_path_factory) -> Path:
+    """`many_photos` encoded with FINE settings without --cluster: what every cluster run of them must write."""
+    out = tmp_path_factory.mktemp("many") / "single.zarr"
+    encode(str(many_photos), str(out), vae=str(tiny_dc_vae_dir), **FINE)
+    return out
+
+
 def arrays(url) -> dict:
     """Every array of a store (a latent or token store), read whole."""
     group = zarr.open_group(str(url), mode="r")
@@ -220,7 +228,8 @@ def staged_pieces(store: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_encode_job_resumes_to_the_identical_store(many_photos, tiny_dc_vae_dir, tmp_path, cluster, preloaded):
+def test_killed_encode_job_resumes_to_the_identical_store(many_photos, many_photos_in_one_process, tiny_dc_vae_dir,
+                                                          tmp_path, cluster, preloaded):
     options = dict(vae=str(tiny_dc_vae_dir), **FINE)
     out = tmp_path / "two.zarr"
     job = start_job(preloaded, "revq_pipe.stages.encode:encode", str(many_photos), str(out), logs=tmp_path / "job",
@@ -234,8 +243,7 @@ def test_killed_encode_job_resumes_to_the_identical_store(many_photos, tiny_dc_v
     staged = staged_pieces(out)
     resumed = encode(str(many_photos), str(out), cluster=cluster.scheduler.address, **options)
     assert resumed.encoded <= MANY_PHOTOS - staged and resumed.resumed_rows >= staged
-    encode(str(many_photos), str(tmp_path / "single.zarr"), **options)
-    assert_same_store(out, tmp_path / "single.zarr")
+    assert_same_store(out, many_photos_in_one_process)
 
 
 @pytest.mark.slow
@@ -278,7 +286,8 @@ def test_bench_cluster_times_one_and_two_workers_and_finds_their_stores_equal():
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, tiny_dc_vae_dir, tmp_path, cluster):
+def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, many_photos_in_one_process,
+                                                                  tiny_dc_vae_dir, tmp_path, cluster):
     """Runs last in this module: the killed worker's nanny starts a new one, but it takes a while."""
     options = dict(vae=str(tiny_dc_vae_dir), **FINE)
     out = tmp_path / "two.zarr"
@@ -304,5 +313,4 @@ def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, t
     # Its tasks were finished by another worker process: the killed one never came back.
     assert killed[0][0] not in cluster.scheduler_info(n_workers=-1)["workers"]
     assert summary.count == MANY_PHOTOS
-    encode(str(many_photos), str(tmp_path / "single.zarr"), **options)
-    assert_same_store(out, tmp_path / "single.zarr")
+    assert_same_store(out, many_photos_in_one_process)
