@@ -17,7 +17,7 @@ Session-scoped and read-only: copy before changing them.
 Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests
 start (the CLI, torchrun's ranks, dask workers), since OMP_NUM_THREADS is set before torch is
 imported: on the CPU, float sums round by thread count, and the tests compare what children write
-with in-process runs bit for bit. Tests that need another count set it themselves.
+with in-process runs bit for bit. Tests that need another count say so (`torch_threads(n)`).
 """
 
 import os
