@@ -10,8 +10,14 @@ For any stage's tests:
 - `photo_shards`: the same JPEG bytes as webdataset shards (keys `<class>/<file stem>`, `cls` =
   the class's sorted index), as a brace pattern; `PHOTO_SHARD_SIZE` samples per shard.
 Session-scoped and read-only: copy before changing them.
+- `preloaded`: child processes that start with revq-pipe imported (tests/preloaded.py).
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
+
+Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests
+start (the CLI, torchrun's ranks, dask workers), since OMP_NUM_THREADS is set before torch is
+imported: on the CPU, float sums round by thread count, and the tests compare what children write
+with in-process runs bit for bit. Tests that need another count say so (`torch_threads(n)`).
 """
 
 import os
@@ -19,13 +25,23 @@ import os
 # Tests never reach a model hub: anything that would download must fail fast instead.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
+# One thread also spares a 2-core CI box OpenMP contention, which made training tests several
+# times slower. Set, not defaulted: a child at the caller's OMP_NUM_THREADS would round otherwise.
+TORCH_THREADS = 1
+os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
+# Where a test runs more threads, those waiting for work sleep instead of spinning: on a busy 2-core
+# box the two-thread fit test took 30 CPU-s with spinning threads, 9.6 without. Same results.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
+import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import uuid  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(TORCH_THREADS)  # also when a plugin imported torch before this file
 
 TINY_IMAGE_SIZE = 32
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
@@ -103,14 +119,26 @@ def photo_shards(tmp_path_factory, photo_folder) -> str:
     return str(out / f"photos-{{000000..{len(shards) - 1:06d}}}.tar")
 
 
-@pytest.fixture(autouse=True, scope="session")
-def one_torch_thread():
-    """The tests run tiny ops on a 2-core CI box: one intra-op thread avoids OpenMP contention,
-    which made the training tests several times slower."""
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Torch computes with `count` intra-op threads in this process inside the block."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def preloaded():
+    """Children forked from one process that imported torch, diffusers and the stages once
+    (tests/preloaded.py): `preloaded.run("module:function", *args, logs=DIR)`."""
+    from preloaded import PreloadedServer
+
+    server = PreloadedServer()
+    yield server
+    server.close()
 
 
 @pytest.fixture

@@ -1,14 +1,16 @@
 """`fit` under torchrun for tests/test_distributed_fit.py, with each rank keeping its own record.
 
 Usage: torchrun --nproc-per-node N ddp_fit_driver.py SPEC_JSON
-SPEC_JSON: {"record": DIR, "runs": [{"name": NAME, "fit": {fit's keyword arguments, config as a dict}}, ...],
-            optional "kill": {"rank": R, "step": S}, optional "drift": {"rank": R}}
+SPEC_JSON: {"record": DIR, "runs": [{"name": NAME, "fit": {fit's keyword arguments, config as a dict},
+                                     optional "drift": {"rank": R}}, ...],
+            optional "kill": {"rank": R, "step": S}}
 
-Every rank writes DIR/NAME-rank<r>.json: the sha256 of its own codebooks after each epoch end,
-computed here, independently of the code under test. With "kill", rank R sends itself SIGKILL
-before its S-th training step (counted from 1 over all runs), as a node failure would; torchrun
-then ends the other ranks. With "drift", rank R moves one code by 1e-3 before each epoch end,
-which fit must notice.
+The runs go one after the other in the same processes. Every rank writes DIR/NAME-rank<r>.json:
+the sha256 of its own codebooks after each epoch end, computed here, independently of the code
+under test. With "kill", rank R sends itself SIGKILL before its S-th training step (counted from 1
+over all runs), as a node failure would; torchrun then ends the other ranks. With a run's "drift",
+rank R moves one code by 1e-3 before each of that run's epoch ends, which fit must notice (and
+stop: a drifting run ends the job).
 """
 
 import hashlib
@@ -27,11 +29,11 @@ def main(spec: dict) -> None:
     rank = int(os.environ["RANK"])
     record = Path(spec["record"])
     record.mkdir(parents=True, exist_ok=True)
-    kill, drift = spec.get("kill"), spec.get("drift")
+    kill = spec.get("kill")
     real_step, real_end_epoch = Trainer.step, Trainer.end_epoch
     steps = {"done": 0}
     hashes: list[str] = []
-    current = {"name": ""}
+    current = {"name": "", "drift": None}
 
     def step(self, z):
         steps["done"] += 1
@@ -40,7 +42,7 @@ def main(spec: dict) -> None:
         return real_step(self, z)
 
     def end_epoch(self, epoch):
-        if drift and drift["rank"] == rank:
+        if current["drift"] and current["drift"]["rank"] == rank:
             self.model.codebooks.data[0, 0] += 1e-3
         metrics = real_end_epoch(self, epoch)
         hashes.append(hashlib.sha256(self.model.codebooks.detach().cpu().numpy().tobytes()).hexdigest())
@@ -49,7 +51,7 @@ def main(spec: dict) -> None:
 
     Trainer.step, Trainer.end_epoch = step, end_epoch
     for run in spec["runs"]:
-        current["name"] = run["name"]
+        current["name"], current["drift"] = run["name"], run.get("drift")
         hashes.clear()
         fit(**{**run["fit"], "config": FitConfig.from_dict(run["fit"]["config"])})
 

@@ -1,12 +1,10 @@
-"""Run the revq-pipe CLI in this process and SIGKILL it at a chosen moment (a child process of
-tests/test_faults.py).
-
-Usage: python kill_at.py TARGET NTH before|after [--encode-chunk-rows N] -- CLI ARGS...
+"""Run the revq-pipe CLI in this process and have it send itself a signal at a chosen moment (a
+child process of the fault tests, forked by tests/preloaded.py).
 
 TARGET names a function or method as module:qualname (revq_pipe.pipeline.storage.store:RowStore.commit,
-zarr:Array.__setitem__, ...). On its NTH call the process sends itself SIGKILL, just before or
-just after the call: no handler runs and nothing is cleaned up, as after a crash or the OOM
-killer. --encode-chunk-rows makes encode cut chunks of N rows, so a few images span several.
+zarr:Array.__setitem__, ...). On its NTH call the process sends itself the signal, just before or
+just after the call. SIGKILL (the default): no handler runs and nothing is cleaned up, as after a
+crash or the OOM killer; SIGINT: Ctrl-C at exactly that moment.
 """
 
 import functools
@@ -14,10 +12,9 @@ import importlib
 import inspect
 import os
 import signal
-import sys
 
 
-def kill_on_call(target: str, nth: int, when: str) -> None:
+def kill_on_call(target: str, nth: int, when: str, signal_number: int) -> None:
     module_name, qualname = target.split(":")
     owner = importlib.import_module(module_name)
     *path, name = qualname.split(".")
@@ -32,29 +29,25 @@ def kill_on_call(target: str, nth: int, when: str) -> None:
         nonlocal calls
         calls += 1
         if calls == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal_number)
         result = function(*args, **kwargs)
         if calls == nth and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal_number)
         return result
 
     setattr(owner, name, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
 
 
-def main(argv: list[str]) -> None:
-    split = argv.index("--")
-    options, cli_args = argv[:split], argv[split + 1:]
-    target, nth, when = options[0], int(options[1]), options[2]
-    if "--encode-chunk-rows" in options:
+def run_cli(cli_args: list[str], target: str | None = None, nth: int = 1, when: str = "before", *,
+            signal_name: str = "SIGKILL", encode_chunk_rows: int | None = None) -> None:
+    """The CLI with `cli_args`, signalled at the nth call of target (when one is named).
+    `encode_chunk_rows` makes encode cut chunks of that many rows, so a few images span several."""
+    if encode_chunk_rows is not None:
         from revq_pipe.stages import encode
 
-        rows = int(options[options.index("--encode-chunk-rows") + 1])
-        encode.default_chunk_rows = lambda *shape: rows
-    kill_on_call(target, nth, when)
+        encode.default_chunk_rows = lambda *shape: encode_chunk_rows
+    if target is not None:
+        kill_on_call(target, nth, when, signal.Signals[signal_name])
     from revq_pipe.cli import app
 
     app(cli_args)
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

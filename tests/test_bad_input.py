@@ -5,10 +5,8 @@ non-finite latents, token ids beyond the codebook, keys that cannot be file name
 import hashlib
 import json
 import re
-import shlex
 import shutil
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_IMAGE_SIZE
-from private_mount import needs_private_mounts, run_with_tmpfs
+from private_mount import PrivateMounts, needs_private_mounts
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 from revq_pipe.pipeline.storage.token_store import TokenStore
@@ -26,7 +24,6 @@ from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 runner = CliRunner()
-REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 COUNT = 24
 
 
@@ -84,48 +81,53 @@ def test_out_under_a_file_exits_2(fitted, photo_folder, tmp_path, stage):
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+@pytest.fixture(scope="module")
+def private_mounts():
+    server = PrivateMounts()
+    yield server
+    server.close()
+
+
 @needs_private_mounts
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["encode", "fit"])
-def test_out_on_a_read_only_file_system_exits_2(fitted, photo_folder, tmp_path, stage):
+def test_out_on_a_read_only_file_system_exits_2(fitted, photo_folder, tmp_path, stage, private_mounts):
     (tmp_path / "mnt").mkdir()
-    args = shlex.join([REVQ_PIPE, *stage_args(fitted, photo_folder, stage, str(tmp_path / "mnt" / "out"))])
-    done = run_with_tmpfs(tmp_path / "mnt", 64, f'mount -o remount,ro "$MNT" && {args}')
-    error_line(done.returncode, done.stderr, "Read-only file system")
-
-
-FILL_DISK_ENCODE = """
-import sys
-from revq_pipe.stages import encode
-encode.default_chunk_rows = lambda *shape: 4  # a chunk per 4 images, so a small disk fills mid-run
-from revq_pipe.cli import app
-app(sys.argv[1:])
-"""
+    private_mounts.mount(tmp_path / "mnt", "size=64k,ro", logs=tmp_path / "mount")
+    args = stage_args(fitted, photo_folder, stage, str(tmp_path / "mnt" / "out"))
+    child = private_mounts.run("revq_pipe.cli:app", args, logs=tmp_path / "child")
+    error_line(child.exitcode, child.stderr, "Read-only file system")
 
 
 @needs_private_mounts
 @pytest.mark.slow
-def test_a_full_disk_stops_encode_with_one_line_and_the_same_command_resumes(photo_folder, tiny_dc_vae_dir, tmp_path):
+def test_a_full_disk_stops_encode_with_one_line_and_the_same_command_resumes(photo_folder, tiny_dc_vae_dir, tmp_path,
+                                                                            private_mounts):
     source = tmp_path / "photos"  # 36 images: nine chunks, more than the small disk holds
     for copy in range(3):
         for path in sorted(photo_folder.rglob("*.jpg")):
             target = source / path.parent.name / f"{copy}-{path.name}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
-    (tmp_path / "mnt").mkdir()
-    (tmp_path / "child.py").write_text(FILL_DISK_ENCODE)
-    command = (f"{sys.executable} {tmp_path / 'child.py'} encode {source} --out \"$MNT/s.zarr\" --vae {tiny_dc_vae_dir}"
-               f" --image-size {TINY_IMAGE_SIZE} --workers 0 --batch-size 3")
-    done = run_with_tmpfs(tmp_path / "mnt", 64, f"""
-        {command} 2> "{tmp_path}/first.err"; echo "first $?"
-        mount -o remount,size=1m "$MNT" && {command} && cp -r "$MNT/s.zarr" "{tmp_path}/resumed.zarr"
-    """)
-    assert done.returncode == 0, done.stderr
-    assert "first 2" in done.stdout
-    line = error_line(2, (tmp_path / "first.err").read_text(), "no space left", "run the same command again to resume")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    args = ["encode", str(source), "--out", str(mnt / "s.zarr"), "--vae", str(tiny_dc_vae_dir), "--image-size",
+            str(TINY_IMAGE_SIZE), "--workers", "0", "--batch-size", "3"]
+    # A chunk per 4 images, so the small disk fills mid-run.
+    encode_on_the_disk = lambda name: private_mounts.run("kill_at:run_cli", args, encode_chunk_rows=4,
+                                                         logs=tmp_path / name)
+    private_mounts.mount(mnt, "size=64k", logs=tmp_path / "mount")
+    first = encode_on_the_disk("first")
+    line = error_line(first.exitcode, first.stderr, "no space left", "run the same command again to resume")
     kept = int(re.search(r"the (\d+) latents committed so far are kept", line).group(1))
     assert 0 < kept < 36 and kept % 4 == 0, line
-    assert f"resumed after {kept} stored rows" in done.stdout
+    private_mounts.mount(mnt, "remount,size=1m", logs=tmp_path / "remount")
+    again = encode_on_the_disk("again")
+    assert again.exitcode == 0, again.stderr
+    assert f"resumed after {kept} stored rows" in again.stdout
+    copied = private_mounts.run("shutil:copytree", str(mnt / "s.zarr"), str(tmp_path / "resumed.zarr"),
+                                logs=tmp_path / "copy")
+    assert copied.exitcode == 0, copied.stderr
 
     encode(str(source), str(tmp_path / "clean.zarr"), vae=str(tiny_dc_vae_dir), image_size=TINY_IMAGE_SIZE,
            batch_size=3, workers=0, chunk_size=4, progress=False)

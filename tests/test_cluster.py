@@ -1,13 +1,18 @@
 """--cluster on real dask.distributed clusters of worker processes: encode and export-tokens write the
 stores a single process writes, array for array, also when a worker is killed mid-run and when the
-whole job is killed and run again."""
+whole job is killed and run again.
+
+Float sums on the CPU round by thread count, and the promise holds at equal counts: every worker
+here computes with the one torch thread of the in-process runs (conftest), except the CLI's
+`local:2` workers, which get half the cores each: their store is compared with one process at
+that count.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +23,7 @@ import webdataset as wds
 import zarr
 from typer.testing import CliRunner
 
-from conftest import PHOTO_CLASSES, TINY_IMAGE_SIZE
+from conftest import PHOTO_CLASSES, TINY_IMAGE_SIZE, TORCH_THREADS, torch_threads
 from revq_pipe.cli import app
 from revq_pipe.pipeline.scaleout.chunk_tasks import task_runs
 from revq_pipe.pipeline.errors import UserError
@@ -43,8 +48,8 @@ def cluster():
     """A LocalCluster of 2 worker processes, which the commands under test reach by its address."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as local, \
-            Client(local) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      env={"OMP_NUM_THREADS": str(TORCH_THREADS)}) as local, Client(local) as client:
         yield client
 
 
@@ -53,6 +58,14 @@ def many_photos(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("many") / "photos"
     write_image_folder(root, photo_crops(PHOTO_CLASSES, MANY_PHOTOS, seed=1, out_size=48))
     return root
+
+
+@pytest.fixture(scope="module")
+def many_photos_in_one_process(many_photos, tiny_dc_vae_dir, tmp_path_factory) -> Path:
+    """`many_photos` encoded with FINE settings without --cluster: what every cluster run of them must write."""
+    out = tmp_path_factory.mktemp("many") / "single.zarr"
+    encode(str(many_photos), str(out), vae=str(tiny_dc_vae_dir), **FINE)
+    return out
 
 
 def arrays(url) -> dict:
@@ -131,7 +144,10 @@ def test_an_unreadable_shard_stops_the_job_with_its_reason(photo_shards, tiny_dc
 
 def test_cli_local_cluster_decodes_in_dataloader_processes_of_its_workers(photo_folder, tiny_dc_vae_dir, tmp_path):
     common = [photo_folder, "--vae", tiny_dc_vae_dir, "--image-size", TINY_IMAGE_SIZE, "--batch-size", 4]
-    single = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "single.zarr"), "--workers", "0"])
+    worker_threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the README: each of N local workers gets cores / N
+    with torch_threads(worker_threads):
+        single = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "single.zarr"),
+                                     "--workers", "0"])
     assert single.exit_code == 0, single.output
     result = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "two.zarr"), "--workers", "1",
                                  "--cluster", "local:2"])
@@ -169,8 +185,10 @@ def test_export_on_two_workers_equals_a_single_process(fitted, tmp_path, cluster
         assert (Path(f"{out}-wds") / shard.name).read_bytes() == shard.read_bytes(), shard.name
 
 
-def test_bad_cluster_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, fitted, tmp_path, memory_root):
+def test_bad_cluster_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, fitted, tmp_path, memory_root,
+                                                 monkeypatch):
     store, run, _ = fitted
+    monkeypatch.setattr("revq_pipe.pipeline.scaleout.cluster.CONNECT_TIMEOUT_S", 1)  # nothing listens on port 9
     encode_args = ["encode", str(photo_folder), "--vae", str(tiny_dc_vae_dir), "--out", str(tmp_path / "s.zarr"),
                    "--cluster"]
     for args, reason in [
@@ -188,22 +206,23 @@ def test_bad_cluster_usage_exits_2_with_one_line(photo_folder, tiny_dc_vae_dir, 
         assert len(lines) == 1 and lines[0].startswith("error: ") and reason in lines[0], (args, result.stderr)
 
 
-def start_killable(code: str) -> subprocess.Popen:
-    """`python -c code` in a session of its own, so that it and its dask workers die together."""
-    return subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+def start_job(preloaded, call: str, *args, logs, **kwargs):
+    """A `--cluster local:2` job in a child process of its own session, so that it and its dask
+    workers die together. On 2 CPUs, so that its workers compute with one torch thread each, as
+    the `cluster` fixture's that resume it and the in-process runs."""
+    return preloaded.start(call, *args, logs=logs, cpus=2, cluster="local:2", **kwargs)
 
 
-def kill_when(process: subprocess.Popen, ready, timeout_s: float = 240) -> None:
-    """SIGKILL the process's whole session once `ready()` holds; fail if it ended before."""
+def kill_when(job, ready, timeout_s: float = 240) -> None:
+    """SIGKILL the job's whole session once `ready()` holds; fail if it ended before."""
     deadline = time.monotonic() + timeout_s
     while not ready():
-        if process.poll() is not None:
-            pytest.fail(f"the job ended before it could be killed: {process.stderr.read().decode()[-2000:]}")
+        if job.poll() is not None:
+            pytest.fail(f"the job ended before it could be killed: {job.stderr[-2000:]}")
         assert time.monotonic() < deadline, "the job never got far enough to be killed"
         time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait() == -signal.SIGKILL
 
 
 def staged_pieces(store: Path) -> int:
@@ -211,11 +230,12 @@ def staged_pieces(store: Path) -> int:
 
 
 @pytest.mark.slow
-def test_killed_encode_job_resumes_to_the_identical_store(many_photos, tiny_dc_vae_dir, tmp_path, cluster):
+def test_killed_encode_job_resumes_to_the_identical_store(many_photos, many_photos_in_one_process, tiny_dc_vae_dir,
+                                                          tmp_path, cluster, preloaded):
     options = dict(vae=str(tiny_dc_vae_dir), **FINE)
     out = tmp_path / "two.zarr"
-    job = start_killable(f"from revq_pipe.stages.encode import encode\n"
-                         f"encode({str(many_photos)!r}, {str(out)!r}, cluster='local:2', **{options!r})")
+    job = start_job(preloaded, "revq_pipe.stages.encode:encode", str(many_photos), str(out), logs=tmp_path / "job",
+                    **options)
     kill_when(job, lambda: staged_pieces(out) >= 3)
     with pytest.raises(UserError, match="incomplete"):
         LatentStore.open(str(out))
@@ -225,17 +245,15 @@ def test_killed_encode_job_resumes_to_the_identical_store(many_photos, tiny_dc_v
     staged = staged_pieces(out)
     resumed = encode(str(many_photos), str(out), cluster=cluster.scheduler.address, **options)
     assert resumed.encoded <= MANY_PHOTOS - staged and resumed.resumed_rows >= staged
-    encode(str(many_photos), str(tmp_path / "single.zarr"), **options)
-    assert_same_store(out, tmp_path / "single.zarr")
+    assert_same_store(out, many_photos_in_one_process)
 
 
 @pytest.mark.slow
-def test_killed_export_job_resumes_to_the_identical_token_store(fitted, tmp_path, cluster):
+def test_killed_export_job_resumes_to_the_identical_token_store(fitted, tmp_path, cluster, preloaded):
     store, run, reference = fitted
     out = tmp_path / "two.zarr"
-    job = start_killable(f"from revq_pipe.stages.export_tokens import export_tokens\n"
-                         f"export_tokens({str(run)!r}, {store.url!r}, {str(out)!r}, device='cpu', progress=False, "
-                         f"cluster='local:2')")
+    job = start_job(preloaded, "revq_pipe.stages.export_tokens:export_tokens", str(run), store.url, str(out),
+                    logs=tmp_path / "job", device="cpu", progress=False)
     kill_when(job, lambda: len(list((out / "chunks_done" / "c").glob("*"))) >= 5)
     with pytest.raises(UserError, match="being written by an export-tokens with `cluster`"):
         export_tokens(str(run), store.url, str(out), device="cpu", progress=False)
@@ -244,10 +262,23 @@ def test_killed_export_job_resumes_to_the_identical_token_store(fitted, tmp_path
     assert TokenStore.open(str(out)).complete
 
 
+@contextlib.contextmanager
+def on_one_cpu():
+    """This thread runs on one CPU in the block: the local clusters it starts give each worker
+    cores / workers = 1 torch thread, as this process computes with (conftest)."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 @pytest.mark.slow
 def test_bench_cluster_times_one_and_two_workers_and_finds_their_stores_equal():
-    result = runner.invoke(app, ["bench", "cluster", "--images", "48", "--chunk-size", "8", "--codes", "64",
-                                 "--repeats", "1"])
+    with on_one_cpu():  # local:1's worker would otherwise take every core, local:2's half each
+        result = runner.invoke(app, ["bench", "cluster", "--images", "48", "--chunk-size", "8", "--codes", "64",
+                                     "--repeats", "1"])
     assert result.exit_code == 0, result.output
     for row in ("encode one process (no --cluster)", "encode --cluster local:1", "encode --cluster local:2",
                 "export-tokens one process (no --cluster)", "export-tokens --cluster local:1",
@@ -257,7 +288,8 @@ def test_bench_cluster_times_one_and_two_workers_and_finds_their_stores_equal():
 
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, tiny_dc_vae_dir, tmp_path, cluster):
+def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, many_photos_in_one_process,
+                                                                  tiny_dc_vae_dir, tmp_path, cluster):
     """Runs last in this module: the killed worker's nanny starts a new one, but it takes a while."""
     options = dict(vae=str(tiny_dc_vae_dir), **FINE)
     out = tmp_path / "two.zarr"
@@ -283,5 +315,4 @@ def test_a_worker_killed_mid_run_still_yields_the_identical_store(many_photos, t
     # Its tasks were finished by another worker process: the killed one never came back.
     assert killed[0][0] not in cluster.scheduler_info(n_workers=-1)["workers"]
     assert summary.count == MANY_PHOTOS
-    encode(str(many_photos), str(tmp_path / "single.zarr"), **options)
-    assert_same_store(out, tmp_path / "single.zarr")
+    assert_same_store(out, many_photos_in_one_process)

@@ -5,7 +5,6 @@ the same global batch, codebooks bit-identical across ranks at every epoch end, 
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -64,11 +63,10 @@ def fit_in_process(kwargs, **more):
 
 
 def torchrun(*command, log_dir=None):
-    """`torchrun --standalone --nproc-per-node 2 COMMAND` (a free port, one thread per process)."""
+    """`torchrun --standalone --nproc-per-node 2 COMMAND` (a free port; conftest's thread count)."""
     redirect = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           *redirect, *map(str, command)], capture_output=True, text=True, env=env, timeout=600)
+                           *redirect, *map(str, command)], capture_output=True, text=True, timeout=600)
 
 
 def driver(spec):
@@ -93,14 +91,16 @@ def assert_close_weights(a, b, *, exact_codebooks):
 
 @pytest.fixture(scope="module")
 def two_process_runs(stores):
-    """Both codebook updates, 2 epochs, 2 processes, in one torchrun start; each rank's hashes."""
+    """Both codebook updates, 2 epochs, 2 processes, then a run whose rank 1 drifts, all in one
+    torchrun start (the drift ends it); each rank's hashes, and torchrun's result."""
     root = stores["root"]
-    spec = {"record": str(root / "hashes"),
-            "runs": [{"name": update, "fit": fit_kwargs(stores, root / f"ddp-{update}", update)}
-                     for update in ("sparse", "dense")]}
-    done = driver(spec)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {update: root / f"ddp-{update}" for update in ("sparse", "dense")}
+    runs = [{"name": update, "fit": fit_kwargs(stores, root / f"ddp-{update}", update)}
+            for update in ("sparse", "dense")]
+    drift = {"name": "drift", "fit": fit_kwargs(stores, root / "ddp-drift", "sparse"), "drift": {"rank": 1}}
+    done = driver({"record": str(root / "hashes"), "runs": [*runs, drift]})
+    assert all(len(json.loads((root / "hashes" / f"{update}-rank{r}.json").read_text())) == EPOCHS
+               for update in ("sparse", "dense") for r in (0, 1)), done.stderr[-3000:]
+    return {"sparse": root / "ddp-sparse", "dense": root / "ddp-dense", "drift": root / "ddp-drift", "torchrun": done}
 
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
@@ -128,11 +128,10 @@ def test_codebooks_are_bit_identical_on_both_ranks_at_every_epoch_end(stores, tw
     assert ranks[0][-1] == sha256(weights(two_process_runs[update])["quantizer.codebooks"])  # and rank 0 saved them
 
 
-def test_replicas_that_drift_apart_stop_the_run(stores, tmp_path):
-    done = driver({"record": str(tmp_path / "hashes"), "drift": {"rank": 1},
-                   "runs": [{"name": "drift", "fit": fit_kwargs(stores, tmp_path / "run", "sparse")}]})
+def test_replicas_that_drift_apart_stop_the_run(two_process_runs):
+    done = two_process_runs["torchrun"]
     assert done.returncode != 0 and "the codebooks after epoch 1 differ across processes" in done.stderr
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not (two_process_runs["drift"] / "checkpoint.pt").exists()
 
 
 @pytest.fixture(scope="module")

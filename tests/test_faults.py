@@ -1,5 +1,6 @@
 """SIGKILL at several moments of encode, export-tokens, decode and fit (a real child process that
-kills itself: tests/kill_at.py), then the same command again, compared with an uninterrupted run.
+kills itself: tests/kill_at.py, forked preloaded by tests/preloaded.py), then the same command
+again, compared with an uninterrupted run.
 
 Moments: early (the output just created: F1, F2), mid-chunk (one array of a chunk written, the
 next not, nothing committed), and during the final writes (statistics, the complete flag, the
@@ -8,10 +9,7 @@ writes, bit for bit.
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +26,14 @@ from revq_pipe.pipeline.storage.store import write_latent_store
 
 pytestmark = pytest.mark.slow
 
-KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
 ENCODE_CHUNK_ROWS = 4  # 12 photos: three chunks
 COUNT, CHUNK = 40, 8  # the latent store of export and decode: five chunks
 
 
-def run_killed(target: str, nth: int, when: str, args: list[str], *options: str) -> None:
+def run_killed(preloaded, target: str, nth: int, when: str, args: list[str], logs: Path, **options) -> None:
     """Run the CLI in a child that SIGKILLs itself at the nth call of `target`; check it did."""
-    done = subprocess.run([*KILL_AT, target, str(nth), when, *options, "--", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == -signal.SIGKILL, f"not killed at call {nth} of {target}: {done.stderr[-3000:]}"
+    child = preloaded.run("kill_at:run_cli", args, target, nth, when, logs=logs, **options)
+    assert child.exitcode == -signal.SIGKILL, f"not killed at call {nth} of {target}: {child.stderr[-3000:]}"
 
 
 def run_again(args: list[str]) -> str:
@@ -59,6 +55,22 @@ def assert_clean_folder(path: Path) -> None:
     """No lease and no temp file of the killed run is left."""
     leftovers = [p for p in path.rglob("*") if p.name == LEASE_NAME or p.name.endswith((".partial", ".tmp"))]
     assert leftovers == []
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The output of a command line run once without a kill, made at the first scenario that
+    asks for it and shared by the others: `uninterrupted(args)` with args(out) the command."""
+    made: dict[tuple, Path] = {}
+
+    def output(args) -> Path:
+        command = tuple(args(Path("OUT")))
+        if command not in made:
+            made[command] = tmp_path_factory.mktemp("uninterrupted") / "out"
+            run_again(args(made[command]))
+        return made[command]
+
+    return output
 
 
 # --------------------------------------------------------------------------- encode
@@ -88,9 +100,10 @@ def clean_encode(encode_args, tmp_path_factory):
 
 @pytest.mark.parametrize("moment", ENCODE_MOMENTS)
 def test_encode_killed_then_run_again_equals_an_uninterrupted_run(moment, encode_args, clean_encode, tmp_path,
-                                                                  monkeypatch):
+                                                                  monkeypatch, preloaded):
     out = tmp_path / "latents.zarr"
-    run_killed(*ENCODE_MOMENTS[moment], encode_args(out), "--encode-chunk-rows", str(ENCODE_CHUNK_ROWS))
+    run_killed(preloaded, *ENCODE_MOMENTS[moment], encode_args(out), tmp_path / "child",
+               encode_chunk_rows=ENCODE_CHUNK_ROWS)
     if moment.startswith("early"):  # F1: zarr.json alone (and the dead writer's lease) used to block every run
         assert sorted(p.name for p in out.iterdir()) == [LEASE_NAME, "zarr.json"]
     monkeypatch.setattr("revq_pipe.stages.encode.default_chunk_rows", lambda *shape: ENCODE_CHUNK_ROWS)
@@ -127,20 +140,20 @@ EXPORT_MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", EXPORT_MOMENTS)
-def test_export_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted, tmp_path):
+def test_export_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted, tmp_path, preloaded, uninterrupted):
     format, *point = EXPORT_MOMENTS[moment]
     args = lambda out: ["export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--format", format,
                         "--device", "cpu"]
-    run_killed(*point, args(tmp_path / "killed"))
+    run_killed(preloaded, *point, args(tmp_path / "killed"), tmp_path / "child")
     run_again(args(tmp_path / "killed"))
-    run_again(args(tmp_path / "clean"))
+    clean = uninterrupted(args)
     if format == "zarr":
-        assert_same_store(tmp_path / "clean", tmp_path / "killed")
+        assert_same_store(clean, tmp_path / "killed")
     else:
-        names = sorted(p.name for p in (tmp_path / "clean").iterdir())
+        names = sorted(p.name for p in clean.iterdir())
         assert names == sorted(p.name for p in (tmp_path / "killed").iterdir())
         for name in names:
-            assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+            assert (clean / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
     assert_clean_folder(tmp_path / "killed")
 
 
@@ -158,22 +171,22 @@ DECODE_MOMENTS = {
 
 
 @pytest.mark.parametrize("moment", DECODE_MOMENTS)
-def test_decode_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted, tmp_path):
+def test_decode_killed_then_run_again_equals_an_uninterrupted_run(moment, fitted, tmp_path, preloaded, uninterrupted):
     images, *point = DECODE_MOMENTS[moment]
     args = lambda out: (["decode", fitted["run"], fitted["tokens"], "--out", str(out), "--device", "cpu"]
                         + (["--vae", fitted["vae"]] if images else []))
-    run_killed(*point, args(tmp_path / "killed"))
+    run_killed(preloaded, *point, args(tmp_path / "killed"), tmp_path / "child")
     run_again(args(tmp_path / "killed"))
-    run_again(args(tmp_path / "clean"))
+    clean = uninterrupted(args)
     if images:
-        files = sorted(p.relative_to(tmp_path / "clean") for p in (tmp_path / "clean").rglob("*") if p.is_file())
+        files = sorted(p.relative_to(clean) for p in clean.rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(tmp_path / "killed") for p in (tmp_path / "killed").rglob("*")
                                if p.is_file())
         assert len([f for f in files if f.suffix == ".png"]) == COUNT
         for name in files:
-            assert (tmp_path / "clean" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+            assert (clean / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
     else:
-        assert_same_store(tmp_path / "clean", tmp_path / "killed")
+        assert_same_store(clean, tmp_path / "killed")
     assert_clean_folder(tmp_path / "killed")
 
 
@@ -193,16 +206,16 @@ def untimed_metrics(run) -> list[dict]:
 
 
 @pytest.mark.parametrize("moment", FIT_MOMENTS)
-def test_fit_killed_then_resumed_equals_an_uninterrupted_run(moment, fitted, tmp_path):
+def test_fit_killed_then_resumed_equals_an_uninterrupted_run(moment, fitted, tmp_path, preloaded, uninterrupted):
     args = lambda out: ["fit", fitted["store"], "--out", str(out), "--preset", "tiny", "--codes", "8", "--epochs", "3",
                         "--batch-size", "8", "--device", "cpu"]
-    run_killed(*FIT_MOMENTS[moment], args(tmp_path / "killed"))
+    run_killed(preloaded, *FIT_MOMENTS[moment], args(tmp_path / "killed"), tmp_path / "child")
     run_again([*args(tmp_path / "killed"), "--resume"])
-    run_again(args(tmp_path / "clean"))
-    clean, resumed = load_file(str(tmp_path / "clean" / "model.safetensors")), \
-        load_file(str(tmp_path / "killed" / "model.safetensors"))
-    assert clean.keys() == resumed.keys()
-    for name in clean:
-        assert torch.equal(clean[name], resumed[name]), name
-    assert untimed_metrics(tmp_path / "clean") == untimed_metrics(tmp_path / "killed")
+    clean = uninterrupted(args)
+    weights = load_file(str(clean / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "model.safetensors"))
+    assert weights.keys() == resumed.keys()
+    for name in weights:
+        assert torch.equal(weights[name], resumed[name]), name
+    assert untimed_metrics(clean) == untimed_metrics(tmp_path / "killed")
     assert_clean_folder(tmp_path / "killed")

@@ -75,7 +75,8 @@ def test_every_fit_writes_metrics_png_and_tensorboard_events_on_request(tmp_path
         assert np.asarray(plot.convert("L")).std() > 10
 
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="tensorboard is not installed: pip install -e '.[test]' brings it")
     events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     for key in ("val_mse", "val_mse_quantizer", "codebook_loss", "rectifier_loss", "usage_mean_pct", "perplexity"):

@@ -2,11 +2,6 @@
 (--resume --epochs), starting over in place (--overwrite), and the Ctrl-C hint."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from conftest import torch_threads
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 runner = CliRunner()
-REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 TINY = FitConfig.from_preset("tiny", codes=16, batch_size=32, device="cpu")
 
 
@@ -52,10 +47,8 @@ def untimed(lines: list[dict]) -> list[dict]:
 
 @pytest.fixture
 def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.slow
@@ -128,24 +121,22 @@ def test_overwrite_starts_the_run_over_in_place_and_keeps_other_files(store, tmp
     assert (run / "notes.txt").read_text() == "mine"
 
 
+STEPS_PER_EPOCH = 256 // 32
+
+
 @pytest.mark.slow
-def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(store, tmp_path):
+def test_ctrl_c_says_how_to_continue_and_that_command_finishes_the_run(store, tmp_path, preloaded):
     run = tmp_path / "run"
-    args = [REVQ_PIPE, "fit", store, "--out", str(run), "--preset", "tiny", "--codes", "16", "--batch-size", "32",
+    args = ["fit", store, "--out", str(run), "--preset", "tiny", "--codes", "16", "--batch-size", "32",
             "--device", "cpu", "--epochs", "12"]
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # two threads on a busy 2-core box crawl
-    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=one_thread)
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoint.pt").exists() and time.monotonic() < deadline and child.poll() is None:
-        time.sleep(0.05)
-    child.send_signal(signal.SIGINT)
-    _, stderr = child.communicate(timeout=300)
-    assert child.returncode == 130, stderr
-    hint = stderr.strip().splitlines()[-1]
+    # Ctrl-C (a real SIGINT) at the third step of epoch 3, in a child process of its own.
+    child = preloaded.run("kill_at:run_cli", args, "revq_pipe.pipeline.train.trainer:Trainer.step",
+                          2 * STEPS_PER_EPOCH + 3, "before", logs=tmp_path / "child", signal_name="SIGINT")
+    assert child.exitcode == 130, child.stderr
+    hint = child.stderr.strip().splitlines()[-1]
     assert hint == (f"interrupted: the last completed epoch's checkpoint is kept in {run}: run the same command "
                     f"with --resume to continue")
-    done = len(metrics(run))
-    assert 1 <= done < 12
-    finished = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=600, env=one_thread)
-    assert finished.returncode == 0, finished.stderr
+    assert [m["epoch"] for m in metrics(run)] == [1, 2]
+    finished = runner.invoke(app, [*args, "--resume"])
+    assert finished.exit_code == 0, finished.output
     assert [m["epoch"] for m in metrics(run)] == list(range(1, 13))

@@ -106,7 +106,7 @@ def test_parquet_export_loads_with_pyarrow_and_datasets(exported, tmp_path, monk
         assert row["class"] == CLASSES[row["label"]] and row["key"].startswith(row["class"] + "/")
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    datasets = pytest.importorskip("datasets")
+    datasets = pytest.importorskip("datasets", reason="datasets is not installed: pip install -e '.[test]' brings it")
     dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "cache"))
     assert dataset.num_rows == COUNT and dataset[0]["key"] == rows[0]["key"]
     ids = dataset.with_format("torch")[:8]["tokens"].long()

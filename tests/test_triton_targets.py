@@ -8,15 +8,22 @@ presets use (d = 4 and 8) and for a padded one (d = 3), each search kernel's var
 (ONLY_FLAGGED), the finalize kernel with and without counts (int32 in training, int64 in eval),
 and half-precision inputs once. Arguments are typed as launches pass them, without the
 specialisations Triton adds for particular values (1, multiples of 16).
+
+The cubins are compiled once per content of kernels/ (and of this file, and per Triton build) on a
+machine, and read back from Triton's cache in ~/.cache/revq-pipe-tests while that content stays.
 """
 
+import hashlib
 import os
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip(
+    "triton", reason="triton is not installed: pip install -e '.[test]' brings it where triton has wheels (Linux)")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -26,7 +33,8 @@ from revq_pipe.kernels.search_kernels import INTERPRETED, exact_search_kernel, f
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1: the kernels are interpreter functions here"),
+    pytest.mark.skipif(INTERPRETED, reason="TRITON_INTERPRET=1 is set: Triton makes the kernels interpreter functions, "
+                                           "which do not compile"),
 ]
 
 ARCHS = (80, 90)
@@ -76,12 +84,34 @@ def finalize_launches():
 LAUNCHES = [*search_launches(), *finalize_launches()]
 
 
+CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "revq-pipe-tests" / "triton-targets"
+STALE_AFTER_S = 7 * 24 * 3600
+
+
+def compile_inputs_key() -> str:
+    """A digest of what the cubins are made from: kernels/'s files, this file's launch list and the
+    Triton build (its version; Triton's own cache keys add its compiler's and ptxas's hashes)."""
+    digest = hashlib.sha256(f"triton {triton.__version__}".encode())
+    for path in [*sorted(Path(triton_search.__file__).parent.glob("*.py")), Path(__file__)]:
+        digest.update(f"{path.name} {path.stat().st_size}\n".encode() + path.read_bytes())
+    return digest.hexdigest()[:20]
+
+
 @pytest.fixture(scope="module")
-def fresh_cache(tmp_path_factory):
-    """A cache of Triton's own that starts empty, so every kernel is really compiled."""
+def kernel_cache():
+    """Triton's own cache, in a folder named after `compile_inputs_key`: every kernel is compiled
+    for real the first time kernels/ (or this test, or Triton) is seen on this machine, and read
+    back from there while nothing of it changes (ptxas for two targets costs ~45 CPU-seconds).
+    Folders unused for a week are removed."""
+    folder = CACHE_ROOT / compile_inputs_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder)
+    for other in CACHE_ROOT.iterdir():
+        if other != folder and time.time() - other.stat().st_mtime > STALE_AFTER_S:
+            shutil.rmtree(other, ignore_errors=True)
     saved = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    yield Path(os.environ["TRITON_CACHE_DIR"])
+    os.environ["TRITON_CACHE_DIR"] = str(folder)
+    yield folder
     if saved is None:
         del os.environ["TRITON_CACHE_DIR"]
     else:
@@ -89,7 +119,7 @@ def fresh_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ARCHS, ids=lambda arch: f"sm_{arch}")
-def test_every_kernel_configuration_compiles_for_the_gpu(arch, fresh_cache, tmp_path):
+def test_every_kernel_configuration_compiles_for_the_gpu(arch, kernel_cache, tmp_path):
     for kernel, signature, constants, num_warps, label in LAUNCHES:
         compiled = triton.compile(ASTSource(kernel, signature, constexprs=constants),
                                   target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
@@ -97,4 +127,4 @@ def test_every_kernel_configuration_compiles_for_the_gpu(arch, fresh_cache, tmp_
         cubin.write_bytes(compiled.asm["cubin"])
         usage = subprocess.run([str(CUOBJDUMP), "-res-usage", str(cubin)], capture_output=True, text=True).stdout
         assert f"Function {kernel.__name__}:" in usage and "REG:" in usage, f"sm_{arch} {label}: {usage}"
-    assert any(fresh_cache.rglob("*.cubin")), "nothing was compiled: a stale cache answered"
+    assert any(kernel_cache.rglob("*.cubin")), f"no cubin in {kernel_cache}: Triton's cache is elsewhere"

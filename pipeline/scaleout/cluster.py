@@ -7,8 +7,9 @@
 
 Workers run one task at a time (one GPU each). A local cluster on GPUs uses dask-cuda's
 LocalCUDACluster when it is installed, else pins CUDA_VISIBLE_DEVICES per worker itself; on the
-CPU each worker gets an equal share of the cores for torch. Local workers are started
-non-daemonic so that a task can start DataLoader processes that decode images.
+CPU each worker gets an equal share of the cores for torch (so its float sums round as those of
+one process at that thread count, not as a one-process run on all the cores). Local workers are
+started non-daemonic so that a task can start DataLoader processes that decode images.
 """
 
 from __future__ import annotations
