@@ -33,6 +33,9 @@ RECTIFIERS = ("vit", "cnn", "mlp", "none")
 RECTIFIER_FORMS = ("residual", "paper")
 CODEBOOK_INITS = ("random", "kmeans")
 CODEBOOK_UPDATES = ("sparse", "dense")
+# Opt-in ways to run the same training step faster on CUDA (pipeline/train/trainer.py says what each
+# does; none changes a result beyond float rounding). `bench fit --variants` times them side by side.
+STEP_OPTIONS = ("fused-quantize", "fused-adamw", "cuda-graph", "channels-last", "max-autotune")
 
 # The paper's released configs: code dim d and codes K per token position, rectifier width x layers,
 # batch size; T follows from the latent shape (C*H*W / d). `tiny` is sized for CPU demos and tests
@@ -175,6 +178,8 @@ class TrainConfig:
     # Epochs the exponential decay spans (default: `epochs`). A run extended past its first
     # --epochs keeps its decay, and its extra epochs train at the decay's end value.
     lr_decay_epochs: int | None = None
+    # Any of STEP_OPTIONS; the default step is the one every option is checked against.
+    step_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -193,6 +198,15 @@ class TrainConfig:
             raise UserError(f"k-means needs at least one iteration, not {self.kmeans_iters}")
         if self.lr_decay_epochs is None:
             self.lr_decay_epochs = self.epochs
+        self.step_options = tuple(self.step_options)
+        unknown = sorted(set(self.step_options) - set(STEP_OPTIONS))
+        if unknown:
+            raise UserError(f"unknown step option {', '.join(unknown)}: use any of {', '.join(STEP_OPTIONS)}")
+        if "fused-adamw" in self.step_options and self.codebook_update != "sparse":
+            raise UserError("step option fused-adamw is the sparse codebook update's kernel: use --codebook-update sparse")
+        if "cuda-graph" in self.step_options and "fused-adamw" not in self.step_options:
+            raise UserError("step option cuda-graph needs fused-adamw too: the captured step must count its steps "
+                            "on the GPU")
 
     def lr_at(self, epoch: int) -> float:
         """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after
