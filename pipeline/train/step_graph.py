@@ -72,6 +72,7 @@ class CapturedStep:
         else:
             self.static_batch.copy_(z)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the loader's prefetch thread may copy the next batches meanwhile.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_losses = self.step(self.static_batch)
         self.graph = graph

@@ -92,6 +92,7 @@ class BenchFitResult:
     first_losses: dict[str, list[float]]
     peak_gib: dict[str, float]
     profiles: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
 
     def samples_per_s(self, name: str) -> float:
         return self.batch_size / (self.ms[name] / 1000)
@@ -109,6 +110,7 @@ class BenchFitResult:
             peak = f"{self.peak_gib[name]:.1f}" if name in self.peak_gib else "-"
             lines.append(f"  {name:<58}{self.ms[name]:>10.1f}{self.samples_per_s(name):>12.0f}"
                          f"{self.hours(name):>11.2f}{peak:>10}{ref / self.ms[name]:>7.2f}x")
+        lines += [f"  {name:<58}failed: {error}" for name, error in self.failures.items()]
         ours = self.ms[PROJECT]
         lines.append(f"  speed-up: {ref / ours:.2f}x; projected hours for {EPOCHS} epochs of "
                      f"{IMAGENET_TRAIN_IMAGES:,} images at this batch size")
@@ -219,10 +221,15 @@ def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 
                             codebook_update=train.codebook_update, batch_size=train.batch_size, tokens=config.tokens,
                             codes=config.codes, dim=config.dim, steps=steps, ms={}, first_losses={}, peak_gib={})
     for name, variant_train in kinds:
-        trainer = Trainer(copy.deepcopy(start), variant_train)
-        trainer.set_epoch(0)
-        bench.measure(name, trainer.step, result)
-        del trainer  # one variant's codebooks and optimizer states at a time
+        try:
+            trainer = Trainer(copy.deepcopy(start), variant_train)
+            trainer.set_epoch(0)
+            bench.measure(name, trainer.step, result)
+        except Exception as err:  # a variant that fails is reported; the default step's row must not
+            if name == PROJECT:
+                raise
+            result.failures[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
+        trainer = None  # one variant's codebooks and optimizer states at a time
         _release(dev)
     bench.measure(REFERENCE, ReferenceStep(copy.deepcopy(start), train).step, result)
     return result
