@@ -30,6 +30,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -41,6 +43,8 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.loader import free_memory
 from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 DCAE_F32C32_LATENT = (32, 8, 8)
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -106,7 +110,7 @@ class BenchFitResult:
                  f"latents {DCAE_F32C32_LATENT}, {self.steps} timed steps on {self.device}; "
                  f"this project's codebook update: {self.codebook_update} AdamW",
                  f"  {'step':<58}{'ms/step':>10}{'samples/s':>12}{'100 ep. h':>11}{'peak GiB':>10}{'vs ref':>8}"]
-        for name in self.ms:
+        for name in sorted(self.ms, key=lambda n: n == REFERENCE):  # measured first, shown last
             peak = f"{self.peak_gib[name]:.1f}" if name in self.peak_gib else "-"
             lines.append(f"  {name:<58}{self.ms[name]:>10.1f}{self.samples_per_s(name):>12.0f}"
                          f"{self.hours(name):>11.2f}{peak:>10}{ref / self.ms[name]:>7.2f}x")
@@ -185,6 +189,8 @@ class _Bench:
         result.ms[name], peak_gib = _time_steps(step, self.batches, self.steps, self.device)
         if self.device.type == "cuda":
             result.peak_gib[name] = peak_gib
+        # As each row is measured: a run cut short (a GPU window's time limit) still shows it.
+        log.info(f"bench fit {self.label}, {name}: {result.ms[name]:.2f} ms/step, peak {peak_gib:.2f} GiB")
         if self.profile_dir is not None:
             slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", f"{self.label}-{name}")
             cycle = itertools.cycle(self.batches)
@@ -220,6 +226,9 @@ def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 
     result = BenchFitResult(preset=preset, device=str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                             codebook_update=train.codebook_update, batch_size=train.batch_size, tokens=config.tokens,
                             codes=config.codes, dim=config.dim, steps=steps, ms={}, first_losses={}, peak_gib={})
+    # The reference first: it compiles nothing, so a run cut short still has the baseline.
+    bench.measure(REFERENCE, ReferenceStep(copy.deepcopy(start), train).step, result)
+    _release(dev)
     for name, variant_train in kinds:
         try:
             trainer = Trainer(copy.deepcopy(start), variant_train)
@@ -231,7 +240,6 @@ def bench_fit(preset: str = "512T_NC=16384", device: str = "auto", steps: int = 
             result.failures[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
         trainer = None  # one variant's codebooks and optimizer states at a time
         _release(dev)
-    bench.measure(REFERENCE, ReferenceStep(copy.deepcopy(start), train).step, result)
     return result
 
 

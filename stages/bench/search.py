@@ -33,6 +33,7 @@ close as the baseline's.
 from __future__ import annotations
 
 import datetime
+import logging
 import platform
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ from revq_pipe.pipeline.reporting.benchmarking import reference_search, seconds_
 from revq_pipe.pipeline.model.config import PRESETS
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The paper's VAE (DC-AE f32c32 at 256 px) gives 32*8*8 numbers per image: T = that / d groups.
 LATENT_NUMBERS = 32 * 8 * 8
@@ -273,6 +276,7 @@ def sweep_candidates(x: torch.Tensor, codebooks: torch.Tensor, expected: torch.T
             timing.seconds = seconds_per_call(run, x.device, cuda_repeat_ms=SWEEP_REPEAT_MS)
         except Exception as err:  # a sweep reports a launch that cannot run and goes on with the others
             timing.error = f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+        log.info(f"candidate {timing.describe()}: {timing.error or f'{timing.seconds * 1e3:.4g} ms'}")
         return timing
 
     timings = [measure(method, config, PROGRAMS_PER_SM) for method, kernel in SWEPT_KERNELS.items()
@@ -321,7 +325,10 @@ def bench_search(shape: str, device: str = "auto", candidates: bool = False) -> 
     methods = [(OURS, ours), (REFERENCE, reference), (BADDBMM, baddbmm)]
     if implementation_for(x) == "triton":
         methods[1:1] = [(OURS_UNCHECKED, ours_unchecked), (OURS_SCREEN, ours_screen)]
-    timings = [Timing(name, seconds_per_call(run, dev)) for name, run in methods]
+    timings = []
+    for name, run in methods:
+        timings.append(Timing(name, seconds_per_call(run, dev)))
+        log.info(f"bench search {spec.label}, {name}: {timings[-1].seconds * 1e3:.4g} ms")  # a cut-short run keeps it
     sgemm = _sgemm_flops(dev)
 
     checked = min(spec.groups, EXACT_CHECK_GROUPS)
