@@ -32,10 +32,11 @@ class Quantized(NamedTuple):
 
 @torch.no_grad()
 def quantize(x: torch.Tensor, codebooks: torch.Tensor, *, counts: torch.Tensor | None = None, shares: int = 1,
-             check_finite: bool = True) -> Quantized:
+             check_finite: bool = True, method: str = "exact") -> Quantized:
     """Nearest code of every query (as `nearest_code`, counts included), its code vector, the
     loss mse(quantized, x) and its gradient with respect to each chosen code, where x is one of
-    `shares` equal parts of the global batch whose mean loss is trained (data parallel)."""
+    `shares` equal parts of the global batch whose mean loss is trained (data parallel). `method`
+    is the Triton search's ("exact" or "screen": the same answer; the CPU path has one)."""
     check_search_inputs(x, codebooks, counts, check_finite=check_finite and implementation_for(x) != "triton")
     codebooks = codebooks.detach()
     grad_scale = 2.0 / (x.numel() * shares)
@@ -46,7 +47,7 @@ def quantize(x: torch.Tensor, codebooks: torch.Tensor, *, counts: torch.Tensor |
         outputs = QuantizeOutputs(torch.empty_like(x, dtype=codebooks.dtype), torch.empty_like(x, dtype=torch.float32),
                                   grad_scale)
         indices, sq_dists = nearest_code_triton(x, codebooks, counts=counts, check_finite=check_finite,
-                                                quantize=outputs)
+                                                quantize=outputs, method=method)
         quantized, token_grads = outputs.quantized, outputs.token_grads
     else:
         indices, sq_dists = nearest_code_screened_torch(x, codebooks, counts=counts)

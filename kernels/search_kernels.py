@@ -18,8 +18,8 @@ partial buffer, and autotuning may re-run a kernel (min is idempotent).
 
 - `exact_search_kernel`: the direct fp32 distance ``sum_j (x_j - c_j)^2``, in order over j
   (why not the expanded form: nearest_code.py). About 2d+3.5 instructions per pair on sm_90.
-  It can also check its inputs for NaN and inf as it reads them (CHECK_FINITE: d/BLOCK_M more
-  instructions per pair), which spares the public API a separate pass over the codebooks.
+  With CHECK_FINITE both search kernels also watch their inputs for NaN and inf as they read
+  them (see `_flag_suspect`), which spares the public API a separate pass over the codebooks.
 - `screen_kernel`: the expanded score ``|c|^2 - 2 x.c`` (d FMAs per pair; it differs from the
   distance by |x|^2, the same for every code of a query), tracking per slot the best score, its
   code and the second-best score: about d+5.5 instructions per pair. Its rounding is bounded
@@ -89,7 +89,7 @@ def exact_search_kernel(
     codes_ptr,
     keys_ptr,
     flags_ptr,
-    nonfinite_ptr,
+    suspect_ptr,
     num_queries,
     num_codes,
     stride_xg,
@@ -105,8 +105,7 @@ def exact_search_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """Grid (query blocks, K splits, groups): merge each query's exact best code of one split.
-    With CHECK_FINITE, nonfinite_ptr[0] (queries) and [1] (codes) are set to 1 where NaN or inf
-    was read: the check rides on the one pass over the codes instead of a pass of its own."""
+    With CHECK_FINITE, suspect_ptr[0] (queries) and [1] (codes) are set as `_flag_suspect` says."""
     group = tl.program_id(2).to(tl.int64)  # int64: group * K * ROW can pass 2**31 elements
     first_code, last_code = _split_range(num_codes, BLOCK_K)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,14 +124,13 @@ def exact_search_kernel(
     best_code = tl.zeros((BLOCK_M, BLOCK_K), tl.int32)
     offs_k = tl.minimum(first_code + block, last_code)
     codes, row_offsets = _code_tile(code_base, offs_k, ROW, VEC, CHUNKS)
-    # c - c is 0 for finite c and NaN for NaN or inf: one op per loaded number, shared by BLOCK_M pairs.
-    nonfinite_codes = tl.zeros_like(codes)
+    code_total = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(first_code, last_code + 1, BLOCK_K):
         # Prefetch the next block (clamped: the last iteration re-reads valid codes, unused).
         next_offs_k = tl.minimum(k0 + BLOCK_K + block, last_code)
         next_codes, _ = _code_tile(code_base, next_offs_k, ROW, VEC, CHUNKS)
-        if CHECK_FINITE:
-            nonfinite_codes += codes - codes
+        if CHECK_FINITE:  # ROW adds per code, shared by the BLOCK_M pairs it makes
+            code_total += tl.sum(tl.sum(codes, axis=2), axis=0)
         dist = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
         for j in tl.static_range(D):
             # Loop-invariant: the compiler keeps the query column in registers.
@@ -150,18 +148,22 @@ def exact_search_kernel(
     row_code = tl.min(tl.where(best_dist == row_dist[:, None], best_code, 2147483647), axis=1)
     _merge_keys(keys_ptr, key_offs, row_valid, row_dist, row_code)
     if CHECK_FINITE:
-        nonfinite_queries = tl.zeros((BLOCK_M,), tl.float32)
+        query_total = tl.zeros((BLOCK_M,), tl.float32)
         for j in tl.static_range(D):
-            x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
-            nonfinite_queries += x_j - x_j
-        _flag_nonfinite(nonfinite_ptr, nonfinite_queries)
-        _flag_nonfinite(nonfinite_ptr + 1, tl.reshape(nonfinite_codes, (CHUNKS * BLOCK_K * VEC,)))
+            query_total += tl.load(query_rows + j * stride_xd).to(tl.float32)
+        _flag_suspect(suspect_ptr, query_total)
+        _flag_suspect(suspect_ptr + 1, code_total)
 
 
 @_jit
-def _flag_nonfinite(flag_ptr, sums):
-    """Set *flag_ptr to 1 if any of `sums` is NaN (a sum of c - c over NaN or inf numbers)."""
-    found = tl.max(tl.where(sums == sums, 0, 1), axis=0)
+def _flag_suspect(flag_ptr, totals):
+    """Set *flag_ptr to 1 if any of `totals` is NaN or infinite.
+
+    A total (a sum of numbers, or of their squares) is NaN or infinite whenever one of its numbers
+    is NaN or infinite, and also when finite numbers overflow float32 on the way (magnitudes near
+    1e38, or 1e19 squared): a flag says "suspect", and the host then checks the inputs exactly.
+    One add per number read, where a check of each number would cost two (c - c, and its sum)."""
+    found = tl.max(tl.where(tl.abs(totals) < float("inf"), 0, 1), axis=0)
     tl.store(flag_ptr, found.to(tl.int32), mask=found != 0)
 
 
@@ -171,6 +173,7 @@ def screen_kernel(
     codes_ptr,
     keys_ptr,
     flags_ptr,
+    suspect_ptr,
     num_queries,
     num_codes,
     stride_xg,
@@ -180,11 +183,14 @@ def screen_kernel(
     ROW: tl.constexpr,
     VEC: tl.constexpr,
     CHUNKS: tl.constexpr,
+    CHECK_FINITE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """Grid (query blocks, K splits, groups): expanded-score screen with exact re-scoring of the
-    candidates; flags the queries whose candidates it cannot narrow to slot bests."""
+    candidates; flags the queries whose candidates it cannot narrow to slot bests. With
+    CHECK_FINITE, suspect_ptr[0] and [1] as in the exact kernel, from the squared norms it computes
+    anyway (one add per code)."""
     group = tl.program_id(2).to(tl.int64)
     first_code, last_code = _split_range(num_codes, BLOCK_K)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -198,6 +204,7 @@ def screen_kernel(
     second = tl.full((BLOCK_M, BLOCK_K), float("inf"), tl.float32)
     best_code = tl.zeros((BLOCK_M, BLOCK_K), tl.int32)
     largest_sqnorm = tl.zeros((BLOCK_K,), tl.float32)
+    sqnorm_total = tl.zeros((BLOCK_K,), tl.float32)
     offs_k = tl.minimum(first_code + block, last_code)
     codes, row_offsets = _code_tile(code_base, offs_k, ROW, VEC, CHUNKS)
     for k0 in range(first_code, last_code + 1, BLOCK_K):
@@ -209,6 +216,8 @@ def screen_kernel(
             c_j = _column(codes, row_offsets, j)
             sqnorm += c_j * c_j
         largest_sqnorm = tl.maximum(largest_sqnorm, sqnorm)
+        if CHECK_FINITE:
+            sqnorm_total += sqnorm
         score = tl.broadcast_to(sqnorm[None, :], (BLOCK_M, BLOCK_K))
         for j in tl.static_range(D):
             # -2 x_j is loop-invariant: kept in registers.
@@ -226,6 +235,9 @@ def screen_kernel(
     for j in tl.static_range(D):
         x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
         x_sqnorm += x_j * x_j
+    if CHECK_FINITE:
+        _flag_suspect(suspect_ptr, x_sqnorm)
+        _flag_suspect(suspect_ptr + 1, sqnorm_total)
     row_min = tl.min(best, axis=1)
     c_max = tl.max(largest_sqnorm, axis=0)
     error = 2.5 * (D + 2) * UNIT_ROUNDOFF * (c_max + tl.sqrt(x_sqnorm * c_max))

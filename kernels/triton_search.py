@@ -23,7 +23,7 @@ import torch
 import triton
 from triton.runtime.autotuner import Autotuner
 
-from revq_pipe.kernels.nearest_code import NonFiniteError, check_finite_inputs
+from revq_pipe.kernels.nearest_code import check_finite_inputs
 from revq_pipe.kernels.search_kernels import (
     INTERPRETED,
     exact_search_kernel,
@@ -139,7 +139,7 @@ def _autotuned(kernel, key: list[str]):
     )(kernel)
 
 
-_screen = _autotuned(screen_kernel, ["D", "num_queries", "num_codes"])
+_screen = _autotuned(screen_kernel, ["D", "num_queries", "num_codes", "CHECK_FINITE"])
 # The full exact search, its NaN/inf-checking form and its flagged-only re-run are timed apart:
 # their costs and registers differ.
 _exact = _autotuned(exact_search_kernel, ["D", "num_queries", "num_codes", "ONLY_FLAGGED", "CHECK_FINITE"])
@@ -194,8 +194,8 @@ def nearest_code_triton(
     many programs the grid should reach before K is split (default: PROGRAMS_PER_SM per
     multiprocessor on CUDA, 1 under the interpreter); tests raise it to exercise the split-K
     merge on small shapes. ``check_finite`` raises NonFiniteError for NaN or inf in x or the
-    codebooks: the exact kernel flags them as it reads them, at the price of one device sync
-    after the search; the screen method checks first with one reduction per tensor.
+    codebooks: the kernels flag them as they read (search_kernels._flag_suspect), and only a flag
+    sends the host to the exact check, at the price of one device sync after the search.
     ``quantize`` also writes each query's chosen code and the codebook loss's gradient (see
     `QuantizeOutputs`), in the pass that unpacks the answers. ``config`` runs the method's kernels
     with that one tile instead of the autotuned choice (bench search's candidate sweep).
@@ -208,8 +208,6 @@ def nearest_code_triton(
     dists = torch.empty((groups, num_queries), dtype=torch.float32, device=x.device)
     if groups * num_queries == 0:
         return indices, dists
-    if check_finite and method == "screen":
-        check_finite_inputs(x, codebooks)
     if target_programs is None:
         target_programs = (
             1 if INTERPRETED else PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -233,19 +231,19 @@ def nearest_code_triton(
 
     keys = torch.full((groups, num_queries), _NO_KEY, dtype=torch.int64, device=x.device)
     codebooks, layout = _code_rows(codebooks)
+    suspect = torch.zeros(2, dtype=torch.int32, device=x.device) if check_finite else None
     if method == "screen":
         flags = torch.zeros((groups, num_queries), dtype=torch.int8, device=x.device)
-        launch(_screen, x, codebooks, keys, flags, num_queries, num_codes, *x.stride(), **layout)
+        launch(_screen, x, codebooks, keys, flags, suspect, num_queries, num_codes, *x.stride(), **layout,
+               CHECK_FINITE=check_finite)
         launch(_exact, x, codebooks, keys, flags, None, num_queries, num_codes, *x.stride(), **layout,
                ONLY_FLAGGED=True, CHECK_FINITE=False)
-        nonfinite = None
     else:
-        nonfinite = torch.zeros(2, dtype=torch.int32, device=x.device) if check_finite else None
-        launch(_exact, x, codebooks, keys, None, nonfinite, num_queries, num_codes, *x.stride(), **layout,
+        launch(_exact, x, codebooks, keys, None, suspect, num_queries, num_codes, *x.stride(), **layout,
                ONLY_FLAGGED=False, CHECK_FINITE=check_finite)
     _finalize(keys, indices, dists, counts, x, codebooks, layout, quantize)
-    if nonfinite is not None:
-        _raise_if_flagged(nonfinite)
+    if suspect is not None and bool(suspect.any()):  # one sync; the exact check only when flagged
+        check_finite_inputs(x, codebooks)
     return indices, dists
 
 
@@ -295,13 +293,6 @@ def _finalize(keys: torch.Tensor, indices: torch.Tensor, dists: torch.Tensor, co
         HAS_COUNTS=counts is not None, QUANTIZE=quantize is not None, D=dim, ROW=layout["ROW"],
         D_BLOCK=triton.next_power_of_2(dim), BLOCK=block,
     )
-
-
-def _raise_if_flagged(nonfinite: torch.Tensor) -> None:
-    """NonFiniteError naming the first input the exact kernel saw NaN or inf in (one device sync)."""
-    for name, flagged in zip(("x", "codebooks"), nonfinite.tolist()):
-        if flagged:
-            raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def autotuned_config() -> str | None:

@@ -46,7 +46,7 @@ if [ "$MODE" = gpu ]; then
   FIT_ARGS_512="--preset 512T_NC=16384 --steps 50"
   FIT_ARGS_262="--preset 256T_NC=262144 --steps 50"
   FIT_VARIANTS_512="fused-quantize+fused-adamw,fused-quantize+fused-adamw+cuda-graph,channels-last"
-  FIT_VARIANTS_262="fused-quantize+fused-adamw,fused-quantize+fused-adamw+cuda-graph"
+  FIT_VARIANTS_262="fused-quantize+fused-adamw,fused-quantize+fused-adamw+screen-search,fused-quantize+fused-adamw+cuda-graph"
   SEARCH_262="--shape 256T_NC=262144 --candidates"
   SEARCH_512="--shape 512T_NC=16384"
   ENCODE="--images 2048 --batch-size 256"

@@ -70,24 +70,28 @@ def quantize_runs() -> list[dict]:
 
 
 def finite_check_runs() -> list[dict]:
-    """The public nearest_code on inputs with NaN or inf, which the exact kernel flags as it reads."""
-    from revq_pipe.kernels import NonFiniteError, nearest_code
+    """NaN or inf that the search kernels flag as they read (both methods), and finite numbers
+    whose sums overflow (flagged as suspect, cleared by the exact check)."""
+    from revq_pipe.kernels import NonFiniteError
+    from revq_pipe.kernels.triton_search import nearest_code_triton
 
     runs = []
-    for name, value, check in (("x", float("nan"), True), ("codebooks", float("inf"), True),
-                               ("codebooks", float("-inf"), True), ("both", float("nan"), True),
-                               ("none", 0.0, True), ("x", float("nan"), False)):
-        gen = torch.Generator().manual_seed(len(runs))
-        x, codebooks = torch.randn(2, 20, 4, generator=gen), torch.randn(2, 70, 4, generator=gen)
-        if name in ("x", "both"):
-            x[1, 17, 2] = value
-        if name in ("codebooks", "both"):
-            codebooks[1, 65, 3] = value
-        try:
-            indices, _ = nearest_code(x, codebooks, check_finite=check)
-            runs.append({"poisoned": name, "check": check, "error": None, "indices": indices})
-        except NonFiniteError as err:
-            runs.append({"poisoned": name, "check": check, "error": str(err), "indices": None})
+    for method in ("exact", "screen"):
+        for name, value, check in (("x", float("nan"), True), ("codebooks", float("inf"), True),
+                                   ("codebooks", float("-inf"), True), ("both", float("nan"), True),
+                                   ("none", 0.0, True), ("x", float("nan"), False), ("codebooks", 3e38, True)):
+            gen = torch.Generator().manual_seed(len(runs))
+            x, codebooks = torch.randn(2, 20, 4, generator=gen), torch.randn(2, 70, 4, generator=gen)
+            if name in ("x", "both"):
+                x[1, 17, 2] = value
+            if name in ("codebooks", "both"):
+                codebooks[1, 65, 2:] = value  # two numbers of one code: their sum overflows at 3e38
+            try:
+                nearest_code_triton(x, codebooks, method=method, check_finite=check)
+                error = None
+            except NonFiniteError as err:
+                error = str(err)
+            runs.append({"method": method, "poisoned": name, "value": value, "check": check, "error": error})
     return runs
 
 
@@ -123,7 +127,8 @@ def trainer_runs() -> dict:
         start.codebooks.copy_(torch.randn(start.codebooks.shape, generator=gen))
     batches = [torch.randn(16, 8, 4, 4, generator=gen) for _ in range(3)]
     results = {}
-    for options in ((), ("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-adamw")):
+    for options in ((), ("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-adamw"),
+                    ("fused-quantize", "screen-search")):
         model = copy.deepcopy(start)
         trainer = Trainer(model, TrainConfig(epochs=2, batch_size=16, codebook_update="sparse", step_options=options),
                           sync_every=25)

@@ -95,7 +95,7 @@ def batches(count: int) -> list[torch.Tensor]:
 
 
 VARIANTS = [("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-adamw"), ("channels-last",),
-            ("fused-quantize", "fused-adamw", "cuda-graph")]
+            ("fused-quantize", "screen-search"), ("fused-quantize", "fused-adamw", "cuda-graph")]
 
 
 @pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "+".join(o))

@@ -63,12 +63,16 @@ def test_fused_quantize_gives_the_unfused_codes_gradients_loss_and_counts(interp
         assert torch.equal(added.long(), torch.stack([torch.bincount(row, minlength=codebooks.shape[1]) for row in ids]))
 
 
-def test_the_kernel_flags_nan_and_inf_naming_the_input(interpreted):
-    errors = {(run["poisoned"], run["check"]): run["error"] for run in interpreted["finite"]}
-    assert errors[("x", True)] == "x contains NaN or inf"
-    assert errors[("codebooks", True)] == "codebooks contains NaN or inf"
-    assert errors[("both", True)] == "x contains NaN or inf"  # x first, as the CPU check says it
-    assert errors[("none", True)] is None and errors[("x", False)] is None
+@pytest.mark.parametrize("method", ["exact", "screen"])
+def test_the_kernels_flag_nan_and_inf_naming_the_input(interpreted, method):
+    errors = {(run["poisoned"], str(run["value"]), run["check"]): run["error"] for run in interpreted["finite"]
+              if run["method"] == method}
+    assert errors[("x", "nan", True)] == "x contains NaN or inf"
+    assert errors[("codebooks", "inf", True)] == errors[("codebooks", "-inf", True)] == "codebooks contains NaN or inf"
+    assert errors[("both", "nan", True)] == "x contains NaN or inf"  # x first, as the CPU check says it
+    assert errors[("none", "0.0", True)] is None and errors[("x", "nan", False)] is None
+    # Finite codes whose sums overflow are only suspect: the exact check clears them.
+    assert errors[("codebooks", "3e+38", True)] is None
 
 
 def test_step_options_train_as_the_default_step(interpreted):

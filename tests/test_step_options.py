@@ -24,6 +24,7 @@ from revq_pipe.stages.bench.fit import PROJECT, parse_variants
 @pytest.mark.parametrize("options,message", [
     (("fused-everything",), "unknown step option fused-everything"),
     (("cuda-graph",), "cuda-graph needs fused-adamw"),
+    (("screen-search",), "add fused-quantize"),
 ])
 def test_impossible_step_options_are_user_errors(options, message):
     with pytest.raises(UserError, match=message):

@@ -45,32 +45,40 @@ def search_layout(dim: int) -> dict[str, int]:
 
 def exact_launch(config, dim: int, label: str, *, dtype: str = "fp32", flagged: bool = False, check_finite: bool = False):
     """The exact kernel as nearest_code_triton launches it: the flagged re-run gets flags and no
-    NaN/inf buffer; the one-pass search flags=None and, when it checks, the NaN/inf buffer."""
-    constants = {**search_layout(dim), **config.kwargs, "ONLY_FLAGGED": flagged, "CHECK_FINITE": check_finite}
-    if not flagged:
+    suspect buffer; the one-pass search flags=None and, when it checks, the suspect buffer."""
+    constants = {**search_layout(dim), **config.kwargs, "ONLY_FLAGGED": flagged}
+    return _search_launch(exact_search_kernel, config, constants, dim, label, dtype, flagged, check_finite)
+
+
+def screen_launch(config, dim: int, label: str, *, dtype: str = "fp32", check_finite: bool = False):
+    return _search_launch(screen_kernel, config, {**search_layout(dim), **config.kwargs}, dim, label, dtype, True,
+                          check_finite)
+
+
+def _search_launch(kernel, config, constants, dim, label, dtype, flags, check_finite):
+    constants = {**constants, "CHECK_FINITE": check_finite}
+    if not flags:
         constants["flags_ptr"] = None
     if not check_finite:
-        constants["nonfinite_ptr"] = None
-    signature = search_signature(dtype, flags=flagged, nonfinite=check_finite)
+        constants["suspect_ptr"] = None
+    signature = search_signature(dtype, flags=flags, suspect=check_finite, constants=constants)
     tile = f"d={dim} BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_K={config.kwargs['BLOCK_K']} warps={config.num_warps}"
-    return exact_search_kernel, signature, constants, config.num_warps, f"{label} {tile}"
+    return kernel, signature, constants, config.num_warps, f"{label} {tile}"
 
 
 def search_launches():
     """(kernel, signature, constants, num_warps, label) for every search-kernel launch configuration."""
     for dim in DIMS:
         for config in autotuned_configs("screen_kernel", dim):
-            constants = {**search_layout(dim), **config.kwargs}
-            tile = f"d={dim} BLOCK_M={config.kwargs['BLOCK_M']} BLOCK_K={config.kwargs['BLOCK_K']} warps={config.num_warps}"
-            yield screen_kernel, search_signature("fp32", flags=True), constants, config.num_warps, f"screen {tile}"
+            yield screen_launch(config, dim, "screen")
+            yield screen_launch(config, dim, "screen checked", check_finite=True)
         for config in autotuned_configs("exact_search_kernel", dim):
             yield exact_launch(config, dim, "exact flagged", flagged=True)
             yield exact_launch(config, dim, "exact all")
             yield exact_launch(config, dim, "exact all checked", check_finite=True)
     for dtype in ("bf16", "fp16"):
-        config = autotuned_configs("screen_kernel", 8)[0]
-        constants = {"D": 8, "ROW": 8, "VEC": 4, "CHUNKS": 2, **config.kwargs}
-        yield screen_kernel, search_signature(dtype, flags=True), constants, config.num_warps, f"screen d=8 {dtype}"
+        yield screen_launch(autotuned_configs("screen_kernel", 8)[0], 8, f"screen checked {dtype}", dtype=dtype,
+                            check_finite=True)
         yield exact_launch(autotuned_configs("exact_search_kernel", 8)[0], 8, f"exact checked {dtype}", dtype=dtype,
                            check_finite=True)
 
@@ -80,14 +88,11 @@ def autotuned_configs(kernel: str, dim: int):
     return triton_search._pruner(kernel)(triton_search._cuda_configs(), {"D": dim})
 
 
-def search_signature(dtype: str, *, flags: bool, nonfinite: bool | None = None) -> dict[str, str]:
-    """The search kernels' argument types; `nonfinite` None for the screen kernel, which has no
-    NaN/inf buffer."""
-    names = ["D", "ROW", "VEC", "CHUNKS", "BLOCK_M", "BLOCK_K"] + (["ONLY_FLAGGED", "CHECK_FINITE"] if nonfinite is not None else [])
-    buffers = {} if nonfinite is None else {"nonfinite_ptr": "*i32" if nonfinite else "constexpr"}
-    return {"x_ptr": f"*{dtype}", "codes_ptr": f"*{dtype}", "keys_ptr": "*i64",
-            "flags_ptr": "*i8" if flags else "constexpr", **buffers, "num_queries": "i32", "num_codes": "i32",
-            "stride_xg": "i32", "stride_xm": "i32", "stride_xd": "i32", **{name: "constexpr" for name in names}}
+def search_signature(dtype: str, *, flags: bool, suspect: bool, constants: dict) -> dict[str, str]:
+    """The search kernels' argument types (each name in `constants` is a constexpr)."""
+    return {"x_ptr": f"*{dtype}", "codes_ptr": f"*{dtype}", "keys_ptr": "*i64", "flags_ptr": "*i8" if flags else "",
+            "suspect_ptr": "*i32" if suspect else "", "num_queries": "i32", "num_codes": "i32", "stride_xg": "i32",
+            "stride_xm": "i32", "stride_xd": "i32", **{name: "constexpr" for name in constants}}
 
 
 def finalize_launches():
@@ -135,12 +140,9 @@ def candidate_launches():
             kernel, signature, constants, warps, label = exact_launch(config, dim, "candidate exact")
             yield kernel, signature, constants, warps, f"{label} stages={config.num_stages}", config.num_stages
         for config in triton_search.candidate_configs(dim, "screen_kernel"):
-            constants = {**search_layout(dim), **config.kwargs}
-            label = f"candidate screen d={dim} {config.kwargs} warps={config.num_warps} stages={config.num_stages}"
-            yield (screen_kernel, search_signature("fp32", flags=True), constants, config.num_warps, label,
-                   config.num_stages)
-            kernel, signature, constants, warps, label = exact_launch(config, dim, "candidate flagged", flagged=True)
-            yield kernel, signature, constants, warps, f"{label} stages={config.num_stages}", config.num_stages
+            for kernel, signature, constants, warps, label in (screen_launch(config, dim, "candidate screen"),
+                                                                exact_launch(config, dim, "candidate flagged", flagged=True)):
+                yield kernel, signature, constants, warps, f"{label} stages={config.num_stages}", config.num_stages
 
 
 LAUNCHES = [*search_launches(), *finalize_launches(), *sparse_adamw_launches()]
@@ -184,8 +186,8 @@ def is_hot(label: str) -> bool:
     """Launches that run at every training step at the presets' d (4 and 8): registers spilled there
     cost every step, so the autotuner's tiles must not spill (checked with Triton 3.6 and 3.9; the
     flagged re-run, rare work, may)."""
-    searches = label.startswith(("screen d=4 ", "screen d=8 ", "exact all d=4 ", "exact all d=8 ",
-                                 "exact all checked d=4 ", "exact all checked d=8 "))
+    searches = label.startswith(tuple(f"{kind} d={dim} " for kind in ("screen", "screen checked", "exact all",
+                                                                       "exact all checked") for dim in (4, 8)))
     return searches or label.startswith(("finalize", "segment sums", "sparse adamw"))
 
 

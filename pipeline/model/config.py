@@ -35,7 +35,7 @@ CODEBOOK_INITS = ("random", "kmeans")
 CODEBOOK_UPDATES = ("sparse", "dense")
 # Opt-in ways to run the same training step faster on CUDA (pipeline/train/trainer.py says what each
 # does; none changes a result beyond float rounding). `bench fit --variants` times them side by side.
-STEP_OPTIONS = ("fused-quantize", "fused-adamw", "cuda-graph", "channels-last", "max-autotune")
+STEP_OPTIONS = ("fused-quantize", "fused-adamw", "cuda-graph", "channels-last", "max-autotune", "screen-search")
 
 # The paper's released configs: code dim d and codes K per token position, rectifier width x layers,
 # batch size; T follows from the latent shape (C*H*W / d). `tiny` is sized for CPU demos and tests
@@ -204,6 +204,8 @@ class TrainConfig:
             raise UserError(f"unknown step option {', '.join(unknown)}: use any of {', '.join(STEP_OPTIONS)}")
         if "fused-adamw" in self.step_options and self.codebook_update != "sparse":
             raise UserError("step option fused-adamw is the sparse codebook update's kernel: use --codebook-update sparse")
+        if "screen-search" in self.step_options and "fused-quantize" not in self.step_options:
+            raise UserError("step option screen-search is a method of the fused-quantize pass: add fused-quantize")
         if "cuda-graph" in self.step_options and "fused-adamw" not in self.step_options:
             raise UserError("step option cuda-graph needs fused-adamw too: the captured step must count its steps "
                             "on the GPU")

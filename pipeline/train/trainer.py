@@ -29,7 +29,9 @@ result to float rounding, which tests hold them to):
 - `channels-last`: the rectifier's convolutions on channels-last tensors, which its per-position
   linear layers and norms read without transposing;
 - `max-autotune`: the rectifier compiled with torch.compile's max-autotune (no CUDA graphs of its
-  own), which searches kernel configurations for its matrix products and fusions.
+  own), which searches kernel configurations for its matrix products and fusions;
+- `screen-search`: the fused-quantize pass searches with the screen method (search_kernels.py;
+  the same codes, fewer instructions per pair, more registers).
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Trainer:
             train.codebook_update, model.codebooks, lr=train.lr, max_grad_norm=train.grad_clip,
             fused="fused-adamw" in options, host_reads=self.sync_every == 1))
         self.fused_quantize = "fused-quantize" in options
+        self.search_method = "screen" if "screen-search" in options else "exact"
         self.channels_last = "channels-last" in options
         graph = "cuda-graph" in options and self.cuda
         self.rectifier_params = list(model.rectifier.parameters())
@@ -162,8 +165,8 @@ class Trainer:
         check_finite = self.sync_every == 1
         try:
             if self.fused_quantize:
-                ids, quantized, loss, token_grads = quantize(tokens.transpose(0, 1), model.codebooks,
-                                                             counts=self.counts, check_finite=check_finite)
+                ids, quantized, loss, token_grads = quantize(tokens.transpose(0, 1), model.codebooks, counts=self.counts,
+                                                             check_finite=check_finite, method=self.search_method)
                 self.codebook_opt.apply(ids.t(), token_grads.transpose(0, 1))
                 return quantized.transpose(0, 1), loss
             ids = model.quantizer.search(tokens, self.counts, check_finite=check_finite)
