@@ -98,24 +98,46 @@ VARIANTS = [("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-ada
             ("fused-quantize", "screen-search"), ("fused-quantize", "fused-adamw", "cuda-graph")]
 
 
+@pytest.fixture(scope="module")
+def trained():
+    """Two epochs of 6 steps with the given step options, each run once per module (compiling the
+    rectifier dominates): the codebooks, the losses, the state and the trainer."""
+    data, runs = batches(6), {}
+
+    def run(options: tuple[str, ...]):
+        if options not in runs:
+            model, train = small_run(options)
+            trainer = Trainer(model, train)
+            losses = []
+            for epoch in range(2):
+                trainer.set_epoch(epoch)
+                losses += [trainer.step(z) for z in data]
+                trainer.check(last=True)
+                trainer.end_epoch(epoch)
+            runs[options] = {"codebooks": model.codebooks.detach().clone(), "losses": torch.stack(losses),
+                             "state": copy.deepcopy(model.state_dict()), "trainer": trainer, "steps": 2 * len(data)}
+        return runs[options]
+
+    return run
+
+
 @pytest.mark.parametrize("options", VARIANTS, ids=lambda o: "+".join(o))
-def test_step_options_train_as_the_default_step(options):
-    """Two epochs of 6 steps: codebooks within float32 rounding of the default step's (their path has
-    no bf16), the rectifier's losses within bf16 noise."""
-    data = batches(6)
-    results = {}
-    for name, opts in (("default", ()), ("variant", options)):
-        model, train = small_run(opts)
-        trainer = Trainer(model, train)
-        losses = []
-        for epoch in range(2):
-            trainer.set_epoch(epoch)
-            losses += [trainer.step(z) for z in data]
-            trainer.check(last=True)
-            trainer.end_epoch(epoch)
-        results[name] = (model.codebooks.detach().clone(), torch.stack(losses))
-    torch.testing.assert_close(results["variant"][0], results["default"][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(results["variant"][1], results["default"][1], rtol=2e-2, atol=1e-4)
+def test_step_options_train_as_the_default_step(trained, options):
+    """Codebooks within float32 rounding of the default step's (their path has no bf16), the
+    rectifier's losses within bf16 noise."""
+    default, variant = trained(()), trained(options)
+    torch.testing.assert_close(variant["codebooks"], default["codebooks"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(variant["losses"], default["losses"], rtol=2e-2, atol=1e-4)
+
+
+def test_the_captured_step_replays_what_the_eager_step_computes(trained):
+    """The same kernels captured and replayed: codebooks as the eager step leaves them, across an
+    epoch change (which captures again with the new learning rates)."""
+    eager, captured = trained(("fused-quantize", "fused-adamw")), trained(("fused-quantize", "fused-adamw", "cuda-graph"))
+    assert captured["trainer"].captured.graph is not None and captured["trainer"].captured.calls == captured["steps"]
+    torch.testing.assert_close(captured["codebooks"], eager["codebooks"], rtol=0, atol=1e-6)
+    for key, value in eager["state"].items():
+        torch.testing.assert_close(captured["state"][key], value, rtol=1e-2, atol=1e-3, msg=key)
 
 
 @pytest.mark.parametrize("options", [(), ("fused-quantize", "fused-adamw"),
@@ -137,27 +159,3 @@ def test_no_step_synchronises_with_the_host(options):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert trainer.check(last=True) is not None
-
-
-def test_the_captured_step_replays_what_the_eager_step_computes():
-    """The same kernels captured and replayed: codebooks as the eager step leaves them, across an
-    epoch change (which captures again with the new learning rates)."""
-    data = batches(WARMUP_STEPS + 4)
-    states = {}
-    for name, options in (("eager", ("fused-quantize", "fused-adamw")),
-                          ("captured", ("fused-quantize", "fused-adamw", "cuda-graph"))):
-        model, train = small_run(options)
-        trainer = Trainer(model, train)
-        for epoch in range(2):
-            trainer.set_epoch(epoch)
-            for z in data:
-                trainer.step(z)
-            trainer.check(last=True)
-            trainer.end_epoch(epoch)
-        states[name] = copy.deepcopy(model.state_dict())
-        if name == "captured":
-            assert trainer.captured.graph is not None and trainer.captured.calls == 2 * len(data)
-    torch.testing.assert_close(states["captured"]["quantizer.codebooks"], states["eager"]["quantizer.codebooks"],
-                               rtol=0, atol=1e-6)
-    for key, value in states["eager"].items():
-        torch.testing.assert_close(states["captured"][key], value, rtol=1e-2, atol=1e-3, msg=key)

@@ -4,7 +4,8 @@ One process, one set of random standardised inputs (like preprocessed latents an
 measurements:
 - this project's `nearest_code` (on CUDA the Triton exact kernel on every pair, checking the inputs
   for NaN/inf as it reads them; on CPU the bounded torch path), and on CUDA also the same kernel
-  without the check and the Triton screen method (screen + exact re-run);
+  without the check and the Triton screen method with it (screen + exact re-run): what
+  `nearest_code` would take with either method as its default;
 - the paper's public code's way: ``torch.vmap(cdist + min, chunk_size=2)`` over groups;
 - ``baddbmm`` (|c|^2 - 2 x.c) + ``argmin``, in chunks of groups so the distance block fits;
 - an fp32 SGEMM, to measure the device's FP32 FMA rate.
@@ -192,7 +193,7 @@ SWEPT_KERNELS = {"exact": "exact_search_kernel", "screen": "screen_kernel"}
 
 OURS = "nearest_code (this project)"
 OURS_UNCHECKED = "exact kernel, no NaN/inf check"
-OURS_SCREEN = "Triton screen method"
+OURS_SCREEN = "Triton screen method, NaN/inf checked"
 REFERENCE = "reference: vmap(cdist+min, chunk=2)"
 BADDBMM = "baddbmm + argmin"
 
@@ -311,7 +312,7 @@ def bench_search(shape: str, device: str = "auto", candidates: bool = False) -> 
     def ours_screen() -> None:
         from revq_pipe.kernels.triton_search import nearest_code_triton
 
-        outputs[OURS_SCREEN] = nearest_code_triton(x, codebooks, method="screen")[0]
+        outputs[OURS_SCREEN] = nearest_code_triton(x, codebooks, method="screen", check_finite=True)[0]
 
     def reference() -> None:
         outputs[REFERENCE] = reference_search(x, codebooks)[0]
