@@ -238,18 +238,30 @@ def screen_kernel(
     if CHECK_FINITE:
         _flag_suspect(suspect_ptr, x_sqnorm)
         _flag_suspect(suspect_ptr + 1, sqnorm_total)
-    row_min = tl.min(best, axis=1)
-    c_max = tl.max(largest_sqnorm, axis=0)
-    error = 2.5 * (D + 2) * UNIT_ROUNDOFF * (c_max + tl.sqrt(x_sqnorm * c_max))
-    nearest_bound = tl.maximum(x_sqnorm + row_min + error, 0.0)  # >= the distance of the best score's code
-    threshold = row_min + 2.0 * error + 2.2 * (D + 3) * UNIT_ROUNDOFF * nearest_bound
+    threshold = _screen_threshold(best, largest_sqnorm, x_sqnorm, D)
     candidate = best <= threshold[:, None]
     # Written as "not (second > threshold)" so that NaN or inf bounds (overflow) flag the row.
     unsettled = tl.max(tl.where(second > threshold[:, None], 0, 1), axis=1)
     tl.store(flags_ptr + key_offs, unsettled.to(tl.int8), mask=row_valid & (unsettled != 0))
 
-    # Exact direct distance of each candidate, then (min, lowest index) per row.
-    exact = tl.zeros((BLOCK_M, BLOCK_K), tl.float32)
+    _merge_rescored(keys_ptr, key_offs, row_valid, query_rows, stride_xd, code_base, best_code, candidate, D, ROW)
+
+
+@_jit
+def _screen_threshold(best, largest_sqnorm, x_sqnorm, D: tl.constexpr):
+    """Per row, the largest score a code can have and still be the exact fp32 argmin (module doc)."""
+    row_min = tl.min(best, axis=1)
+    c_max = tl.max(largest_sqnorm, axis=0)
+    error = 2.5 * (D + 2) * UNIT_ROUNDOFF * (c_max + tl.sqrt(x_sqnorm * c_max))
+    nearest_bound = tl.maximum(x_sqnorm + row_min + error, 0.0)  # >= the distance of the best score's code
+    return row_min + 2.0 * error + 2.2 * (D + 3) * UNIT_ROUNDOFF * nearest_bound
+
+
+@_jit
+def _merge_rescored(keys_ptr, key_offs, row_valid, query_rows, stride_xd, code_base, best_code, candidate,
+                    D: tl.constexpr, ROW: tl.constexpr):
+    """The exact direct distance of each candidate code, then per row (min, lowest index) merged."""
+    exact = tl.zeros(best_code.shape, tl.float32)
     for j in tl.static_range(D):
         x_j = tl.load(query_rows + j * stride_xd).to(tl.float32)
         c_j = tl.load(code_base + best_code * ROW + j, mask=candidate, other=0.0).to(tl.float32)

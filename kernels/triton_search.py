@@ -84,11 +84,11 @@ def _row_layout(dim: int) -> tuple[int, int]:
 
 # Registers per thread of each kernel: per query row it holds, and for the codes in flight and
 # addresses (2 ROW + 24). Fitted on sm_90 builds (4 warps, BLOCK_K 128, d = 4..32, 2..16 rows,
-# Triton 3.9): the exact kernel keeps x, the best distance and its code per row (about 2d + 5
-# registers), the screen also the second-best score and the score (about 3d + 8). Tiles within
-# 255 built without spilling; the next larger did spill (exact d=8 16 rows: 176 bytes of stack;
-# screen d=8 8 rows: 248 bytes, 16 rows: 2,000), which the previous estimate (d + 4 per row for
-# both) let autotuning choose at d = 8.
+# Triton 3.9, checked with 3.6): the exact kernel keeps x, the best distance and its code per row
+# (about 2d + 5 registers), the screen also the second-best score and the score (about 3d + 8).
+# At d = 4 and 8 the tiles within 255 built without spilling; the next larger did spill (exact
+# d=8 16 rows: 176 bytes of stack; screen d=8 16 rows: 2,000 bytes with 3.9, 504 with 3.6), which
+# the previous estimate (d + 4 per row for both) let autotuning choose at d = 8.
 ROW_REGISTERS = {"exact_search_kernel": (2, 5), "screen_kernel": (3, 8)}
 
 

@@ -288,6 +288,28 @@ def sweep_candidates(x: torch.Tensor, codebooks: torch.Tensor, expected: torch.T
     return timings
 
 
+def check_answers(x: torch.Tensor, codebooks: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[str, list[str], bool]:
+    """The exact check of the project's answers (identical to the exact torch path on up to
+    EXACT_CHECK_GROUPS groups), each other answer against nearest_code's, and whether all hold."""
+    checked = min(x.shape[0], EXACT_CHECK_GROUPS)
+    exact_indices, exact_dists = nearest_code_torch(x[:checked], codebooks[:checked])
+    exact_ok = True
+    for name in (OURS, OURS_UNCHECKED, OURS_SCREEN):
+        if name in outputs:
+            dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
+            exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
+            exact_ok &= torch.allclose(dists, exact_dists, rtol=1e-5, atol=0.0)
+    exact_check = (f"{'identical' if exact_ok else 'DIFFERENT'} indices to the exact torch path on {checked} groups "
+                   f"({checked * x.shape[1]} queries)")
+    agreement, all_agree = [], exact_ok
+    for name in (OURS_UNCHECKED, OURS_SCREEN, REFERENCE, BADDBMM):
+        if name in outputs:
+            line, ok = compare_with_baseline(name, x, codebooks, outputs[OURS], outputs[name])
+            agreement.append(line)
+            all_agree = all_agree and ok
+    return exact_check, agreement, all_agree
+
+
 def bench_search(shape: str, device: str = "auto", candidates: bool = False) -> BenchSearchResult:
     """Time the kernel, the reference way, baddbmm+argmin and an SGEMM on one random input set; on
     CUDA also the exact kernel without its NaN/inf check and, with `candidates`, the candidate
@@ -332,25 +354,7 @@ def bench_search(shape: str, device: str = "auto", candidates: bool = False) -> 
         log.info(f"bench search {spec.label}, {name}: {timings[-1].seconds * 1e3:.4g} ms")  # a cut-short run keeps it
     sgemm = _sgemm_flops(dev)
 
-    checked = min(spec.groups, EXACT_CHECK_GROUPS)
-    exact_indices, exact_dists = nearest_code_torch(x[:checked], codebooks[:checked])
-    exact_ok = True
-    for name in (OURS, OURS_UNCHECKED, OURS_SCREEN):
-        if name in outputs:
-            dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
-            exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
-            exact_ok &= torch.allclose(dists, exact_dists, rtol=1e-5, atol=0.0)
-    exact_check = (
-        f"{'identical' if exact_ok else 'DIFFERENT'} indices to the exact torch path on {checked} groups "
-        f"({checked * spec.queries} queries)"
-    )
-    agreement, all_agree = [], exact_ok
-    for name in (OURS_UNCHECKED, OURS_SCREEN, REFERENCE, BADDBMM):
-        if name not in outputs:
-            continue
-        line, ok = compare_with_baseline(name, x, codebooks, outputs[OURS], outputs[name])
-        agreement.append(line)
-        all_agree = all_agree and ok
+    exact_check, agreement, all_agree = check_answers(x, codebooks, outputs)
 
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     on_triton = implementation_for(x) == "triton"
