@@ -32,6 +32,7 @@ done
 OUT=${OUT:-$REPO/gpu-check-out}
 BUDGET=${GPU_CHECK_BUDGET_S:-450}
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # everything worth keeping is packed into $OUT
 mkdir -p "$OUT" "$WORK/logs" "$WORK/profiles"
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TRITON_CACHE_DIR=$WORK/triton-cache
