@@ -25,7 +25,7 @@ from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
 from revq_pipe.pipeline.model.config import Setting, preset_defaults, settings_of
 from revq_pipe.pipeline.reporting.console import console_reporting
 from revq_pipe.pipeline.storage.export_formats import EXPORT_FORMATS
-from revq_pipe.pipeline.train.config import FitConfig
+from revq_pipe.pipeline.train.config import STEP_OPTIONS, FitConfig
 
 app = typer.Typer(
     name="revq-pipe",
@@ -373,11 +373,12 @@ def demo(
 def bench_search(
     shape: str = typer.Option("512T_NC=16384", "--shape", metavar="PRESET|G,M,K,d", help="512T_NC=16384, 256T_NC=65536, 256T_NC=262144, or G,M,K,d."),
     device: str = DeviceOpt,
+    candidates: bool = typer.Option(False, "--candidates", help="Also time the exact kernel's candidate launch configurations (tiles, K splits) one by one (CUDA)."),
 ):
     """Nearest-code search: this kernel beside cdist-under-vmap, baddbmm+argmin and an SGEMM peak."""
     from revq_pipe.stages.bench.search import bench_search as run_bench
 
-    typer.echo(run_bench(shape, device=device).report())
+    typer.echo(run_bench(shape, device=device, candidates=candidates).report())
 
 
 @bench_app.command("encode")
@@ -386,11 +387,12 @@ def bench_encode(
     device: str = DeviceOpt,
     images: int = typer.Option(2048, "--images", min=1, metavar="N", help="JPEG images to put in the benchmark shards."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, metavar="N", help="Images per VAE batch."),
+    compile_encoder: bool = typer.Option(False, "--compile", help="Add a row for the encoder under torch.compile (CUDA; compiling takes a minute or more)."),
 ):
     """Encode images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64."""
     from revq_pipe.stages.bench.encode import bench_encode as run_bench
 
-    typer.echo(run_bench(device=device, images=images, batch_size=batch_size).report())
+    typer.echo(run_bench(device=device, images=images, batch_size=batch_size, compile_encoder=compile_encoder).report())
 
 
 @bench_app.command("cluster")
@@ -414,13 +416,16 @@ def bench_cluster(
 @takes_fit_config(only=("preset", "device", "batch_size", "codebook_update"), preset="512T_NC=16384")
 def bench_fit(
     steps: int = typer.Option(20, "--steps", min=1, metavar="N", help="Training steps timed."),
+    variants: str = typer.Option("default", "--variants", metavar="V,V,...", help=f"More rows: the project's step with step options joined by + ({', '.join(STEP_OPTIONS)}), e.g. fused-quantize+fused-adamw,max-autotune."),
+    profile: Optional[Path] = typer.Option(None, "--profile", metavar="DIR", help="Also profile each step kind with torch.profiler; write the summaries (top kernels, launches and syncs per step, peak memory) and the default step's trace to DIR."),
+    profile_steps: int = typer.Option(20, "--profile-steps", min=1, metavar="N", help="Steps profiled per step kind."),
     *,
     config: FitConfig,
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
     from revq_pipe.stages.bench.fit import bench_fit as run_bench
 
-    typer.echo(run_bench(config, steps=steps).report())
+    typer.echo(run_bench(config, steps=steps, variants=variants, profile_dir=profile, profile_steps=profile_steps).report())
 
 
 @bench_app.command("quality")

@@ -76,16 +76,23 @@ def check_search_inputs(
             raise ValueError(f"counts must be int32 or int64, got {counts.dtype}")
         if counts.device != x.device:
             raise ValueError(f"counts is on {counts.device} but x is on {x.device}")
-    # NaN or inf would make every comparison meaningless and the returned codes arbitrary. One
-    # aminmax per tensor (NaN propagates through it; +-inf lands in it), which reads each tensor
-    # once without a temporary the size of the input, and one device sync for both.
     if check_finite:
-        tensors = [(name, t) for name, t in (("x", x), ("codebooks", codebooks)) if t.numel()]
-        extremes = torch.stack([v.float() for _, t in tensors for v in torch.aminmax(t.detach())])
-        finite = torch.isfinite(extremes).view(-1, 2).all(dim=1).tolist()
-        for (name, _), ok in zip(tensors, finite):
-            if not ok:
-                raise NonFiniteError(f"{name} contains NaN or inf")
+        check_finite_inputs(x, codebooks)
+
+
+def check_finite_inputs(x: torch.Tensor, codebooks: torch.Tensor) -> None:
+    """Raise NonFiniteError naming x or codebooks (x first) if it holds NaN or inf.
+
+    NaN or inf would make every comparison meaningless and the returned codes arbitrary. One
+    aminmax per tensor (NaN propagates through it; +-inf lands in it), which reads each tensor
+    once without a temporary the size of the input, and one device sync for both.
+    """
+    tensors = [(name, t) for name, t in (("x", x), ("codebooks", codebooks)) if t.numel()]
+    extremes = torch.stack([v.float() for _, t in tensors for v in torch.aminmax(t.detach())])
+    finite = torch.isfinite(extremes).view(-1, 2).all(dim=1).tolist()
+    for (name, _), ok in zip(tensors, finite):
+        if not ok:
+            raise NonFiniteError(f"{name} contains NaN or inf")
 
 
 def nearest_code_torch(
@@ -246,9 +253,10 @@ def nearest_code(
         counts: optional (G, K) int32/int64 tensor; ``counts[g, k]`` is increased by the number of
             queries of group g whose nearest code is k (equal to a per-group torch.bincount).
             On CUDA this is fused into the search's final reduction.
-        check_finite: refuse NaN/inf in x and codebooks (one reduction each, which on CUDA is a
-            device sync per tensor). A training loop that checks its losses for non-finite values
-            anyway can turn it off to keep the GPU running ahead of the host.
+        check_finite: refuse NaN/inf in x and codebooks (on the CPU one reduction per tensor; on
+            CUDA the search kernel flags them as it reads the inputs, then one device sync). A
+            training loop that checks its losses for non-finite values anyway can turn it off to
+            keep the GPU running ahead of the host.
 
     Returns:
         indices (G, M) int64 and sq_dists (G, M) float32: the argmin (lowest index among equal
@@ -262,9 +270,11 @@ def nearest_code(
     `nearest_code_screened_torch`, or the Triton kernels through Triton's interpreter when
     TRITON_INTERPRET=1 was set before triton was imported (slow; for tests).
     """
-    check_search_inputs(x, codebooks, counts, check_finite=check_finite)
-    if implementation_for(x) == "triton":
+    on_triton = implementation_for(x) == "triton"
+    # The Triton search checks for NaN/inf while it reads the inputs: no pass of its own.
+    check_search_inputs(x, codebooks, counts, check_finite=check_finite and not on_triton)
+    if on_triton:
         from revq_pipe.kernels.triton_search import nearest_code_triton
 
-        return nearest_code_triton(x, codebooks, counts=counts)
+        return nearest_code_triton(x, codebooks, counts=counts, check_finite=check_finite)
     return nearest_code_screened_torch(x, codebooks, counts=counts)

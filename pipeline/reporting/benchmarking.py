@@ -38,8 +38,9 @@ def _timer(run: Callable[[], object]) -> Timer:
     return Timer(stmt="run()", globals={"run": run}, num_threads=torch.get_num_threads())
 
 
-def seconds_per_call(run: Callable[[], object], device: torch.device) -> float:
-    """Median seconds of one call of `run` on `device`, after a warm-up call (compilation, autotuning)."""
+def seconds_per_call(run: Callable[[], object], device: torch.device, *, cuda_repeat_ms: int = CUDA_REPEAT_MS) -> float:
+    """Median seconds of one call of `run` on `device`, after a warm-up call (compilation, autotuning);
+    on CUDA do_bench repeats it for `cuda_repeat_ms`."""
     if device.type == "cuda":
         try:
             from triton.testing import do_bench
@@ -47,7 +48,7 @@ def seconds_per_call(run: Callable[[], object], device: torch.device) -> float:
             pass
         else:
             with torch.cuda.device(device):  # its events time the current device
-                return do_bench(run, rep=CUDA_REPEAT_MS, return_mode="median") / 1e3
+                return do_bench(run, rep=cuda_repeat_ms, return_mode="median") / 1e3
     run()
     return _timer(run).blocked_autorange(min_run_time=CPU_MIN_RUN_TIME_S).median
 

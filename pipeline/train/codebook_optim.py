@@ -30,7 +30,9 @@ drifting along its momentum, and the nearest-code search sees it there.
 Gradients arrive per token; duplicates are summed per code after a sort, clipped by the global norm
 (the number `clip_grad_norm_` computes on the dense gradient), and every duplicate then writes the
 same value, so a step has no host synchronisation. There is no weight decay: the recipe uses none
-for codebooks.
+for codebooks. `SparseAdamW(fused=True)` runs the same update as two Triton kernels after the sort
+(kernels/sparse_adamw.py) instead of about 25 torch operations, counting its steps on the device,
+which a CUDA graph of the whole training step needs.
 
 Both optimizers take the mse gradient per token in closed form, 2 (quantized - tokens) / numel,
 instead of through autograd: data-parallel training (pipeline/train/distributed.py) gathers these token
@@ -42,9 +44,12 @@ on CUDA, and on the CPU too for large batches).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from revq_pipe.kernels.sparse_adamw import kernels_run_on, sparse_adamw_update
 from revq_pipe.pipeline.model.config import use_compile
 from revq_pipe.pipeline.train.determinism import deterministic_algorithms
 
@@ -138,20 +143,44 @@ class SparseAdamW(LearnsFromTokens):
     """AdamW over the codes of a (T, K, d) codebook, touching only the chosen codes each step."""
 
     def __init__(self, codebooks: torch.nn.Parameter, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, max_grad_norm: float = 1.0, window: int = 100):
+                 eps: float = 1e-8, max_grad_norm: float = 1.0, window: int = 100, fused: bool = False,
+                 host_reads: bool | None = None):
         self.codebooks = codebooks
         self.betas, self.eps, self.max_grad_norm, self.window = betas, eps, max_grad_norm, window
         # As torch optimizers have it, so one learning-rate rule serves every optimizer.
         self.param_groups = [{"lr": lr}]
-        self._lr_tensor_value: float | None = None
+        device = codebooks.device
+        # The rate as a device tensor, updated in place when it changes: a new tensor each step would
+        # sync with the GPU, a new Python float each epoch would make the compiled tail recompile,
+        # and a CUDA graph of the step reads it where it was captured.
+        self._lr_tensor_value = lr
+        self._lr_tensor_cache = torch.tensor(lr, dtype=torch.float32, device=device)
         t, k, _ = codebooks.shape
         # Moments as of each code's last update (`last_step`), not decayed since.
         self.exp_avg = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
         self.exp_avg_sq = torch.zeros_like(codebooks, memory_format=torch.contiguous_format)
-        self.last_step = torch.zeros(t * k, dtype=torch.int64, device=codebooks.device)
-        self.steps = 0
+        self.last_step = torch.zeros(t * k, dtype=torch.int64, device=device)
+        # `fused`: the update as the Triton kernels of kernels/sparse_adamw.py where they run (else the
+        # torch operations below, the same update); they count steps on the device, not the host.
+        self.kernel = fused and kernels_run_on(device)
+        self.step_count = torch.zeros((), dtype=torch.int64, device=device)
+        self._log_betas = torch.tensor([math.log(b) for b in betas], dtype=torch.float64, device=device)
+        self._steps = 0
+        # Whether a step may read a device value on the host (default: on the CPU, where it costs no
+        # sync): the torch path then shortens the momentum tail's window to the longest gap.
+        self.host_reads = device.type == "cpu" if host_reads is None else host_reads
         # Compiled: one fused reduction instead of (N, window, d) temporaries.
-        self._tail = torch.compile(momentum_tail, dynamic=True) if use_compile(codebooks.device) else momentum_tail
+        self._tail = torch.compile(momentum_tail, dynamic=True) if use_compile(device) else momentum_tail
+
+    @property
+    def steps(self) -> int:
+        """Steps taken (read back from the device when the kernels count them: a sync)."""
+        return int(self.step_count) if self.kernel else self._steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._steps = value
+        self.step_count.fill_(value)
 
     @property
     def lr(self) -> float:
@@ -163,11 +192,9 @@ class SparseAdamW(LearnsFromTokens):
 
     @property
     def _lr_tensor(self) -> torch.Tensor:
-        # Kept as a device tensor, made again only when the rate changes: creating it every step would
-        # sync with the GPU, and a new Python float each epoch would make the compiled tail recompile.
         if self._lr_tensor_value != self.lr:
             self._lr_tensor_value = self.lr
-            self._lr_tensor_cache = torch.tensor(self.lr, dtype=torch.float32, device=self.codebooks.device)
+            self._lr_tensor_cache.fill_(self.lr)
         return self._lr_tensor_cache
 
     def _catch_up(self, p: torch.Tensor, m: torch.Tensor, v: torch.Tensor, last: torch.Tensor,
@@ -175,7 +202,7 @@ class SparseAdamW(LearnsFromTokens):
         """Apply, in place, the `missed` (N,) zero-gradient AdamW steps that followed step `last`."""
         beta1, beta2 = self.betas
         window = self.window
-        if p.device.type == "cpu" and len(missed):  # reading the largest gap costs no sync here
+        if self.host_reads and len(missed):
             window = min(window, int(missed.max()))
         if window > 0:
             p -= self._tail(m, v, last, torch.ones_like(missed), missed, lr=self._lr_tensor, beta1=beta1,
@@ -192,6 +219,12 @@ class SparseAdamW(LearnsFromTokens):
         """
         t, k, d = self.codebooks.shape
         rows = (ids + torch.arange(t, device=ids.device) * k).reshape(-1)
+        if self.kernel:
+            self.step_count += 1
+            return sparse_adamw_update(self.codebooks.view(-1, d), self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d),
+                                       self.last_step, rows, token_grads.reshape(-1, d), step=self.step_count,
+                                       lr=self._lr_tensor, betas=self.betas, log_betas=self._log_betas, eps=self.eps,
+                                       max_grad_norm=self.max_grad_norm, window=self.window)
         rows, order = torch.sort(rows, stable=True)  # duplicates in batch order: one summation order
         grads = token_grads.reshape(-1, d)[order].float()
         # Segment ids of equal rows in sorted order; per-code gradient = sum over its segment.
@@ -203,33 +236,33 @@ class SparseAdamW(LearnsFromTokens):
         norm = torch.linalg.vector_norm(per_code)
         g = per_code[segment] * (self.max_grad_norm / (norm + 1e-6)).clamp(max=1.0)
 
-        self.steps += 1
+        self._steps += 1
         beta1, beta2 = self.betas
         params = self.codebooks.view(-1, d)
         m_all, v_all = self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d)
         p, m, v, last = params[rows], m_all[rows], v_all[rows], self.last_step[rows]
-        self._catch_up(p, m, v, last, self.steps - 1 - last)
+        self._catch_up(p, m, v, last, self._steps - 1 - last)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        bias1 = 1 - beta1 ** self.steps
-        bias2_sqrt = (1 - beta2 ** self.steps) ** 0.5
+        bias1 = 1 - beta1 ** self._steps
+        bias2_sqrt = (1 - beta2 ** self._steps) ** 0.5
         p -= (self.lr / bias1) * m / (v.sqrt() / bias2_sqrt + self.eps)
         # Duplicated rows carry identical values, so whichever write lands last is the same.
         m_all[rows], v_all[rows], params[rows] = m, v, p
-        self.last_step[rows] = self.steps
+        self.last_step[rows] = self._steps
         return norm
 
     @torch.no_grad()
     def flush(self) -> None:
         """Apply every code's pending zero-gradient steps: codebook and moments become dense AdamW's."""
-        d = self.codebooks.shape[-1]
+        d, steps = self.codebooks.shape[-1], self.steps
         params, m_all, v_all = self.codebooks.view(-1, d), self.exp_avg.view(-1, d), self.exp_avg_sq.view(-1, d)
         chunk = FLUSH_CHUNK.get(params.device.type, FLUSH_CHUNK["cpu"])
         for start in range(0, len(params), chunk):
             rows = slice(start, start + chunk)
             last = self.last_step[rows]
-            self._catch_up(params[rows], m_all[rows], v_all[rows], last, self.steps - last)
-            last.fill_(self.steps)
+            self._catch_up(params[rows], m_all[rows], v_all[rows], last, steps - last)
+            last.fill_(steps)
 
     @torch.no_grad()
     def forget(self, positions: torch.Tensor, codes: torch.Tensor) -> None:
@@ -250,10 +283,12 @@ class SparseAdamW(LearnsFromTokens):
         self.lr = float(state.get("lr", self.lr))
 
 
-def codebook_optimizer(kind: str, codebooks: torch.nn.Parameter, *, lr: float, max_grad_norm: float
-                       ) -> DenseAdamW | SparseAdamW:
-    """The codebook update `kind` names: "sparse" (SparseAdamW) or "dense" (torch AdamW, fused on CUDA)."""
+def codebook_optimizer(kind: str, codebooks: torch.nn.Parameter, *, lr: float, max_grad_norm: float,
+                       fused: bool = False, host_reads: bool | None = None) -> DenseAdamW | SparseAdamW:
+    """The codebook update `kind` names: "sparse" (SparseAdamW; with `fused`, its update as Triton
+    kernels where they run; `host_reads` as SparseAdamW takes it) or "dense" (torch AdamW, fused on
+    CUDA)."""
     if kind == "sparse":
-        return SparseAdamW(codebooks, lr=lr, max_grad_norm=max_grad_norm)
+        return SparseAdamW(codebooks, lr=lr, max_grad_norm=max_grad_norm, fused=fused, host_reads=host_reads)
     return DenseAdamW(codebooks, lr=lr, max_grad_norm=max_grad_norm,
                       fused=True if codebooks.device.type == "cuda" else None)

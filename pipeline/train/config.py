@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 CODEBOOK_INITS = ("kmeans", "random")
 CODEBOOK_UPDATES = ("sparse", "dense")
+# Opt-in ways to run the same training step faster on CUDA (pipeline/train/trainer.py says what each
+# does; none changes a result beyond float rounding). `bench fit --variants` times them side by side.
+STEP_OPTIONS = ("fused-quantize", "fused-adamw", "cuda-graph", "channels-last", "max-autotune", "screen-search")
 AUTO = "auto"
 PAPER_PRESET = "512T_NC=16384"
 SMALL_PRESET = "tiny"
@@ -85,6 +88,10 @@ class TrainConfig:
     # A run extended past its first epochs keeps its decay, and its extra epochs train at the decay's end value.
     lr_decay_epochs: int | None = setting("Epochs the learning-rate decay spans; later epochs train at its end "
                                           "value", None, metavar="N", minimum=1, shown_default="--epochs")
+    # Any of STEP_OPTIONS ("a+b" from the command line); the default step is the one each is checked against.
+    step_options: tuple[str, ...] = setting(f"Opt-in variants of the CUDA training step, joined by + "
+                                            f"({', '.join(STEP_OPTIONS)})", (), metavar="OPTION+...",
+                                            shown_default="none")
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -105,6 +112,22 @@ class TrainConfig:
             raise UserError(f"k-means needs at least one iteration, not {self.kmeans_iters}")
         if self.lr_decay_epochs is None:
             self.lr_decay_epochs = self.epochs
+        self._check_step_options()
+
+    def _check_step_options(self) -> None:
+        options = self.step_options.split("+") if isinstance(self.step_options, str) else self.step_options
+        self.step_options = tuple(option for option in options if option)
+        unknown = sorted(set(self.step_options) - set(STEP_OPTIONS))
+        if unknown:
+            raise UserError(f"unknown step option {', '.join(unknown)}: use any of {', '.join(STEP_OPTIONS)}")
+        if "fused-adamw" in self.step_options and self.codebook_update != "sparse":
+            raise UserError("step option fused-adamw is the sparse codebook update's kernel: use "
+                            "`codebook_update=sparse`")
+        if "screen-search" in self.step_options and "fused-quantize" not in self.step_options:
+            raise UserError("step option screen-search is a method of the fused-quantize pass: add fused-quantize")
+        if "cuda-graph" in self.step_options and "fused-adamw" not in self.step_options:
+            raise UserError("step option cuda-graph needs fused-adamw too: the captured step must count its steps "
+                            "on the GPU")
 
     def lr_at(self, epoch: int) -> float:
         """Codebook learning rate for an epoch: exponential decay reaching `final_lr_fraction` after

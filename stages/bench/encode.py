@@ -10,10 +10,24 @@ Rows, all on the same JPEG images:
 - reference: the encoder alone in fp32 at batch 64, as the ReVQ reference script runs it;
 - on CUDA, the encoder alone at the project's setting (bf16 autocast, --batch-size), and the
   same with channels_last inputs and weights, a candidate layout measured for a later decision;
+- on CUDA with `compile_encoder`, the channels_last encoder under torch.compile;
+- decoding alone: PIL in as many DataLoader workers as encode starts (a second pass over the
+  images, so the workers' start stays out), and on CUDA nvJPEG through torchvision's decode_jpeg
+  with the resize and crop on the device;
 - end to end: `encode` from webdataset shards of JPEGs to a Zarr store (decode, resize, encode,
   compress, write, statistics), wall clock of the whole call.
-The encoder rows time a fixed number of batches with `torch.utils.benchmark.Timer` (after its two
-warm-up batches); the end-to-end row is one call of the stage, timed as a whole.
+The encoder rows and the nvJPEG row time a fixed number of batches with
+`torch.utils.benchmark.Timer` (after its two warm-up batches); the end-to-end row is one call of
+the stage, timed as a whole.
+
+What encode needs for 600 img/s end to end on one H100/H200, for the pass that changes
+stages/encode.py and pipeline/images/ (these rows measure each piece first): the encoder itself
+past 600 img/s (bf16 autocast is there; channels_last and torch.compile are the rows above);
+decode workers enough for that rate (the PIL row per worker count: encode starts one per CPU, at
+most 16); pinned host memory and non-blocking copies (there: `Block.pin_memory`,
+`encode_block`), with the copy of block n+1 on a side stream while block n encodes (not yet: the
+copy now queues on the encoder's stream); and nvJPEG decoding as an option when the CPUs cannot
+keep up (the nvJPEG row; torchvision is then a dependency of that option).
 """
 
 from __future__ import annotations
@@ -33,7 +47,7 @@ import torch
 from revq_pipe.pipeline.reporting.benchmarking import mean_seconds
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
-from revq_pipe.pipeline.images.sources import preprocess, to_model_input
+from revq_pipe.pipeline.images.sources import decode_image, preprocess, to_model_input
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, FrozenVae, VaeSpec, cached_hub_spec
 
 DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
@@ -98,11 +112,13 @@ class BenchEncodeResult:
 
 
 def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256, *,
-                 vae_config: dict[str, Any] | None = None) -> BenchEncodeResult:
-    """Measure images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64.
+                 vae_config: dict[str, Any] | None = None, compile_encoder: bool = False) -> BenchEncodeResult:
+    """Measure images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64,
+    and the decoding alone (PIL in DataLoader workers; nvJPEG on CUDA when torchvision is there).
 
     `vae_config` replaces the DC-AE f32c32 architecture (random weights): a CPU smoke test's
-    escape hatch, since the real encoder takes seconds per image there.
+    escape hatch, since the real encoder takes seconds per image there. `compile_encoder` adds a
+    row for the encoder under torch.compile on CUDA (its compilation takes a minute or more).
     """
     from revq_pipe.pipeline.images.sources import default_workers
     from revq_pipe.stages.encode import prepare_encode, run_encode
@@ -123,11 +139,17 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         vae.module.to(memory_format=torch.channels_last)
         result.rows.append(_time_encoder(vae, batch, batch_size, images, full_precision=False, channels_last=True,
                                          name=f"encoder alone, bf16 autocast, channels_last, batch {batch_size}"))
+        if compile_encoder:
+            result.rows.append(_time_compiled_encoder(vae, batch, batch_size, images))
         vae.module.to(memory_format=torch.contiguous_format)
     else:
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
                             "(--images 4 --batch-size 4 takes about 3 minutes on 2 cores); "
                             "bf16 rows are measured on CUDA only")
+
+    result.rows.append(_time_cpu_decoding(photos, images, batch_size, default_workers(None)))
+    if torch_device.type == "cuda":
+        result.rows.append(_time_gpu_decoding(photos, images, batch_size, torch_device, result.notes))
 
     with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
         pattern = _write_shards(Path(tmp) / "shards", photos, images, batch_size)
@@ -174,6 +196,77 @@ def _time_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images:
     with vae.autocast(full_precision):
         seconds = mean_seconds(lambda: vae.encode(batch), batches) * batches
     return Row(name, batches * batch_size, seconds)
+
+
+def _time_compiled_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images: int) -> Row:
+    """The channels_last bf16 row with the encoder module under torch.compile (compiled by the warm-up)."""
+    eager = vae.module
+    vae.module = torch.compile(eager)
+    try:
+        return _time_encoder(vae, photos, batch_size, images, full_precision=False, channels_last=True,
+                             name=f"encoder alone, bf16, channels_last, torch.compile, batch {batch_size}")
+    finally:
+        vae.module = eager
+
+
+class _JpegFiles(torch.utils.data.Dataset):
+    """`count` JPEGs cycling through `photos`, decoded, resized and cropped as encode does."""
+
+    def __init__(self, photos: list[bytes], count: int):
+        self.photos, self.count = photos, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return decode_image(self.photos[index % len(self.photos)], IMAGE_SIZE)
+
+
+def _time_cpu_decoding(photos: list[bytes], images: int, batch_size: int, workers: int) -> Row:
+    """JPEG -> uint8 batches with PIL in `workers` DataLoader processes, as encode decodes; timed over
+    a second pass so that starting the workers stays out (how many workers feed 600 img/s)."""
+    loader = torch.utils.data.DataLoader(_JpegFiles(photos, images), batch_size=batch_size, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    for _ in loader:
+        pass
+    started = time.perf_counter()
+    for _ in loader:
+        pass
+    return Row(f"decode alone: PIL in {workers} DataLoader workers, batch {batch_size}", images,
+               time.perf_counter() - started)
+
+
+def _time_gpu_decoding(photos: list[bytes], images: int, batch_size: int, device: torch.device,
+                       notes: list[str]) -> Row:
+    """JPEG -> uint8 batches on the GPU: nvJPEG through torchvision.io.decode_jpeg, then the same
+    resize (bilinear, antialiased) and center crop on the device: an option for when the CPUs
+    cannot feed the encoder. Only the compressed bytes cross to the GPU."""
+    try:
+        from torchvision.io import decode_jpeg
+    except ImportError:
+        notes.append("torchvision is not installed: no nvJPEG decode row")
+        return Row("decode alone: nvJPEG on the GPU (torchvision missing)", 0, float("nan"))
+    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in photos]
+    batch = [encoded[i % len(encoded)] for i in range(batch_size)]
+
+    def decode_batch() -> torch.Tensor:
+        decoded = decode_jpeg(batch, device=device)
+        return torch.stack([_resize_center_crop_on_device(image, IMAGE_SIZE) for image in decoded])
+
+    batches = max(math.ceil(images / batch_size), CUDA_MIN_TIMED_BATCHES)
+    seconds = mean_seconds(decode_batch, batches) * batches
+    return Row(f"decode alone: nvJPEG on the GPU (torchvision), batch {batch_size}", batches * batch_size, seconds)
+
+
+def _resize_center_crop_on_device(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8 with sources.resize_center_crop's geometry (bilinear,
+    antialiased; rounding of the pixels may differ from PIL's by one level)."""
+    _, h, w = image.shape
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return resized[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
 def _jpeg_photos(count: int) -> list[bytes]:
