@@ -6,7 +6,8 @@ from typer.testing import CliRunner
 
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.stages.bench.search import BENCH_PRESETS, bench_search, compare_with_baseline, parse_shape
+from revq_pipe.pipeline.reporting.benchmarking import compare_with_baseline
+from revq_pipe.stages.bench.search import BENCH_PRESETS, bench_search, parse_shape
 
 
 def test_bench_runs_every_method_and_they_agree():

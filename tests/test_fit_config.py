@@ -49,6 +49,8 @@ FLAGS = {
     "flip": (["--no-flip"], False),
     "codebook_update": (["--codebook-update", "sparse"], "sparse"),
     "lr_decay_epochs": (["--lr-decay-epochs", "9"], 9),
+    "step_options": (["--step-options", "fused-quantize+fused-adamw", "--codebook-update", "sparse"],
+                     ("fused-quantize", "fused-adamw")),
 }
 # Fields no flag sets, because the store or another field fixes them.
 DERIVED = {"latent_shape", "dim", "preset", "vae", "image_size"}  # dim = C*H*W / tokens; preset: --preset

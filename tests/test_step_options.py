@@ -13,10 +13,10 @@ from revq_pipe.kernels.nearest_code import nearest_code_torch
 from revq_pipe.kernels.quantize import quantize
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.model.config import ReVQConfig
-from revq_pipe.pipeline.train.config import TrainConfig
 from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.reporting.profiling import profile_calls
 from revq_pipe.pipeline.train.codebook_optim import quantize_with_gradients
+from revq_pipe.pipeline.train.config import FitConfig, TrainConfig
 from revq_pipe.pipeline.train.distributed import DataParallelGroup
 from revq_pipe.pipeline.train.trainer import Trainer
 from revq_pipe.stages.bench.fit import PROJECT, parse_variants
@@ -33,9 +33,17 @@ def test_impossible_step_options_are_user_errors(options, message):
 
 
 def test_fused_adamw_belongs_to_the_sparse_update():
-    with pytest.raises(UserError, match="--codebook-update sparse"):
+    with pytest.raises(UserError, match="`codebook_update=sparse`"):
         TrainConfig(codebook_update="dense", step_options=("fused-adamw",))
     assert TrainConfig.from_dict({"step_options": ["fused-adamw"], "codebook_update": "sparse"}).step_options == ("fused-adamw",)
+
+
+def test_step_options_come_from_the_command_line_joined_by_plus():
+    train = FitConfig.from_preset("tiny", device="cpu", step_options="fused-quantize+fused-adamw",
+                                  codebook_update="sparse").resolve(4096, (16, 8, 8), device=torch.device("cpu")).train
+    assert train.step_options == ("fused-quantize", "fused-adamw")
+    result = CliRunner().invoke(app, ["fit", "--help"], terminal_width=200)
+    assert "--step-options OPTION+..." in result.stdout
 
 
 def test_the_quantize_call_on_the_cpu_is_the_unfused_quantizer():
@@ -93,7 +101,7 @@ def test_variants_start_with_the_default_step_and_refuse_unknown_options():
     assert parse_variants("fused-adamw,default") == [(PROJECT, ()), (f"{PROJECT}: fused-adamw", ("fused-adamw",))]
     assert parse_variants("fused-quantize+fused-adamw+cuda-graph")[1][1] == ("fused-quantize", "fused-adamw", "cuda-graph")
     for bad in ("fused-adamw+warp-drive", "", "default,+"):
-        with pytest.raises(UserError, match="--variants"):
+        with pytest.raises(UserError, match="`variants`"):
             parse_variants(bad)
 
 

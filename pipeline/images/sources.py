@@ -82,6 +82,17 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def resize_center_crop_tensor(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8 on the tensor's device (images decoded on a GPU) with
+    `resize_center_crop`'s geometry (bilinear, antialiased; a pixel may differ from PIL's by one level)."""
+    _, h, w = image.shape
+    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                              antialias=True, align_corners=False)[0]
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return resized[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
+
+
 def preprocess(image: Image.Image, size: int) -> torch.Tensor:
     """One image as a (3, size, size) uint8 tensor, ready for `to_model_input`."""
     array = np.asarray(resize_center_crop(to_rgb(image), size), dtype=np.uint8)

@@ -1,4 +1,5 @@
-"""What the `bench` commands share: the reference search they compare with, and the timers.
+"""What the `bench` commands share: the baseline searches they compare with (the reference's
+vmap(cdist), baddbmm + argmin), the check of an answer against them, an SGEMM rate, and the timers.
 
 Timing uses the standard tools, never a hand-made loop: `triton.testing.do_bench` for single
 operations on CUDA (CUDA events, warm-up, the L2 cache flushed before every run), and
@@ -8,6 +9,7 @@ device around the runs). Timer runs on this process's torch thread count, not it
 
 from __future__ import annotations
 
+import platform
 from typing import Callable
 
 import torch
@@ -18,6 +20,8 @@ from torch.utils.benchmark import Timer
 CUDA_REPEAT_MS = 1000
 # Timer repeats for at least this long on the CPU, where bench figures are smoke tests of the code.
 CPU_MIN_RUN_TIME_S = 0.1
+# baddbmm's distance block per chunk of groups, in elements (4 GiB of fp32).
+BADDBMM_BLOCK = 1 << 30
 
 
 def reference_search(x: torch.Tensor, codebooks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,3 +62,68 @@ def mean_seconds(run: Callable[[], object], runs: int) -> float:
     (training steps, batches). Timer first makes max(runs // 100, 2) untimed warm-up calls, which
     cover compilation and the allocator's first requests."""
     return _timer(run).timeit(runs).mean
+
+
+def baddbmm_search(x: torch.Tensor, codebooks: torch.Tensor, code_sqnorms: torch.Tensor) -> torch.Tensor:
+    """|c|^2 - 2 x.c with one baddbmm per chunk of groups, then argmin (|x|^2 does not change it)."""
+    groups, queries, _ = x.shape
+    codes = codebooks.shape[1]
+    chunk = max(1, BADDBMM_BLOCK // (queries * codes))
+    parts = []
+    for g0 in range(0, groups, chunk):
+        g1 = min(g0 + chunk, groups)
+        scores = torch.baddbmm(code_sqnorms[g0:g1, None, :], x[g0:g1], codebooks[g0:g1].transpose(1, 2), alpha=-2.0)
+        parts.append(scores.argmin(dim=-1))
+    return torch.cat(parts)
+
+
+def sgemm_flops(device: torch.device) -> float:
+    """Measured fp32 matrix-product FLOP/s, TF32 off (the FP32 FMA rate)."""
+    size = 8192 if device.type == "cuda" else 512
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seconds = seconds_per_call(lambda: torch.mm(a, b), device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+    return 2 * size**3 / seconds
+
+
+def exact_sq_dists(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Direct fp32 squared distance of every query to the code it was given, summed over d in order."""
+    chosen = torch.gather(codebooks, 1, indices[..., None].expand(-1, -1, codebooks.shape[2]))
+    diff = x - chosen
+    total = diff[..., 0] * diff[..., 0]
+    for j in range(1, x.shape[2]):
+        total = total + diff[..., j] * diff[..., j]
+    return total
+
+
+def compare_with_baseline(
+    name: str, x: torch.Tensor, codebooks: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor
+) -> tuple[str, bool]:
+    """How many queries a baseline answered differently, and whether ours is never the farther."""
+    differ = ours != theirs
+    count = int(differ.sum())
+    if count == 0:
+        return f"{name}: all {ours.numel()} indices equal", True
+    ours_dist = exact_sq_dists(x, codebooks, ours)[differ]
+    their_dist = exact_sq_dists(x, codebooks, theirs)[differ]
+    farther = int((ours_dist > their_dist).sum())
+    if farther:
+        return f"{name}: {count} indices differ and at {farther} the kernel's code is FARTHER in exact fp32", False
+    return (
+        f"{name}: {count} of {ours.numel()} indices differ; at each the kernel's code is at least as "
+        "close in exact fp32 (the baseline's expanded formula rounds)",
+        True,
+    )
+
+
+def device_description(device: torch.device) -> str:
+    """The device a bench ran on, in words: the GPU's name, or the CPU and its torch threads."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    threads = torch.get_num_threads()
+    return f"CPU {platform.processor() or platform.machine()} x{threads} threads (torch {torch.__version__})"

@@ -35,7 +35,6 @@ from __future__ import annotations
 import datetime
 import io
 import math
-import platform
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -44,11 +43,11 @@ from typing import Any
 
 import torch
 
-from revq_pipe.pipeline.reporting.benchmarking import mean_seconds
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
-from revq_pipe.pipeline.images.sources import decode_image, preprocess, to_model_input
+from revq_pipe.pipeline.images.sources import decode_image, preprocess, resize_center_crop_tensor, to_model_input
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, FrozenVae, VaeSpec, cached_hub_spec
+from revq_pipe.pipeline.reporting.benchmarking import device_description, mean_seconds
 
 DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -126,7 +125,7 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
     torch_device = resolve_device(device)
     vae, weights = _bench_vae(torch_device, vae_config)
     photos = _jpeg_photos(min(images, DISTINCT_PHOTOS))
-    result = BenchEncodeResult(device=_device_name(torch_device), weights=weights, batch_size=batch_size,
+    result = BenchEncodeResult(device=device_description(torch_device), weights=weights, batch_size=batch_size,
                                images=images, shards=math.ceil(images / batch_size), workers=0)
     batch = to_model_input(torch.stack([preprocess(_open(j), IMAGE_SIZE) for j in photos]))
 
@@ -251,22 +250,11 @@ def _time_gpu_decoding(photos: list[bytes], images: int, batch_size: int, device
 
     def decode_batch() -> torch.Tensor:
         decoded = decode_jpeg(batch, device=device)
-        return torch.stack([_resize_center_crop_on_device(image, IMAGE_SIZE) for image in decoded])
+        return torch.stack([resize_center_crop_tensor(image, IMAGE_SIZE) for image in decoded])
 
     batches = max(math.ceil(images / batch_size), CUDA_MIN_TIMED_BATCHES)
     seconds = mean_seconds(decode_batch, batches) * batches
     return Row(f"decode alone: nvJPEG on the GPU (torchvision), batch {batch_size}", batches * batch_size, seconds)
-
-
-def _resize_center_crop_on_device(image: torch.Tensor, size: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, size, size) uint8 with sources.resize_center_crop's geometry (bilinear,
-    antialiased; rounding of the pixels may differ from PIL's by one level)."""
-    _, h, w = image.shape
-    new_h, new_w = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    resized = torch.nn.functional.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
-                                              antialias=True, align_corners=False)[0]
-    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return resized[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
 
 
 def _jpeg_photos(count: int) -> list[bytes]:
@@ -296,10 +284,3 @@ def _write_shards(folder: Path, photos: list[bytes], images: int, shard_size: in
             sink.write({"__key__": f"{i:08d}", "jpg": photos[i % len(photos)], "cls": str(i % 10)})
     last = math.ceil(images / shard_size) - 1
     return str(folder / f"bench-{{000000..{last:06d}}}.tar")
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    threads = torch.get_num_threads()
-    return f"CPU {platform.processor() or platform.machine()} x{threads} threads (torch {torch.__version__})"

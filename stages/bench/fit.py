@@ -144,7 +144,7 @@ def parse_variants(variants: str) -> list[tuple[str, tuple[str, ...]]]:
         options = tuple(o for o in variant.split("+") if o)
         unknown = sorted(set(options) - set(STEP_OPTIONS))
         if unknown or not options:
-            raise UserError(f"--variants takes default or step options joined by +, separated by commas "
+            raise UserError(f"`variants` takes default or step options joined by +, separated by commas "
                             f"({', '.join(STEP_OPTIONS)}); got {variant!r}")
         parsed.append((f"{PROJECT}: {'+'.join(options)}", options))
     return parsed

@@ -35,18 +35,19 @@ from __future__ import annotations
 
 import datetime
 import logging
-import platform
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from revq_pipe.kernels import nearest_code
 from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_torch
-from revq_pipe.pipeline.reporting.benchmarking import reference_search, seconds_per_call
-from revq_pipe.pipeline.model.config import PRESETS
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.model.config import PRESETS
+from revq_pipe.pipeline.reporting.benchmarking import (baddbmm_search, compare_with_baseline, device_description,
+                                                       exact_sq_dists, reference_search, seconds_per_call,
+                                                       sgemm_flops)
+from revq_pipe.pipeline.reporting.search_sweep import SWEEP_REPEAT_MS, CandidateTiming, sweep_candidates
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ LATENT_NUMBERS = 32 * 8 * 8
 BENCH_PRESETS = ("512T_NC=16384", "256T_NC=65536", "256T_NC=262144")
 # On the CPU a shape past this many pairs would take minutes per method.
 CPU_MAX_PAIRS = 1 << 28
-# baddbmm's distance block per chunk of groups, in elements (4 GiB of fp32).
-BADDBMM_BLOCK = 1 << 30
 EXACT_CHECK_GROUPS = 4
-# Repetitions per candidate launch of the sweep: 20 to 40 candidates per shape.
-SWEEP_REPEAT_MS = 200
 
 
 @dataclass(frozen=True)
@@ -115,7 +112,7 @@ class BenchSearchResult:
     agreement: list[str] = field(default_factory=list)
     all_agree: bool = True
     date: str = ""
-    candidates: list["CandidateTiming"] = field(default_factory=list)
+    candidates: list[CandidateTiming] = field(default_factory=list)
 
     def gpairs(self, name: str) -> float:
         seconds = next(t.seconds for t in self.timings if t.name == name)
@@ -169,123 +166,11 @@ class BenchSearchResult:
         return lines
 
 
-@dataclass
-class CandidateTiming:
-    """One launch configuration of a method's kernels and its median time (NaN and `error` if it
-    failed)."""
-
-    method: str
-    config: Any  # a triton.Config
-    programs_per_sm: int
-    seconds: float = float("nan")
-    equal: bool = False
-    error: str = ""
-
-    def describe(self) -> str:
-        c = self.config
-        return (f"{self.method:<6} {c.kwargs['BLOCK_M']:>7} {c.kwargs['BLOCK_K']:>7} {c.num_warps:>5} {c.num_stages:>6} "
-                f"{self.programs_per_sm:>8}")
-
-
-# The kernel each method's candidate tiles are sized for.
-SWEPT_KERNELS = {"exact": "exact_search_kernel", "screen": "screen_kernel"}
-
-
 OURS = "nearest_code (this project)"
 OURS_UNCHECKED = "exact kernel, no NaN/inf check"
 OURS_SCREEN = "Triton screen method, NaN/inf checked"
 REFERENCE = "reference: vmap(cdist+min, chunk=2)"
 BADDBMM = "baddbmm + argmin"
-
-
-def baddbmm_search(x: torch.Tensor, codebooks: torch.Tensor, code_sqnorms: torch.Tensor) -> torch.Tensor:
-    """|c|^2 - 2 x.c with one baddbmm per chunk of groups, then argmin (|x|^2 does not change it)."""
-    groups, queries, _ = x.shape
-    codes = codebooks.shape[1]
-    chunk = max(1, BADDBMM_BLOCK // (queries * codes))
-    parts = []
-    for g0 in range(0, groups, chunk):
-        g1 = min(g0 + chunk, groups)
-        scores = torch.baddbmm(code_sqnorms[g0:g1, None, :], x[g0:g1], codebooks[g0:g1].transpose(1, 2), alpha=-2.0)
-        parts.append(scores.argmin(dim=-1))
-    return torch.cat(parts)
-
-
-def _sgemm_flops(device: torch.device) -> float:
-    """Measured fp32 matrix-product FLOP/s, TF32 off (the FP32 FMA rate)."""
-    size = 8192 if device.type == "cuda" else 512
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        seconds = seconds_per_call(lambda: torch.mm(a, b), device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
-    return 2 * size**3 / seconds
-
-
-def _exact_sq_dists(x: torch.Tensor, codebooks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Direct fp32 squared distance of every query to the code it was given, summed over d in order."""
-    chosen = torch.gather(codebooks, 1, indices[..., None].expand(-1, -1, codebooks.shape[2]))
-    diff = x - chosen
-    total = diff[..., 0] * diff[..., 0]
-    for j in range(1, x.shape[2]):
-        total = total + diff[..., j] * diff[..., j]
-    return total
-
-
-def compare_with_baseline(
-    name: str, x: torch.Tensor, codebooks: torch.Tensor, ours: torch.Tensor, theirs: torch.Tensor
-) -> tuple[str, bool]:
-    """How many queries a baseline answered differently, and whether ours is never the farther."""
-    differ = ours != theirs
-    count = int(differ.sum())
-    if count == 0:
-        return f"{name}: all {ours.numel()} indices equal", True
-    ours_dist = _exact_sq_dists(x, codebooks, ours)[differ]
-    their_dist = _exact_sq_dists(x, codebooks, theirs)[differ]
-    farther = int((ours_dist > their_dist).sum())
-    if farther:
-        return f"{name}: {count} indices differ and at {farther} the kernel's code is FARTHER in exact fp32", False
-    return (
-        f"{name}: {count} of {ours.numel()} indices differ; at each the kernel's code is at least as "
-        "close in exact fp32 (the baseline's expanded formula rounds)",
-        True,
-    )
-
-
-def sweep_candidates(x: torch.Tensor, codebooks: torch.Tensor, expected: torch.Tensor) -> list[CandidateTiming]:
-    """Time every candidate tile of each method's kernel (triton_search.candidate_configs), then the
-    fastest with each candidate number of programs per multiprocessor (the K split), and check each
-    one's indices against `expected`. A launch that fails (too many registers, say) is reported."""
-    from revq_pipe.kernels.triton_search import (CANDIDATE_PROGRAMS_PER_SM, PROGRAMS_PER_SM, candidate_configs,
-                                                 nearest_code_triton)
-
-    cuda = x.device.type == "cuda"  # else Triton's interpreter: a dry run of the sweep
-    multiprocessors = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else 1
-
-    def measure(method: str, config, programs_per_sm: int) -> CandidateTiming:
-        timing = CandidateTiming(method, config, programs_per_sm)
-
-        def run() -> torch.Tensor:
-            return nearest_code_triton(x, codebooks, method=method, config=config,
-                                       target_programs=programs_per_sm * multiprocessors)[0]
-
-        try:
-            timing.equal = torch.equal(run(), expected)
-            timing.seconds = seconds_per_call(run, x.device, cuda_repeat_ms=SWEEP_REPEAT_MS)
-        except Exception as err:  # a sweep reports a launch that cannot run and goes on with the others
-            timing.error = f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
-        log.info(f"candidate {timing.describe()}: {timing.error or f'{timing.seconds * 1e3:.4g} ms'}")
-        return timing
-
-    timings = [measure(method, config, PROGRAMS_PER_SM) for method, kernel in SWEPT_KERNELS.items()
-               for config in candidate_configs(x.shape[2], kernel)]
-    fastest = min((t for t in timings if not t.error), key=lambda t: t.seconds, default=None)
-    if fastest is not None:
-        timings += [measure(fastest.method, fastest.config, n) for n in CANDIDATE_PROGRAMS_PER_SM if n != PROGRAMS_PER_SM]
-    return timings
 
 
 def check_answers(x: torch.Tensor, codebooks: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[str, list[str], bool]:
@@ -296,7 +181,7 @@ def check_answers(x: torch.Tensor, codebooks: torch.Tensor, outputs: dict[str, t
     exact_ok = True
     for name in (OURS, OURS_UNCHECKED, OURS_SCREEN):
         if name in outputs:
-            dists = _exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
+            dists = exact_sq_dists(x[:checked], codebooks[:checked], outputs[name][:checked])
             exact_ok &= torch.equal(outputs[name][:checked], exact_indices)
             exact_ok &= torch.allclose(dists, exact_dists, rtol=1e-5, atol=0.0)
     exact_check = (f"{'identical' if exact_ok else 'DIFFERENT'} indices to the exact torch path on {checked} groups "
@@ -352,11 +237,11 @@ def bench_search(shape: str, device: str = "auto", candidates: bool = False) -> 
     for name, run in methods:
         timings.append(Timing(name, seconds_per_call(run, dev)))
         log.info(f"bench search {spec.label}, {name}: {timings[-1].seconds * 1e3:.4g} ms")  # a cut-short run keeps it
-    sgemm = _sgemm_flops(dev)
+    sgemm = sgemm_flops(dev)
 
     exact_check, agreement, all_agree = check_answers(x, codebooks, outputs)
 
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    device_name = device_description(dev)
     on_triton = implementation_for(x) == "triton"
     if on_triton:
         from revq_pipe.kernels.triton_search import autotuned_config
