@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -180,14 +177,12 @@ KILLS = {  # (format, function to kill at, nth call, before or after it)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("moment", KILLS)
-def test_a_killed_export_run_again_writes_the_same_card_and_no_temp_file(fitted, tmp_path, moment):
+def test_a_killed_export_run_again_writes_the_same_card_and_no_temp_file(fitted, tmp_path, moment, preloaded):
     format, target, nth, when = KILLS[moment]
     args = lambda out: ["export-tokens", str(fitted["run"]), fitted["store"], "--out", str(out),  # noqa: E731
                         "--format", format, "--device", "cpu"]
-    killed = subprocess.run([sys.executable, str(Path(__file__).parent / "kill_at.py"), target, str(nth), when,
-                             "--", *args(tmp_path / "killed")], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    killed = preloaded.run("kill_at:run_cli", args(tmp_path / "killed"), target, nth, when, logs=tmp_path / "child")
+    assert killed.exitcode == -signal.SIGKILL, killed.stderr[-3000:]
     if format == "wds":
         assert (tmp_path / "killed" / "README.md.partial").is_file()
     for out in ("killed", "clean"):
