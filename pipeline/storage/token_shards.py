@@ -15,11 +15,12 @@ with the same bytes an uninterrupted export writes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from revq_pipe.pipeline.atomic_files import read_json, write_json
+from revq_pipe.pipeline.atomic_files import read_json, write_atomically, write_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
@@ -84,9 +85,9 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
     with progress_bar(progress, total=count, initial=done * shard_size, unit="img",
                       desc=f"{format} shards") as bar:
         for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
-            partial = names[index] + PARTIAL_SUFFIX
-            write(partial, ids, labels, [key(str(k)) for k in keys], classes)
-            os.replace(partial, names[index])
+            sample_keys = [key(str(k)) for k in keys]
+            write_atomically(Path(names[index]), lambda partial: write(str(partial), ids, labels, sample_keys, classes),
+                             suffix=PARTIAL_SUFFIX)
             bar.update(len(ids))
     return names
 
