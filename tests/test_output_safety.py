@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
 from revq_pipe.pipeline.atomic_files import read_json, write_atomically, write_json
 from revq_pipe.pipeline.errors import UserError
@@ -148,3 +149,20 @@ def test_every_file_of_every_output_gets_the_umasks_permissions(store, tmp_path,
     assert "run/model.safetensors" in files and "tokens.zarr-wds/tokens-000000.tar" in files
     assert {name: mode for name, mode in files.items() if mode != 0o666 & ~umask_027} == {}
     assert {name: mode for name, mode in folders.items() if mode != 0o777 & ~umask_027} == {}
+
+
+def test_decoded_images_never_go_through_a_planted_folder_link(tmp_path, precious, tiny_dc_vae_dir):
+    keys = [f"class{i % 2}/img{i:02d}.jpg" for i in range(16)]
+    latents = np.random.default_rng(1).normal(size=(16, 4, 8, 8)).astype(np.float32)
+    store = write_latent_store(str(tmp_path / "latents.zarr"), latents, keys=keys, chunk_size=8,
+                               attrs={"vae": str(tiny_dc_vae_dir), "image_size": TINY_IMAGE_SIZE}).url
+    run, tokens, images = tmp_path / "run", tmp_path / "tokens.zarr", tmp_path / "images"
+    assert runner.invoke(app, ["fit", store, "--out", str(run), "--preset", "tiny", "--codes", "8", "--epochs", "1",
+                               "--batch-size", "8", "--device", "cpu"]).exit_code == 0
+    assert runner.invoke(app, ["export-tokens", str(run), store, "--out", str(tokens)]).exit_code == 0
+    plant_link(images / "class1", precious.parent)
+    result = runner.invoke(app, ["decode", str(run), str(tokens), "--out", str(images), "--vae", str(tiny_dc_vae_dir),
+                                 "--device", "cpu", "--overwrite"])
+    assert result.exit_code == 2 and "class1 leads out of" in result.output, result.output
+    assert sorted(p.name for p in precious.parent.iterdir()) == ["bashrc"]
+    assert sorted(p.name for p in images.iterdir()) == ["class1"]
