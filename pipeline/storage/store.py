@@ -134,6 +134,10 @@ class RowStore:
     def keys(self) -> zarr.Array:
         return self.group["keys"]
 
+    def key(self, row: int) -> str:
+        """The key of one row, as plain text (for messages: zarr hands back a 0-d array)."""
+        return str(self.keys[row])
+
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs.get("revq", {}))
@@ -356,17 +360,32 @@ class LatentStore(RowStore):
 
     def check_finite(self) -> None:
         """Refuse a store with a NaN or inf latent (or flipped latent), naming the first such row and
-        its key. Finite statistics over every row prove there is none without reading the rows (one
-        NaN or inf makes its dimension's mean or std non-finite); otherwise the rows are scanned."""
+        its key, when its statistics show one (one NaN or inf makes its dimension's mean or std
+        non-finite). Rows changed after the statistics were computed escape this: readers check the
+        rows themselves as they read them (`checked_rows`)."""
         mean, std = self.mean, self.std
         if mean is not None and std is not None and np.isfinite(mean).all() and np.isfinite(std).all():
             return
         for array in self._latent_arrays():
-            row = first_row_where(array, lambda chunk: ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))
-            if row is not None:
-                what = "latents" if array is self.latents else "flipped latents"
-                raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds NaN or inf {what}: "
-                                f"re-encode that image (e.g. with --dtype float32) or leave it out")
+            for start in range(0, array.shape[0], array.chunks[0]):
+                self.checked_rows(start, start + array.chunks[0], array.basename)
+
+    def checked_rows(self, start: int, stop: int, array: str = "latents") -> np.ndarray:
+        """Rows [start, stop) of `array` (latents or latents_flip), refused with the first NaN or inf
+        row and its key named: what every reader of a store's rows goes through before using them."""
+        rows = self.group[array][start:stop]
+        self.refuse_non_finite(rows, range(start, start + len(rows)), array)
+        return rows
+
+    def refuse_non_finite(self, rows: np.ndarray, row_numbers, array: str = "latents") -> None:
+        """Raise a UserError naming the first of `rows` (read from `array` at `row_numbers`) that
+        holds NaN or inf, and its key."""
+        bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if bad.any():
+            row = int(row_numbers[int(np.argmax(bad))])
+            what = "flipped latents" if array == FLIP_ARRAY else "latents"
+            raise UserError(f"{self.url} row {row} (key {self.key(row)!r}) holds NaN or inf {what}: "
+                            f"re-encode that image (e.g. with --dtype float32) or leave it out")
 
     def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray,
               latents_flip: np.ndarray | None = None) -> None:

@@ -72,8 +72,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
                             "pass --overwrite to replace them")
     elif there:
-        for stale in [*folder.glob("tokens-*"), manifest]:
-            stale.unlink(missing_ok=True)
+        _remove_export(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(manifest, attrs, indent=1)
 
@@ -82,14 +81,26 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, form
     while done < len(names) and os.path.exists(names[done]):
         done += 1
     write = _write_tar if format == "wds" else _write_parquet
-    with progress_bar(progress, total=count, initial=done * shard_size, unit="img",
-                      desc=f"{format} shards") as bar:
-        for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
-            sample_keys = [key(str(k)) for k in keys]
-            write_atomically(Path(names[index]), lambda partial: write(str(partial), ids, labels, sample_keys, classes),
-                             suffix=PARTIAL_SUFFIX)
-            bar.update(len(ids))
+    try:
+        with progress_bar(progress, total=count, initial=min(done * shard_size, count), unit="img",
+                          desc=f"{format} shards") as bar:
+            for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size),
+                                                        start=done):
+                sample_keys = [key(str(k)) for k in keys]
+                write_atomically(Path(names[index]), lambda partial: write(str(partial), ids, labels, sample_keys,
+                                                                           classes), suffix=PARTIAL_SUFFIX)
+                bar.update(len(ids))
+    except UserError:
+        if done == 0:  # bad input met midway (a NaN row): the export this run began goes, so the next starts afresh
+            _remove_export(folder)
+        raise
     return names
+
+
+def _remove_export(folder: Path) -> None:
+    """Remove an export's shards (and a killed writer's partial ones) and its manifest from `folder`."""
+    for stale in [*folder.glob("tokens-*"), folder / MANIFEST]:
+        stale.unlink(missing_ok=True)
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:

@@ -79,7 +79,7 @@ class TokenStore(RowStore):
         first such row and its key, before anything is decoded from it."""
         row = first_row_where(self.tokens, lambda chunk: chunk.max(axis=1, initial=0) >= codes)
         if row is not None:
-            raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds token id "
+            raise UserError(f"{self.url} row {row} (key {self.key(row)!r}) holds token id "
                             f"{int(self.tokens[row].max())}, but the run has {codes} codes per position")
 
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:

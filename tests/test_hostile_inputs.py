@@ -1,0 +1,103 @@
+"""Hostile and damaged inputs, one per thing the project reads: each ends with one `error:` line and
+exit status 2 (or, for single bad samples, a skip that is counted), writes nothing outside its
+output, and leaves the next good run unblocked."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from typer.testing import CliRunner
+
+from revq_pipe.cli import app
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
+
+runner = CliRunner()
+COUNT, CHUNK, NAN_ROW = 48, 8, 29
+SHAPE = (16, 4, 4)
+
+
+def one_error_line(result, *fragments: str, after_log: bool = False) -> str:
+    """The `error:` line of a run that exited 2: its only line (its last, after fit's log lines,
+    with `after_log`), holding every fragment."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and (after_log or len(lines) == 1), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def keys_of(count: int) -> list[str]:
+    return [f"cats/img{i:03d}.jpg" for i in range(count)]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A good store, a run fitted on it, and a copy of the store whose row 29 became NaN after its
+    statistics were computed (so they stay finite and prove nothing)."""
+    root = tmp_path_factory.mktemp("hostile")
+    latents = np.random.default_rng(0).normal(size=(COUNT, *SHAPE)).astype(np.float32)
+    good = write_latent_store(str(root / "good.zarr"), latents, np.arange(COUNT) % 2, keys_of(COUNT), chunk_size=CHUNK)
+    ok(["fit", good.url, "--out", str(root / "run"), "--preset", "tiny", "--codes", "8", "--epochs", "1",
+        "--batch-size", "8", "--device", "cpu"])
+    shutil.copytree(root / "good.zarr", root / "nan.zarr")
+    zarr.open_group(str(root / "nan.zarr"), mode="r+")["latents"][NAN_ROW, 3, 1, 2] = np.nan
+    return {"good": good.url, "nan": str(root / "nan.zarr"), "run": str(root / "run")}
+
+
+# --------------------------------------------------------------------------- latent stores
+
+
+def test_the_nan_row_hides_behind_finite_statistics(fitted):
+    store = LatentStore.open(fitted["nan"])
+    assert np.isfinite(store.mean).all() and np.isfinite(store.std).all()
+    store.check_finite()  # the statistics cannot show it: readers must look at the rows
+
+
+@pytest.mark.parametrize("format, options", [("zarr", []), ("wds", ["--shard-size", "8"]),
+                                             ("parquet", ["--shard-size", "8"]), ("zarr+wds", ["--shard-size", "8"])])
+def test_export_of_nan_rows_with_clean_statistics_exits_2_and_the_next_good_export_runs(fitted, tmp_path, format,
+                                                                                      options):
+    out = tmp_path / "tokens"
+    args = lambda store: ["export-tokens", fitted["run"], store, "--out", str(out), "--format", format,  # noqa: E731
+                          "--device", "cpu", "--batch-size", "8", *options]
+    one_error_line(runner.invoke(app, args(fitted["nan"])), f"row {NAN_ROW}", f"(key 'cats/img{NAN_ROW:03d}.jpg')",
+                   "NaN or inf latents")
+    ok(args(fitted["good"]))  # no --overwrite needed: the failed export left nothing in the way
+    ok(args(fitted["good"]))  # and that one is complete
+
+
+def test_eval_and_fit_on_nan_rows_with_clean_statistics_exit_2(fitted, tmp_path):
+    fit = ["--preset", "tiny", "--codes", "4", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]
+    for args in (["eval", fitted["run"], fitted["nan"], "--device", "cpu"],
+                 ["fit", fitted["nan"], "--out", str(tmp_path / "run"), *fit],
+                 ["fit", fitted["good"], "--out", str(tmp_path / "run-val"), "--val", fitted["nan"], *fit]):
+        one_error_line(runner.invoke(app, args), f"row {NAN_ROW}", f"'cats/img{NAN_ROW:03d}.jpg'", "NaN or inf",
+                       after_log=args[0] == "fit")
+    assert sorted(p.name for p in Path(fitted["run"]).glob("eval-*")) == []
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run-val" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("array", ["latents", "latents_flip"])
+def test_the_non_finite_message_names_the_array_and_prints_the_key_as_text(tmp_path, array):
+    latents = np.random.default_rng(0).normal(size=(16, *SHAPE)).astype(np.float32)
+    store = LatentStore.create(str(tmp_path / "s.zarr"), n=16, latent_shape=SHAPE, dtype="float32", chunk_size=8,
+                               attrs={}, unfinished=True, flip=True)
+    flipped = latents[..., ::-1].copy()
+    (latents if array == "latents" else flipped)[11, 0, 0, 0] = np.inf
+    store.write(0, latents, np.zeros(16), np.array(keys_of(16)), latents_flip=flipped)
+    store.finish()  # the statistics see the inf
+    what = "NaN or inf latents" if array == "latents" else "NaN or inf flipped latents"
+    with pytest.raises(UserError, match=rf"row 11 \(key 'cats/img011.jpg'\) holds {what}:"):
+        LatentStore.open(store.url).check_finite()
