@@ -101,3 +101,39 @@ def test_the_non_finite_message_names_the_array_and_prints_the_key_as_text(tmp_p
     what = "NaN or inf latents" if array == "latents" else "NaN or inf flipped latents"
     with pytest.raises(UserError, match=rf"row 11 \(key 'cats/img011.jpg'\) holds {what}:"):
         LatentStore.open(store.url).check_finite()
+
+
+# --------------------------------------------------------------------------- run dirs
+
+
+def edited_run(fitted, tmp_path, edit) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(fitted["run"], run)
+    config = json.loads((run / "config.json").read_text())
+    text = edit(config)
+    (run / "config.json").write_text(text if isinstance(text, str) else json.dumps(config))
+    return run
+
+
+CONFIG_EDITS = {
+    "a billion codes": (lambda c: c.update(codes=10**9), "quantizer.codebooks [64, 1000000000, 4]"),
+    "a rectifier ten million wide": (lambda c: c.update(rectifier_width=10**7), "[10000000, 16, 3, 3]"),
+    "a billion rectifier layers": (lambda c: c.update(rectifier_layers=10**9), "rectifier layers are not in the weights"),
+    "a JSON list": (lambda c: json.dumps([c]), "holds a JSON list"),
+    "invalid JSON": (lambda c: json.dumps(c)[:-9], "cannot be read as a run's config"),
+    "codes as text": (lambda c: c.update(codes="many"), 'codes must be an integer, not "many"'),
+    "a latent shape of two sizes": (lambda c: c.update(latent_shape=[16, 16]), "latent_shape must be a list of 3 integers, not [16, 16]"),
+    "no tokens": (lambda c: c.pop("tokens"), "lacks tokens"),
+    "a zero attention head dim": (lambda c: c.update(attention_head_dim=0), "attention head dim 0"),
+    "another split": (lambda c: c.update(split="diagonal"), "unknown split"),
+}
+
+
+@pytest.mark.parametrize("edit", CONFIG_EDITS)
+def test_a_hand_edited_config_is_refused_before_anything_is_allocated(fitted, tmp_path, edit):
+    change, reason = CONFIG_EDITS[edit]
+    run = edited_run(fitted, tmp_path, change)
+    out = tmp_path / "tokens.zarr"
+    one_error_line(runner.invoke(app, ["export-tokens", str(run), fitted["good"], "--out", str(out),
+                                       "--device", "cpu"]), reason)
+    assert not out.exists()

@@ -39,7 +39,8 @@ from revq_pipe.pipeline.model.rectifier import build_rectifier
 from revq_pipe.pipeline.images.sources import to_model_input
 from revq_pipe.pipeline.train.training_record import read_training_record, training_summary
 from revq_pipe.pipeline.images.vae import hub_offline, hub_unreachable, resolve_vae
-from revq_pipe.pipeline.model.weights import CHECKSUM_KEY, file_sha256, load_verified
+from revq_pipe.pipeline.model.weights import (CHECKSUM_KEY, checked_model_config, file_sha256, load_verified,
+                                              read_config_file)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -358,6 +359,8 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
         from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
         name = str(pretrained_model_name_or_path)
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, CONFIG_NAME)):
+            read_config_file(Path(name) / CONFIG_NAME)  # a damaged one is refused before the hub mixin reads it
         if not os.path.isdir(name):
             if name.startswith((".", "/", "~")) or os.path.exists(name):
                 raise UserError(f"{name} is not a ReVQ run directory")
@@ -386,9 +389,12 @@ class ReVQ(nn.Module, PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list
             weights = Path(hf_hub_download(model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
                                            force_download=force_download, local_files_only=local_files_only,
                                            token=token))
-        model = cls(ReVQConfig.from_dict(config))
+        state = load_verified(weights, config.get(CHECKSUM_KEY))
+        # Checked against the weights before the model is built: config.json may have been edited.
+        model = cls(checked_model_config(config, {name: tuple(t.shape) for name, t in state.items()},
+                                         Path(model_id) / CONFIG_NAME))
         try:
-            model.load_state_dict(load_verified(weights, config.get(CHECKSUM_KEY)))
+            model.load_state_dict(state)
         except RuntimeError as err:
             raise UserError(f"{weights} does not match the config.json beside it: {err}") from err
         if os.path.isdir(model_id):
