@@ -12,6 +12,7 @@ import zarr
 from typer.testing import CliRunner
 
 from revq_pipe.cli import app
+from test_paper_checkpoint import paper_files  # noqa: F401 - the paper's files, built as its code saves them
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore, write_latent_store
 
@@ -137,3 +138,80 @@ def test_a_hand_edited_config_is_refused_before_anything_is_allocated(fitted, tm
     one_error_line(runner.invoke(app, ["export-tokens", str(run), fitted["good"], "--out", str(out),
                                        "--device", "cpu"]), reason)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- the paper's files
+
+
+class RunsCodeWhenUnpickled:
+    """What a hostile pickle does: unpickling calls Path.touch(marker)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def paper_case(root: Path, tmp_path: Path, case: str) -> tuple[Path, Path, Path]:
+    """(ckpt, yaml, preprocessor) for a hostile case, built from the good paper files in `root`."""
+    import torch
+
+    ckpt, yaml_path, stats = root / "ckpt.pth", root / "small.yaml", root / "preprocessor.pth"
+    marker = tmp_path / "code-ran"
+    yaml_text = yaml_path.read_text()
+    edits = {"absurd num_code": ("num_code: 16", "num_code: 1000000000000"),
+             "absurd input size": ("input_data_size: [8, 4, 4]", "input_data_size: [8, 100000, 100000]"),
+             "absurd width": ("block_out_channels: [32]", "block_out_channels: [100000000]"),
+             "absurd layers": ("layers_per_block: [2]", "layers_per_block: [1000000000]"),
+             "zero tokens": ("tokens_per_data: 32", "tokens_per_data: 0"),
+             "codes as text": ("num_code: 16", "num_code: lots"),
+             "decoder as a list": ("  decoder:\n    TYPE: dc_ae", "  decoder: [1, 2]\n  unused:\n    TYPE: dc_ae"),
+             "python tag": ("seed: 42", f"seed: !!python/object/apply:pathlib.Path.touch [{str(marker)!r}]")}
+    if case in edits:
+        old, new = edits[case]
+        assert old in yaml_text, case
+        yaml_path = tmp_path / "edited.yaml"
+        yaml_path.write_text(yaml_text.replace(old, new))
+    elif case == "pickle that runs code":
+        ckpt = tmp_path / "ckpt.pth"
+        torch.save({"quantizer": RunsCodeWhenUnpickled(marker), "decoder": {}}, ckpt)
+    elif case == "wider decoder weights":
+        state = torch.load(ckpt, weights_only=True)
+        state["decoder"]["conv_in.weight"] = torch.zeros(64, 8, 3, 3)
+        ckpt = tmp_path / "ckpt.pth"
+        torch.save(state, ckpt)
+    elif case == "text for a decoder tensor":
+        state = torch.load(ckpt, weights_only=True)
+        state["decoder"]["conv_in.weight"] = "weights"
+        ckpt = tmp_path / "ckpt.pth"
+        torch.save(state, ckpt)
+    elif case == "statistics as lists":
+        stats = tmp_path / "preprocessor.pth"
+        torch.save({"mean": [0.0] * 128, "std": [1.0] * 128}, stats)
+    return ckpt, yaml_path, stats
+
+
+PAPER_CASES = {
+    "pickle that runs code": "weights_only=True",
+    "python tag": "is not valid YAML",
+    "wider decoder weights": "rectifier.conv_in.weight [32, 8, 3, 3], but the weights hold [64, 8, 3, 3]",
+    "absurd num_code": "do not match the config",
+    "absurd input size": "statistics of 128 dimensions",
+    "absurd width": "rectifier.conv_in.weight [100000000, 8, 3, 3]",
+    "absurd layers": "rectifier layers are not in the weights",
+    "zero tokens": "not a ReVQ paper config",
+    "codes as text": "not a ReVQ paper config",
+    "decoder as a list": "not a ReVQ paper config",
+    "text for a decoder tensor": "conv_in.weight is a str, not a tensor",
+    "statistics as lists": "no `mean` and `std` tensors",
+}
+
+
+@pytest.mark.parametrize("case", PAPER_CASES)
+def test_hostile_paper_checkpoints_and_configs_are_one_line_errors_and_run_no_code(paper_files, tmp_path, case):
+    ckpt, config, stats = paper_case(paper_files["root"], tmp_path, case)
+    result = runner.invoke(app, ["import-checkpoint", str(ckpt), "--config", str(config), "--preprocessor", str(stats),
+                                 "--out", str(tmp_path / "run")])
+    one_error_line(result, PAPER_CASES[case])
+    assert not (tmp_path / "code-ran").exists() and not (tmp_path / "run").exists()
