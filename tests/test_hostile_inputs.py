@@ -215,3 +215,53 @@ def test_hostile_paper_checkpoints_and_configs_are_one_line_errors_and_run_no_co
                                  "--out", str(tmp_path / "run")])
     one_error_line(result, PAPER_CASES[case])
     assert not (tmp_path / "code-ran").exists() and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- latent files
+
+
+def latent_file(path: Path, rows: int = 12, shape=(4, 2, 2), *, bad_row: int | None = None, value=np.nan,
+                **arrays) -> Path:
+    latents = np.random.default_rng(rows).normal(size=(rows, *shape)).astype(np.float32)
+    if bad_row is not None:
+        latents[bad_row, 0, 0, 0] = value
+    if arrays or path.suffix == ".npz":
+        np.savez(path, latents=latents, **arrays)
+    else:
+        np.save(path, latents)
+    return path
+
+
+LATENT_FILE_CASES = {
+    "NaN in the first file": (lambda d: [latent_file(d / "a.npy", bad_row=10)], "row 10 holds NaN"),
+    "inf in the second file": (lambda d: [latent_file(d / "a.npy"), latent_file(d / "b.npy", bad_row=3, value=np.inf)],
+                               "b.npy: row 3 holds NaN or inf"),
+    "a second file of another shape": (lambda d: [latent_file(d / "a.npy", rows=40),
+                                                  latent_file(d / "b.npy", shape=(4, 3, 3))], "one store holds one shape"),
+    "zero rows": (lambda d: [latent_file(d / "a.npy", rows=0)], "hold no rows"),
+    "zero channels": (lambda d: [latent_file(d / "a.npy", shape=(0, 8, 8))], "have an empty dimension"),
+    "a label past int64": (lambda d: [latent_file(d / "a.npz", labels=np.full(12, 2**63 + 5, np.uint64))],
+                           "label 9223372036854775813 (row 0) is neither -1"),
+    "a negative label": (lambda d: [latent_file(d / "a.npz", labels=np.array([0] * 7 + [-5] * 5))], "label -5 (row 7)"),
+    "a header claiming a huge array": (lambda d: [_huge_header(d / "a.npy")], "cannot be read as .npy"),
+}
+
+
+def _huge_header(path: Path) -> Path:
+    """A .npy file whose header promises 10^12 latents but holds a few bytes."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10**12, 4, 2, 2)}
+    with open(path, "wb") as file:
+        np.lib.format.write_array_header_1_0(file, header)
+        file.write(b"\0" * 64)
+    return path
+
+
+@pytest.mark.parametrize("case", LATENT_FILE_CASES)
+def test_a_bad_latent_file_is_one_line_and_the_next_import_needs_no_overwrite(tmp_path, case):
+    make, reason = LATENT_FILE_CASES[case]
+    out = tmp_path / "out" / "latents.zarr"
+    one_error_line(runner.invoke(app, ["import-latents", *map(str, make(tmp_path)), "--out", str(out)]), reason)
+    assert not out.exists()
+    good = latent_file(tmp_path / "good.npy", rows=20)
+    ok(["import-latents", str(good), "--out", str(out)])
+    assert len(LatentStore.open(str(out))) == 20

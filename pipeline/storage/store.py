@@ -40,7 +40,7 @@ from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
-from revq_pipe.pipeline.paths import exists, local_path
+from revq_pipe.pipeline.paths import exists, filesystem, local_path
 from revq_pipe.pipeline.storage.stats import latent_stats
 
 FORMAT_VERSION = 1
@@ -239,12 +239,28 @@ def _new_group(url: str, attributes: dict[str, Any], overwrite: bool) -> zarr.Gr
             raise FileExistsError(f"{url} already holds data")
         if not (path / "zarr.json").is_file():
             raise UserError(f"{url} holds files but is not a Zarr store: refusing to replace it")
-        for entry in leftovers:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        _remove_entries(leftovers)
     return zarr.open_group(str(url), mode="a", attributes=attributes)
+
+
+def remove_store(url: str) -> None:
+    """Remove the store at `url`, which its writer gives up (a local one's lease stays, for its
+    holder to release)."""
+    path = local_path(url)
+    if path is not None:
+        _remove_entries(contents(path))
+        return
+    fs, root = filesystem(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _remove_entries(entries: list) -> None:
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def remove_partial_writes(url: str) -> None:
