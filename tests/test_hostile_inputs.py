@@ -11,6 +11,7 @@ import pytest
 import zarr
 from typer.testing import CliRunner
 
+from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
 from test_paper_checkpoint import paper_files  # noqa: F401 - the paper's files, built as its code saves them
 from revq_pipe.pipeline.errors import UserError
@@ -265,3 +266,96 @@ def test_a_bad_latent_file_is_one_line_and_the_next_import_needs_no_overwrite(tm
     good = latent_file(tmp_path / "good.npy", rows=20)
     ok(["import-latents", str(good), "--out", str(out)])
     assert len(LatentStore.open(str(out))) == 20
+
+
+# --------------------------------------------------------------------------- image folders and shards
+
+
+def encode_args(source, out, vae) -> list[str]:
+    return ["encode", str(source), "--out", str(out), "--vae", str(vae), "--image-size", str(TINY_IMAGE_SIZE),
+            "--workers", "0", "--batch-size", "3"]
+
+
+def listing(root: Path, *outputs: Path) -> set[str]:
+    """Every path under `root` (links not followed), outputs left out."""
+    return {str(p.relative_to(root)) for p in root.rglob("*") if not any(p == o or o in p.parents for o in outputs)}
+
+
+def test_an_image_folder_of_hostile_entries_encodes_its_images_and_skips_the_rest(photo_folder, tiny_dc_vae_dir,
+                                                                                tmp_path):
+    import os
+
+    source = tmp_path / "photos"
+    cats = source / "cats"
+    cats.mkdir(parents=True)
+    good = sorted(photo_folder.rglob("*.jpg"))[:4]
+    for i, path in enumerate(good):
+        shutil.copy(path, cats / f"good{i}.jpg")
+    shutil.copy(good[0], os.fsdecode(bytes(cats) + b"/caf\xe9.jpg"))  # a name that is not UTF-8
+    os.mkdir(os.fsdecode(bytes(source) + b"/d\xf6gs"))  # a class folder whose name is not UTF-8
+    shutil.copy(good[1], os.fsdecode(bytes(source) + b"/d\xf6gs/dog.jpg"))
+    (cats / "loop1.jpg").symlink_to("loop2.jpg")  # links that point at each other
+    (cats / "loop2.jpg").symlink_to("loop1.jpg")
+    os.mkfifo(cats / "pipe.jpg")  # reading it would wait forever
+    (cats / "empty.jpg").write_bytes(b"")
+    (cats / "zero.jpg").symlink_to("/dev/zero")  # out of the folder: skipped by the link policy
+    before = listing(tmp_path)
+    out = tmp_path / "latents.zarr"
+    output = ok(encode_args(source, out, tiny_dc_vae_dir))
+    assert "skipped 2 file(s) or folder(s) whose names are not UTF-8 (e.g. d\\xf6gs)" in output
+    store = LatentStore.open(str(out))
+    assert list(store.keys[:]) == [f"cats/good{i}.jpg" for i in range(4)]
+    assert [key for key, _ in store.skipped] == ["cats/empty.jpg", "cats/loop1.jpg", "cats/loop2.jpg", "cats/pipe.jpg"]
+    assert "not a regular file" in dict(store.skipped)["cats/pipe.jpg"]
+    assert "Too many levels of symbolic links" in dict(store.skipped)["cats/loop1.jpg"]
+    assert listing(tmp_path, out) == before
+    assert "already complete" in ok(encode_args(source, out, tiny_dc_vae_dir))
+
+
+def shards_of(photo_folder: Path, folder: Path, key, label) -> str:
+    """The 12 photos as webdataset shards of 5 samples, sample i keyed key(i) with `cls` label(i)."""
+    import webdataset as wds
+
+    folder.mkdir(exist_ok=True)
+    with wds.ShardWriter(str(folder / "s-%06d.tar"), maxcount=5, verbose=0) as sink:
+        for i, path in enumerate(sorted(photo_folder.rglob("*.jpg"))):
+            sink.write({"__key__": key(i), "jpg": path.read_bytes(), "cls": label(i)})
+    return str(folder / "s-{000000..000002}.tar")
+
+
+def test_shard_members_named_up_and_out_stay_inside_every_output(photo_folder, tiny_dc_vae_dir, tmp_path):
+    names = lambda i: ("../escape{}", "/abs/escape{}", "ok/{}")[i % 3].format(i)  # noqa: E731
+    shards = shards_of(photo_folder, tmp_path / "shards", names, lambda i: str(i % 3))
+    before = listing(tmp_path)
+    latents, run, tokens = tmp_path / "latents.zarr", tmp_path / "run", tmp_path / "tokens.zarr"
+    ok(encode_args(shards, latents, tiny_dc_vae_dir))
+    assert LatentStore.open(str(latents)).key(0) == "../escape0"
+    ok(["fit", str(latents), "--out", str(run), "--preset", "tiny", "--codes", "2", "--epochs", "1", "--batch-size",
+        "4", "--device", "cpu"])
+    ok(["export-tokens", str(run), str(latents), "--out", str(tokens), "--format", "zarr+wds", "--device", "cpu"])
+    ok(["decode", str(run), str(tokens), "--out", str(tmp_path / "images"), "--vae", str(tiny_dc_vae_dir),
+        "--device", "cpu"])
+    outputs = [latents, run, tokens, tmp_path / "tokens.zarr-wds", tmp_path / "images"]
+    assert listing(tmp_path, *outputs) == before and not Path("/abs").exists()
+    expected = {("escape{}.png", "abs/escape{}.png", "ok/{}.png")[i % 3].format(i) for i in range(12)}
+    assert {str(p.relative_to(tmp_path / "images")) for p in (tmp_path / "images").rglob("*.png")} == expected
+
+
+@pytest.mark.parametrize("bad", ["99999999999999999999999", "nan", "-5"])
+def test_a_webdataset_label_that_is_no_label_stops_encode_and_the_fixed_shard_resumes(photo_folder, tiny_dc_vae_dir,
+                                                                                    tmp_path, bad, monkeypatch):
+    keys = lambda i: f"sample{i:02d}"  # noqa: E731
+    shards = shards_of(photo_folder, tmp_path / "shards", keys, lambda i: bad if i == 7 else str(i % 3))
+    out = tmp_path / "latents.zarr"
+    monkeypatch.setattr("revq_pipe.stages.encode.default_chunk_rows", lambda *shape: 3)
+    one_error_line(runner.invoke(app, encode_args(shards, out, tiny_dc_vae_dir)), "s-000001.tar",
+                   f"sample 'sample07': its cls '{bad}' is neither -1 (unknown) nor a class number")
+    kept = LatentStore.open(str(out), allow_incomplete=True).rows_done
+    assert kept == 3  # the chunks before it are kept
+    shards_of(photo_folder, tmp_path / "shards", keys, lambda i: str(i % 3))  # the shard fixed
+    assert f"resumed after {kept} stored rows" in ok(encode_args(shards, out, tiny_dc_vae_dir))
+    clean = shards_of(photo_folder, tmp_path / "clean", keys, lambda i: str(i % 3))
+    ok(encode_args(clean, tmp_path / "clean.zarr", tiny_dc_vae_dir))
+    resumed, expected = LatentStore.open(str(out)), LatentStore.open(str(tmp_path / "clean.zarr"))
+    for name in ("latents", "labels", "keys", "mean", "std"):
+        np.testing.assert_array_equal(resumed.group[name][:], expected.group[name][:], err_msg=name)

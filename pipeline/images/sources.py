@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -94,7 +95,10 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def decode_image(data: bytes | str | Path, size: int) -> torch.Tensor:
-    """Decode image bytes (or a file) fully and preprocess it; raises on corrupt/truncated data."""
+    """Decode image bytes (or a file) fully and preprocess it; raises on corrupt/truncated data,
+    and on a path that is not a regular file (reading a FIFO would wait forever)."""
+    if not isinstance(data, bytes) and not stat.S_ISREG(os.stat(data).st_mode):
+        raise ValueError("not a regular file")
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
         image.load()  # force the full decode now, so a truncated file fails here
         return preprocess(image, size)
@@ -218,6 +222,10 @@ class ShardUnit:
                         # marked last; the end comes as a final (possibly empty) block.
                         yield builder.build(last=False)
                         builder = None
+        except BadLabel as err:  # bad data, not an unreadable shard: the run stops, the shard is to be fixed
+            message = f"webdataset shard {self.url}, {err}"
+            yield Block(self.part, index, 0, True, _no_images(image_size), error=message.splitlines()[0])
+            return
         except Exception as err:  # noqa: BLE001 - reported as one line by the main process
             message = f"cannot read webdataset shard {self.url}: {type(err).__name__}: {err}"
             yield Block(self.part, index, 0, True, _no_images(image_size), error=message.splitlines()[0])
@@ -231,6 +239,10 @@ def _no_images(image_size: int) -> torch.Tensor:
     return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
 
 
+class BadLabel(ValueError):
+    """A sample's label member holds something other than a label (see `_parse_sample`)."""
+
+
 def _parse_sample(sample: dict) -> tuple[str, int, bytes | None, str | None]:
     """(key, label, image bytes or None, reason when None) of one webdataset sample."""
     key = str(sample.get("__key__"))
@@ -239,8 +251,10 @@ def _parse_sample(sample: dict) -> tuple[str, int, bytes | None, str | None]:
     for member in LABEL_MEMBERS:
         if member in sample:
             text = sample[member].decode("utf-8", "replace").strip()
-            if not re.fullmatch(r"-?\d+", text):
-                return key, label, None, f"label {member} is not an integer: {text[:40]!r}"
+            # The rule for labels of every source: -1 (unknown) or a class number an int64 holds.
+            if not re.fullmatch(r"-1|\d{1,19}", text) or int(text) >= 2**63:
+                raise BadLabel(f"sample {key!r}: its {member} {text[:40]!r} is neither -1 (unknown) nor a class "
+                               f"number from 0 to 2^63-1: fix it, or remove the member to store the sample with -1")
             label = int(text)
             break
     if image_member is None:
