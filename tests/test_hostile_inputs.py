@@ -359,3 +359,59 @@ def test_a_webdataset_label_that_is_no_label_stops_encode_and_the_fixed_shard_re
     resumed, expected = LatentStore.open(str(out)), LatentStore.open(str(tmp_path / "clean.zarr"))
     for name in ("latents", "labels", "keys", "mean", "std"):
         np.testing.assert_array_equal(resumed.group[name][:], expected.group[name][:], err_msg=name)
+
+
+# --------------------------------------------------------------------------- token and latent stores
+
+
+def _replace_array(group, name: str, values: np.ndarray) -> None:
+    del group[name]
+    group.create_array(name, shape=values.shape, chunks=(CHUNK, *values.shape[1:]), dtype=values.dtype)[:] = values
+
+
+def _damage_store(path: Path, case: str) -> None:
+    group = zarr.open_group(str(path), mode="r+")
+    if case == "a negative id":
+        ids = group["tokens"][:].astype(np.int32)
+        ids[21, 3] = -1
+        _replace_array(group, "tokens", ids)
+    elif case == "one token too many":
+        ids = group["tokens"][:]
+        _replace_array(group, "tokens", np.concatenate([ids, ids[:, :1]], axis=1))
+    elif case == "float ids":
+        _replace_array(group, "tokens", group["tokens"][:].astype(np.float32) + 0.5)
+    elif case == "integer latents":
+        _replace_array(group, "latents", group["latents"][:].astype(np.int32))
+    elif case == "attrs that are a list":
+        group.attrs["revq"] = [1, 2]
+    elif case == "no labels":
+        del group["labels"]
+    elif case == "garbage metadata":
+        (path / "zarr.json").write_text("{garbage")
+
+
+STORE_CASES = {
+    "a negative id": ("tokens", "row 21 (key 'cats/img021.jpg') holds token id -1"),
+    "one token too many": ("tokens", "holds 65 tokens per image, the run 64"),
+    "float ids": ("tokens", "its 'tokens' must be integer ids (N, T), not float32"),
+    "attrs that are a list": ("tokens", "was exported by another run"),
+    "no labels": ("tokens", "it has no 'labels' array"),
+    "garbage metadata": ("tokens", "is not a Zarr v3 group"),
+    "integer latents": ("latents", "its 'latents' must be floats (N, C, H, W), not int32"),
+}
+
+
+@pytest.mark.parametrize("case", STORE_CASES)
+def test_a_damaged_token_or_latent_store_is_one_line_before_anything_is_written(fitted, tmp_path, case):
+    which, reason = STORE_CASES[case]
+    if which == "tokens":
+        tokens = tmp_path / "tokens.zarr"
+        ok(["export-tokens", fitted["run"], fitted["good"], "--out", str(tokens), "--device", "cpu"])
+        _damage_store(tokens, case)
+        args = ["decode", fitted["run"], str(tokens), "--out", str(tmp_path / "out"), "--device", "cpu"]
+    else:
+        shutil.copytree(fitted["good"], tmp_path / "latents.zarr")
+        _damage_store(tmp_path / "latents.zarr", case)
+        args = ["export-tokens", fitted["run"], str(tmp_path / "latents.zarr"), "--out", str(tmp_path / "out")]
+    one_error_line(runner.invoke(app, args), reason)
+    assert not (tmp_path / "out").exists()

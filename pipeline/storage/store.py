@@ -80,6 +80,7 @@ class RowStore:
 
     DATA = ""  # the per-row data array: "latents" or "tokens"
     KIND = ""  # how messages name the store: "latent" or "token"
+    DATA_FORM = ("", 0, "")  # what the data array must be: numpy dtype kinds, dimensions, in words
 
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
@@ -91,6 +92,11 @@ class RowStore:
         for name in (cls.DATA, "labels", "keys"):
             if name not in group:
                 raise UserError(f"{url} is not a {cls.KIND} store: it has no '{name}' array")
+        kinds, ndim, words = cls.DATA_FORM
+        data = group[cls.DATA]
+        if not isinstance(data, zarr.Array) or data.dtype.kind not in kinds or data.ndim != ndim:
+            raise UserError(f"{url} is not a {cls.KIND} store: its '{cls.DATA}' must be {words}, not "
+                            f"{getattr(data, 'dtype', 'a group')} of shape {list(getattr(data, 'shape', []))}")
         return group
 
     @classmethod
@@ -140,7 +146,8 @@ class RowStore:
 
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("revq", {}))
+        attrs = self.group.attrs.get("revq", {})
+        return dict(attrs) if isinstance(attrs, dict) else {}  # another tool's attrs: none of ours
 
     def update_attrs(self, **values: Any) -> None:
         """Merge `values` into attrs["revq"] (one atomic metadata write on local and object stores)."""
@@ -277,6 +284,7 @@ class LatentStore(RowStore):
 
     DATA = "latents"
     KIND = "latent"
+    DATA_FORM = ("f", 4, "floats (N, C, H, W)")
 
     @classmethod
     def open(cls, url: str, mode: str = "r", *, allow_incomplete: bool = False) -> "LatentStore":
