@@ -26,11 +26,14 @@ from revq_pipe.pipeline.paths import filesystem
 if TYPE_CHECKING:
     from distributed import Client
 
+log = logging.getLogger(__name__)
+
 LOCAL_SPEC = re.compile(r"local(?::(\d+))?")
 ADDRESS_SPEC = re.compile(r"(tcp|tls|ws|wss|ucx)://[^\s/]+:\d+|[\w.-]+:\d+")
 CPU_LOCAL_WORKERS = 2
 CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 60  # how long a scheduler with no workers yet is given to get one
+START_ATTEMPTS = 3  # starts of a local cluster whose worker processes die while starting
 
 
 @contextlib.contextmanager
@@ -93,19 +96,35 @@ def _local_client(workers: int):
 
     # DataLoader workers are child processes of the dask worker; daemonic processes may have none.
     # The setting is read whenever a nanny (re)starts its worker, so it holds for the cluster's life.
-    nanny_log = logging.getLogger("distributed.nanny")
-    level = nanny_log.level
+    dask_log = logging.getLogger("distributed")
+    level = dask_log.level
     try:
         with dask.config.set({"distributed.worker.daemon": False}):
-            with _local_cluster(workers) as cluster, Client(cluster) as client:
+            with _started_local_cluster(workers) as cluster, Client(cluster) as client:
                 try:
                     yield client
                 finally:
                     # Workers that imported torch take seconds to exit, and the nanny kills them with
-                    # a warning, after every result is written: not worth a line for the user.
-                    nanny_log.setLevel(logging.ERROR)
+                    # a warning, after every result is written; after Ctrl-C the scheduler warns of
+                    # the tasks it drops: neither is worth a line for the user.
+                    dask_log.setLevel(logging.ERROR)
     finally:
-        nanny_log.setLevel(level)
+        dask_log.setLevel(level)
+
+
+def _started_local_cluster(workers: int):
+    """`_local_cluster`, started again when one of its worker processes died while it started
+    (LocalCluster raises "Nanny failed to start" and closes what it began); after START_ATTEMPTS
+    starts, one line that says to run the command again (what it wrote so far is resumed)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _local_cluster(workers)
+        except (RuntimeError, OSError, TimeoutError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if attempt == START_ATTEMPTS:
+                raise UserError(f"the local dask cluster could not start ({reason}, {START_ATTEMPTS} tries): a worker "
+                                f"process died while starting; run the same command again to go on") from None
+            log.warning(f"a dask worker process died while the local cluster started ({reason}): starting it again")
 
 
 def _local_cluster(workers: int):
