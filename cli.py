@@ -17,6 +17,7 @@ from typing import Optional
 import typer
 
 from revq_pipe.pipeline.errors import UserError, os_error_line
+from revq_pipe.pipeline.interrupts import DEFAULT_HINT, prompt_interrupts
 from revq_pipe.pipeline.reporting.console import console_reporting
 
 from revq_pipe.pipeline.model.config import preset_defaults, preset_help
@@ -56,24 +57,27 @@ def _report_to_console(
 def reports_user_errors(command):
     """Turn a UserError, or a file system failure the user can fix (os_error_line), into
     `error: <reason>` on stderr and exit status 2, with no traceback; Ctrl-C into exit status 130
-    and a hint (the stage's own, when it raised KeyboardInterrupt with one)."""
+    and a hint (the stage's own, when it raised KeyboardInterrupt with one), within seconds
+    (pipeline/interrupts.py)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except UserError as err:
-            typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as err:
-            line = os_error_line(err)
-            if line is None:
-                raise
-            typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as err:
-            typer.echo(f"interrupted: {str(err) or 'run the same command again to resume'}", err=True)
-            raise typer.Exit(130) from None
+        with prompt_interrupts() as reported_interrupt:
+            try:
+                return command(*args, **kwargs)
+            except UserError as err:
+                typer.echo(f"error: {err}", err=True)
+                raise typer.Exit(2) from None
+            except OSError as err:
+                line = os_error_line(err)
+                if line is None:
+                    raise
+                typer.echo(f"error: {line}", err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt as err:
+                typer.echo(f"interrupted: {str(err) or DEFAULT_HINT}", err=True)
+                reported_interrupt()
+                raise typer.Exit(130) from None
 
     return wrapper
 

@@ -1,12 +1,14 @@
 """Run the revq-pipe CLI in this process and SIGKILL it at a chosen moment (a child process of
 tests/test_faults.py).
 
-Usage: python kill_at.py TARGET NTH before|after [--encode-chunk-rows N] -- CLI ARGS...
+Usage: python kill_at.py TARGET NTH before|after [--encode-chunk-rows N] [--signal NAME] -- CLI ARGS...
 
 TARGET names a function or method as module:qualname (revq_pipe.pipeline.storage.store:RowStore.commit,
 zarr:Array.__setitem__, ...). On its NTH call the process sends itself SIGKILL, just before or
 just after the call: no handler runs and nothing is cleaned up, as after a crash or the OOM
 killer. --encode-chunk-rows makes encode cut chunks of N rows, so a few images span several.
+--signal sends another signal instead: INT is Ctrl-C at exactly that moment (tests/test_interrupts.py),
+STOP pauses the command there until the test sends SIGCONT.
 """
 
 import functools
@@ -17,7 +19,7 @@ import signal
 import sys
 
 
-def kill_on_call(target: str, nth: int, when: str) -> None:
+def kill_on_call(target: str, nth: int, when: str, signum: int = signal.SIGKILL) -> None:
     module_name, qualname = target.split(":")
     owner = importlib.import_module(module_name)
     *path, name = qualname.split(".")
@@ -32,10 +34,10 @@ def kill_on_call(target: str, nth: int, when: str) -> None:
         nonlocal calls
         calls += 1
         if calls == nth and when == "before":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         result = function(*args, **kwargs)
         if calls == nth and when == "after":
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signum)
         return result
 
     setattr(owner, name, classmethod(wrapper) if isinstance(original, classmethod) else wrapper)
@@ -50,7 +52,8 @@ def main(argv: list[str]) -> None:
 
         rows = int(options[options.index("--encode-chunk-rows") + 1])
         encode.default_chunk_rows = lambda *shape: rows
-    kill_on_call(target, nth, when)
+    signum = signal.Signals["SIG" + options[options.index("--signal") + 1]] if "--signal" in options else signal.SIGKILL
+    kill_on_call(target, nth, when, signum)
     from revq_pipe.cli import app
 
     app(cli_args)

@@ -25,6 +25,7 @@ import io
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -275,9 +276,24 @@ class BlockDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Block]:
         info = get_worker_info()
+        if info is not None:
+            _quiet_when_the_main_process_stops()
         units = self.units if info is None else self.units[info.id :: info.num_workers]
         for unit in units:
             yield from unit.blocks(self.image_size, self.block_size)
+
+
+def _quiet_when_the_main_process_stops() -> None:
+    """In a DataLoader worker: a block's transfer that the main process cut by stopping (Ctrl-C
+    while it received the block) ends the thread serving it without a traceback on the user's
+    terminal; the worker itself is stopped right after."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def default_workers(workers: int | None = None) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME
 from revq_pipe.pipeline.train.determinism import deterministic_on_cpu
 from revq_pipe.pipeline.device import resolve_device
+from revq_pipe.pipeline.interrupts import set_interrupt_hint
 from revq_pipe.pipeline.lease import output_lease
 
 
@@ -31,6 +32,7 @@ def guards_run_dir(fit):
         arguments.apply_defaults()
         out, device = arguments.arguments["out"], arguments.arguments["device"]
         lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+        set_interrupt_hint(lambda: _resume_hint(Path(out), arguments.arguments))  # for a fit stopped at once
         with lease, deterministic_on_cpu(resolve_device(device)):
             try:
                 return fit(*args, **kwargs)
