@@ -152,9 +152,12 @@ def import_latents(
 @reports_user_errors
 def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
+    from revq_pipe.pipeline.lease import output_lease
     from revq_pipe.pipeline.storage.store import LatentStore
 
-    mean, std = LatentStore.open(store, mode="r+").compute_stats()
+    latents = LatentStore.open(store, mode="r+")  # (an existing store: the lease creates no folder)
+    with output_lease(store, "stats"):
+        mean, std = latents.compute_stats()
     typer.echo(f"{store}: mean/std over {mean.size} dimensions rewritten "
                f"(mean of means {mean.mean():.4g}, mean of stds {std.mean():.4g})")
 
