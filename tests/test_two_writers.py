@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from conftest import TINY_IMAGE_SIZE
 from revq_pipe.cli import app
-from revq_pipe.pipeline.storage.store import write_latent_store
+from test_interrupts import fitted  # noqa: F401 - a store shaped for the tiny VAE, a run, its tokens
 from test_paper_checkpoint import paper_files  # noqa: F401 - the paper's files, as its code saves them
 
 pytestmark = pytest.mark.slow
@@ -26,25 +26,6 @@ pytestmark = pytest.mark.slow
 KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
 REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-COUNT, CHUNK = 40, 8
-
-
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory, tiny_dc_vae_dir):
-    root = tmp_path_factory.mktemp("two-writers")
-    latents = np.random.default_rng(0).normal(size=(COUNT, 4, 8, 8)).astype(np.float32)
-    store = write_latent_store(str(root / "latents.zarr"), latents, np.arange(COUNT) % 3,
-                               [f"class{i % 3}/img{i:02d}.jpg" for i in range(COUNT)], chunk_size=CHUNK,
-                               attrs={"vae": str(tiny_dc_vae_dir), "image_size": TINY_IMAGE_SIZE})
-    np.save(root / "latents.npy", latents)
-    runner = CliRunner()
-    for args in (["fit", store.url, "--out", str(root / "run"), "--preset", "tiny", "--codes", "8", "--epochs", "1",
-                  "--batch-size", "8", "--device", "cpu"],
-                 ["export-tokens", str(root / "run"), store.url, "--out", str(root / "tokens.zarr")]):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, result.output
-    return {"store": store.url, "run": str(root / "run"), "tokens": str(root / "tokens.zarr"),
-            "npy": str(root / "latents.npy"), "vae": str(tiny_dc_vae_dir)}
 
 
 WRITERS = {  # stage: (its command without --out, where the first one pauses, kill_at options)
