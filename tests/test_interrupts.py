@@ -15,15 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from typer.testing import CliRunner
 
 from conftest import TINY_IMAGE_SIZE
+from revq_pipe.cli import app
 from revq_pipe.pipeline.lease import LEASE_NAME
 from revq_pipe.pipeline.storage.store import write_latent_store
 
 pytestmark = pytest.mark.slow
 
 KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
-REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 COUNT, CHUNK = 40, 8
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_GUARD_S = 300
@@ -47,14 +48,14 @@ def interrupt_at(target: str, nth: int, when: str, args: list[str], *options: st
 
 
 def finish(args: list[str], encode_chunk_rows: str | None = None) -> str:
-    """Run the command to its end (with encode's chunks of `encode_chunk_rows` rows, when given)."""
-    if encode_chunk_rows is None:
-        done = run([REVQ_PIPE, *args])
-    else:
-        done = subprocess.run([sys.executable, "-c", ENCODE_WITH_CHUNKS, *args], capture_output=True, text=True,
-                              timeout=HANG_GUARD_S, env={**ENV, "REVQ_TEST_ENCODE_CHUNK_ROWS": encode_chunk_rows})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    """Run the command to its end, in this process (with encode's chunks of `encode_chunk_rows`
+    rows, as kill_at.py --encode-chunk-rows cuts them, when given)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if encode_chunk_rows is not None:
+            patch.setattr("revq_pipe.stages.encode.default_chunk_rows", lambda *shape: int(encode_chunk_rows))
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output[-3000:]
+    return result.output
 
 
 def same_output(a: Path, b: Path) -> None:
@@ -134,17 +135,6 @@ def test_ctrl_c_stops_the_stage_and_the_same_command_finishes_it(stage, fitted, 
         finish([*args, "--out", str(tmp_path / out)], encode_chunk_rows=options[1] if options else None)
     same_output(tmp_path / "stopped", tmp_path / "clean")
     no_leftovers(tmp_path / "stopped")
-
-
-# The CLI with encode cutting chunks of REVQ_TEST_ENCODE_CHUNK_ROWS rows (as kill_at.py --encode-chunk-rows).
-ENCODE_WITH_CHUNKS = """
-import os, sys
-from revq_pipe.stages import encode
-rows = int(os.environ["REVQ_TEST_ENCODE_CHUNK_ROWS"])
-encode.default_chunk_rows = lambda *shape: rows
-from revq_pipe.cli import app
-app(sys.argv[1:])
-"""
 
 
 FIT = ["--preset", "tiny", "--codes", "8", "--batch-size", "8", "--device", "cpu", "--epochs", "3"]

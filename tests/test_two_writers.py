@@ -24,7 +24,6 @@ from test_paper_checkpoint import paper_files  # noqa: F401 - the paper's files,
 pytestmark = pytest.mark.slow
 
 KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
-REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -58,19 +57,18 @@ def test_a_second_writer_is_turned_away_while_the_first_is_paused_midway(stage, 
         _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once the first has paused itself
         assert os.WIFSTOPPED(status), status
         before = files(tmp_path / "out")
-        second = subprocess.run([REVQ_PIPE, *args], capture_output=True, text=True, timeout=600, env=ENV)
-        assert second.returncode == 2, second.stderr
-        errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
-        assert len(errors) == 1 and "is being written by another job" in errors[0], second.stderr
-        assert "Traceback" not in second.stderr
+        second = CliRunner().invoke(app, args)  # this process is a job of its own
+        assert second.exit_code == 2, second.output
+        errors = [line for line in second.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "is being written by another job" in errors[0], second.output
+        assert "Traceback" not in second.output
         assert files(tmp_path / "out") == before
     finally:
         os.kill(first.pid, signal.SIGCONT)
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr
-    alone = subprocess.run([REVQ_PIPE, *args[:-1], str(tmp_path / "alone")], capture_output=True, text=True,
-                           timeout=600, env=ENV)
-    assert alone.returncode == 0, alone.stderr
+    alone = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "alone")])
+    assert alone.exit_code == 0, alone.output
     if (tmp_path / "out" / "zarr.json").exists():
         a, b = zarr.open_group(str(tmp_path / "out"), mode="r"), zarr.open_group(str(tmp_path / "alone"), mode="r")
         for name in a.array_keys():

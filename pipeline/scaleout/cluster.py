@@ -34,6 +34,9 @@ CPU_LOCAL_WORKERS = 2
 CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 60  # how long a scheduler with no workers yet is given to get one
 START_ATTEMPTS = 3  # starts of a local cluster whose worker processes die while starting
+# What a local cluster's processes log on the user's terminal: a task's error reaches the command
+# itself (one line), and a cluster stopped by Ctrl-C would print its workers' lost heartbeats.
+WORKER_LOG_LEVEL = logging.CRITICAL
 
 
 @contextlib.contextmanager
@@ -134,12 +137,12 @@ def _local_cluster(workers: int):
     if not torch.cuda.is_available():
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         # The nanny sets OMP_NUM_THREADS=1 in its workers by default; give torch each worker's share.
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=WORKER_LOG_LEVEL,
                             env={"OMP_NUM_THREADS": str(max(1, cpus // workers))})
     if importlib.util.find_spec("dask_cuda") is not None:
         from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=1)
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, silence_logs=WORKER_LOG_LEVEL)
     return _pinned_gpu_cluster(workers, torch.cuda.device_count())
 
 
@@ -150,9 +153,11 @@ def _pinned_gpu_cluster(workers: int, gpus: int):
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
-    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]}}}
+    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "silence_logs": WORKER_LOG_LEVEL,
+                                           "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]}}}
              for i in range(workers)}
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}},
+                       silence_logs=WORKER_LOG_LEVEL)
 
 
 @contextlib.contextmanager

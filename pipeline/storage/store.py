@@ -30,6 +30,7 @@ what `vacant` allows or, with `overwrite`, a Zarr store: never a folder of other
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import warnings
 from typing import Any
@@ -39,9 +40,13 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.lease import contents
+from revq_pipe.pipeline.lease import LEASE_NAME, contents
 from revq_pipe.pipeline.paths import exists, filesystem, local_path
 from revq_pipe.pipeline.storage.stats import latent_stats
+
+# A writer's lease file sits in the store's folder, which Zarr lists with a warning on every
+# look at the group's members (on the user's terminal, from every dask worker): expected, so quiet.
+warnings.filterwarnings("ignore", message=f"Object at {re.escape(LEASE_NAME)} is not recognized", category=UserWarning)
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
