@@ -41,8 +41,8 @@ def prompt_interrupts() -> Iterator[Callable[[], None]]:
     the user it was interrupted (the watcher then ends the process without a second message).
     Once interrupted, the process is ended at the deadline even after the block: what remains is
     the interpreter's own shutdown, which waits for threads of the libraries."""
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        yield lambda: None
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield lambda: None  # signals reach the main thread only; a process started ignoring SIGINT keeps to that
         return
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
@@ -53,6 +53,7 @@ def prompt_interrupts() -> Iterator[Callable[[], None]]:
     try:
         yield reported.set
     finally:
+        set_interrupt_hint(lambda: DEFAULT_HINT)  # a stage's advice was for this command only
         signal.signal(signal.SIGINT, previous_handler)
         signal.set_wakeup_fd(previous_fd)
         os.close(write_fd)  # the watcher reads the end of the pipe

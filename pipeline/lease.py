@@ -166,17 +166,17 @@ def _open_lease_file(path: Path) -> int:
     """The lease file at `path`, opened (made when missing) for reading and writing. Only a regular
     file will do: the lease is written through its descriptor, and a link planted there by someone
     who can write the folder would otherwise lead that write onto any file the user may write."""
+    refusal = UserError(f"{path} is not a regular file (a link, a folder or a device): revq-pipe writes its "
+                        f"lease only into a file of its own; remove it if you did not put it there")
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
     except OSError as err:
-        if err.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
-            raise
-        fd = -1
-    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd >= 0:
-            os.close(fd)
-        raise UserError(f"{path} is not a regular file (a link, a folder or a device): revq-pipe writes its "
-                        f"lease only into a file of its own; remove it if you did not put it there")
+        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+            raise refusal from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refusal
     return fd
 
 
