@@ -5,6 +5,7 @@ the middle of a task (dask runs it again elsewhere). Each death is placed by a w
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,19 @@ def test_a_worker_killed_in_the_middle_of_an_encode_task_leaves_the_same_store(p
     assert (tmp_path / "died").exists()
     encode(str(photo_folder), str(tmp_path / "single.zarr"), **options)
     assert_same_arrays(tmp_path / "two.zarr", tmp_path / "single.zarr")
+
+
+def test_a_nan_row_met_by_a_cluster_task_is_one_line_and_the_next_export_runs(fitted, tmp_path):
+    """The row is checked as a task reads it (the store's statistics stay finite: they came first);
+    the token store this export began is left for the next export to replace."""
+    shutil.copytree(fitted["store"], tmp_path / "nan.zarr")
+    zarr.open_group(str(tmp_path / "nan.zarr"), mode="r+")["latents"][61, 0, 0, 0] = np.nan
+    out = tmp_path / "tokens.zarr"
+    done = export_on_cluster({**fitted, "store": str(tmp_path / "nan.zarr")}, out)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "row 61 (key 'c1/061.jpg') holds NaN or inf latents" in errors[0], done.stderr
+    again = subprocess.run([REVQ_PIPE, "export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--device",
+                            "cpu", "--batch-size", "8"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert_same_arrays(out, fitted["single"])
