@@ -22,6 +22,7 @@ import typer
 from typer.core import TyperCommand
 
 from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
+from revq_pipe.pipeline.interrupts import DEFAULT_HINT, prompt_interrupts
 from revq_pipe.pipeline.model.config import Setting, preset_defaults, settings_of
 from revq_pipe.pipeline.reporting.console import console_reporting
 from revq_pipe.pipeline.storage.export_formats import EXPORT_FORMATS
@@ -62,27 +63,30 @@ def _report_to_console(
 def reports_user_errors(command):
     """Turn a UserError, or a file system failure the user can fix (os_error_line), into
     `error: <reason>` on stderr and exit status 2, with no traceback; Ctrl-C into exit status 130
-    and a hint (the stage's own, when it raised KeyboardInterrupt with one)."""
+    and a hint (the stage's own, when it raised KeyboardInterrupt with one), within seconds
+    (pipeline/interrupts.py)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         flags = _flags_for(command)
-        try:
-            with _flags_in_log_lines(flags):
-                return command(*args, **kwargs)
-        except UserError as err:
-            typer.echo(f"error: {as_command_line(str(err), flags)}", err=True)
-            raise typer.Exit(2) from None
-        except OSError as err:
-            line = os_error_line(err)
-            if line is None:
-                raise
-            typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as err:
-            hint = as_command_line(str(err), flags) or "run the same command again to resume"
-            typer.echo(f"interrupted: {hint}", err=True)
-            raise typer.Exit(130) from None
+        shown = functools.partial(as_command_line, flags=flags)
+        with prompt_interrupts(shown) as reported_interrupt:
+            try:
+                with _flags_in_log_lines(flags):
+                    return command(*args, **kwargs)
+            except UserError as err:
+                typer.echo(f"error: {shown(str(err))}", err=True)
+                raise typer.Exit(2) from None
+            except OSError as err:
+                line = os_error_line(err)
+                if line is None:
+                    raise
+                typer.echo(f"error: {line}", err=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt as err:
+                typer.echo(f"interrupted: {shown(str(err) or DEFAULT_HINT)}", err=True)
+                reported_interrupt()
+                raise typer.Exit(130) from None
 
     return wrapper
 
@@ -198,9 +202,12 @@ def import_latents(
 @reports_user_errors
 def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
+    from revq_pipe.pipeline.lease import output_lease
     from revq_pipe.pipeline.storage.store import LatentStore
 
-    mean, std = LatentStore.open(store, mode="r+").compute_stats()
+    latents = LatentStore.open(store, mode="r+")  # (an existing store: the lease creates no folder)
+    with output_lease(store, "stats"):
+        mean, std = latents.compute_stats()
     typer.echo(f"{store}: mean/std over {mean.size} dimensions rewritten "
                f"(mean of means {mean.mean():.4g}, mean of stds {std.mean():.4g})")
 

@@ -24,12 +24,14 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from revq_pipe.pipeline.atomic_files import read_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import local_path
 
@@ -71,7 +73,7 @@ class Lease:
                   "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         path = folder / LEASE_NAME
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = _open_lease_file(path)
             try:
                 held = _try_lock(fd, fcntl.LOCK_EX)
                 if held is None:
@@ -160,6 +162,24 @@ def _make_folder(folder: Path) -> bool:
     return True
 
 
+def _open_lease_file(path: Path) -> int:
+    """The lease file at `path`, opened (made when missing) for reading and writing. Only a regular
+    file will do: the lease is written through its descriptor, and a link planted there by someone
+    who can write the folder would otherwise lead that write onto any file the user may write."""
+    refusal = UserError(f"{path} is not a regular file (a link, a folder or a device): revq-pipe writes its "
+                        f"lease only into a file of its own; remove it if you did not put it there")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+            raise refusal from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise refusal
+    return fd
+
+
 def _try_lock(fd: int, operation: int) -> bool | None:
     """flock without waiting: True when taken, False when another holds it, None without locks."""
     try:
@@ -194,12 +214,9 @@ def _read_record(path: Path) -> dict:
     """The holder's record; {} when it stays unreadable (a holder from another tool or version)."""
     deadline = time.monotonic() + RECORD_WAIT_S
     while True:
-        try:
-            record = json.loads(path.read_text())
-            if isinstance(record, dict):
-                return record
-        except (OSError, ValueError):
-            pass
+        record = read_json(path)
+        if isinstance(record, dict):
+            return record
         if time.monotonic() > deadline:
             return {}
         time.sleep(0.02)

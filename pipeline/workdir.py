@@ -7,12 +7,11 @@ than emptied.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
-from revq_pipe.pipeline.atomic_files import read_json
+from revq_pipe.pipeline.atomic_files import read_json, write_json
 from revq_pipe.pipeline.errors import UserError
 
 
@@ -31,5 +30,5 @@ def claim_folder(out: Path, marker: str, command: str, arguments: dict[str, Any]
                 return True
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / marker).write_text(json.dumps(record) + "\n")
+    write_json(out / marker, record)
     return False

@@ -90,6 +90,8 @@ def check_tokens_match_run(store: TokenStore, run: Run) -> None:
     if not store.complete:
         raise UserError(f"{store.url} is unfinished ({store.rows_done} of {len(store)} images): "
                         "run `revq-pipe export-tokens` again to finish it")
+    if store.tokens.shape[1] != run.tokens:
+        raise UserError(f"{store.url} holds {store.tokens.shape[1]} tokens per image, the run {run.tokens}")
 
 
 def _chunks(store: TokenStore, first: int, desc: str, progress: bool):

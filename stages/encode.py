@@ -264,6 +264,6 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
 def _progress_bar(job: EncodeJob, *, initial: int | None = None, total: int | None = None, desc: str = "encode"):
     """Images of the source (or `total` of something else) done, from `initial` (default: the resume point)."""
     total = total or job.source.known_count
-    if initial is None:
-        initial = job.resume.progress.cursor.index if total is not None else 0
+    if initial is None:  # reading resumes at the block holding the cursor: its images are counted again
+        initial = job.resume.progress.cursor.index // job.batch_size * job.batch_size if total is not None else 0
     return progress_bar(job.progress, total=total, initial=initial, unit="img", desc=desc, dynamic_ncols=True)

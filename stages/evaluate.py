@@ -13,7 +13,6 @@ are on this machine (they are reported as skipped otherwise, with the reason).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from revq_pipe.pipeline.atomic_files import read_json, write_json
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.reporting.metrics import image_psnr_ssim
@@ -143,7 +143,7 @@ def evaluate(
     report.seconds = time.perf_counter() - started
     path = result_path(run_info.path, store)
     report.saved_to = str(path)
-    path.write_text(json.dumps(report.to_dict(), indent=1))
+    write_json(path, report.to_dict(), indent=1)
     return report
 
 
@@ -153,7 +153,8 @@ def result_path(run_dir: Path, store: str) -> Path:
     name = (PurePosixPath(str(store).rstrip("/")).name.removesuffix(".zarr") or "store").replace(" ", "_")
     url = absolute_url(store)
     path = run_dir / f"{EVAL_PREFIX}{name}.json"
-    if path.is_file() and json.loads(path.read_text()).get("store_url") not in (None, url):
+    earlier = read_json(path)  # a file of another store, or one that is not eval's, is kept
+    if path.exists() and not (isinstance(earlier, dict) and earlier.get("store_url") in (None, url)):
         path = run_dir / f"{EVAL_PREFIX}{name}-{hashlib.sha256(url.encode()).hexdigest()[:8]}.json"
     return path
 

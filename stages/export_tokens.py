@@ -129,10 +129,11 @@ def export_tokens(
             tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
             write_card(out, card("zarr"))  # the store exists: its folder holds a Zarr group to put the card in
             summary.resumed_from = tokens.rows_done
-            if cluster is None:
-                _fill_token_store(tokens, latents, model, batch_size, progress)
-            elif not tokens.complete:
-                _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
+            with _vacant_after_bad_input(tokens):
+                if cluster is None:
+                    _fill_token_store(tokens, latents, model, batch_size, progress)
+                elif not tokens.complete:
+                    _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
             rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
         else:
             rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
@@ -157,13 +158,28 @@ def _open_or_create(out: str, latents: LatentStore, run: "Run", attrs: dict, ove
                              chunk_size=latents.chunk_size, attrs=attrs, overwrite=True)
 
 
+@contextlib.contextmanager
+def _vacant_after_bad_input(tokens: TokenStore):
+    """When bad input (a NaN row) stops the export midway, a token store it began is left with no
+    row committed, which the next export replaces without `overwrite` (tasks of a cluster that are
+    still running may write into it meanwhile: it is replaced whole); one that an earlier export
+    had begun is kept for the same command to resume."""
+    began_here = tokens.rows_done == 0 and not written_on_cluster(tokens)
+    try:
+        yield
+    except UserError:
+        if began_here:
+            tokens.forget_rows()
+        raise
+
+
 def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_size: int, progress: bool) -> None:
     """Tokenize the rows after `rows_done`, one token-store chunk at a time, and finish the store."""
     with progress_bar(progress, total=len(tokens), initial=tokens.rows_done, unit="img",
                       desc="export-tokens") as bar:
         for start in range(tokens.rows_done, len(tokens), tokens.chunk_size):
             stop = min(start + tokens.chunk_size, len(tokens))
-            ids = model.tokenize_batched(latents.latents[start:stop], batch_size)
+            ids = model.tokenize_batched(latents.checked_rows(start, stop), batch_size)
             tokens.append(ids, latents.labels[start:stop], latents.keys[start:stop])
             bar.update(stop - start)
     if not tokens.complete:
@@ -206,5 +222,5 @@ def _rows_from_latents(latents: LatentStore, model, batch_size: int, start: int)
     step = max(latents.chunk_size, batch_size)
     for begin in range(start, len(latents), step):
         end = min(begin + step, len(latents))
-        ids = model.tokenize_batched(latents.latents[begin:end], batch_size)
+        ids = model.tokenize_batched(latents.checked_rows(begin, end), batch_size)
         yield ids.astype(dtype), latents.labels[begin:end], latents.keys[begin:end]

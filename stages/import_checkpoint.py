@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.lease import contents, output_lease
 from revq_pipe.pipeline.model.paper_checkpoint import paper_model
 from revq_pipe.pipeline.train.training_record import write_training_record
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
@@ -33,12 +34,14 @@ def import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str,
     """Convert `checkpoint` (ckpt.pth) with its yaml `config` and `preprocessor` (preprocessor.pth)
     into the run dir `out`; the latents it tokenizes come from `vae` at `image_size`."""
     run_dir = Path(out)
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    if contents(run_dir) and not overwrite:  # checked first, and again under the lease
         raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
     model = paper_model(checkpoint, config, preprocessor, vae=vae, image_size=image_size)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(run_dir)
-    write_training_record(run_dir, {"imported_from": {"checkpoint": str(Path(checkpoint).resolve()),
-                                                      "config": str(Path(config).resolve()),
-                                                      "preprocessor": str(Path(preprocessor).resolve())}})
+    with output_lease(run_dir, "import-checkpoint"):
+        if contents(run_dir) and not overwrite:
+            raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
+        model.save_pretrained(run_dir)
+        write_training_record(run_dir, {"imported_from": {"checkpoint": str(Path(checkpoint).resolve()),
+                                                          "config": str(Path(config).resolve()),
+                                                          "preprocessor": str(Path(preprocessor).resolve())}})
     return ImportedRun(run_dir, model.config)

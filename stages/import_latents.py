@@ -17,8 +17,10 @@ from typing import Sequence
 import numpy as np
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.storage.latent_files import LatentFile, read_latent_file
-from revq_pipe.pipeline.storage.store import FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows, skipped_attrs
+from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
+                                              remove_store, skipped_attrs, vacant)
 from revq_pipe.pipeline.images.vae import resolve_vae
 
 
@@ -64,11 +66,24 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
              "source": {"kind": "imported", "files": [str(Path(f).expanduser().resolve()) for f in files]},
              **_vae_attrs(vae, image_size, shape), **skipped_attrs([])}
     chunk = chunk_size or default_chunk_rows(shape, dtype)
-    try:
-        store = LatentStore.create(out, n=0, latent_shape=shape, dtype=dtype, chunk_size=chunk, attrs=attrs,
-                                   overwrite=overwrite, unfinished=True)
-    except FileExistsError as err:
-        raise UserError(f"{out} already exists: pass `overwrite=True` to replace it") from err
+    with output_lease(out, "import-latents"):
+        try:  # a store an import left unfinished (killed, or stopped by a bad file) holds nothing to keep
+            store = LatentStore.create(out, n=0, latent_shape=shape, dtype=dtype, chunk_size=chunk, attrs=attrs,
+                                       overwrite=overwrite or vacant(out), unfinished=True)
+        except FileExistsError as err:
+            raise UserError(f"{out} already exists: pass `overwrite=True` to replace it") from err
+        try:
+            count = _write_files(store, files, first, shape, chunk)
+        except UserError:  # a bad file met midway: what this run wrote goes, so the next import starts clean
+            remove_store(out)
+            raise
+    return ImportSummary(out=str(out), files=len(files), count=count, latent_shape=shape, dtype=dtype,
+                         vae=attrs.get("vae"), seconds=time.perf_counter() - started)
+
+
+def _write_files(store: LatentStore, files: Sequence[str | Path], first: LatentFile, shape: tuple[int, int, int],
+                 chunk: int) -> int:
+    """Write every file's rows into `store` and finish it; the number of rows."""
     rows = _ChunkedRows(store, chunk)
     for index, path in enumerate(files):
         latent_file = first if index == 0 else read_latent_file(path)
@@ -80,8 +95,7 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
     if rows.count == 0:
         raise UserError("the latent files hold no rows")
     store.finish(count=rows.count, source_count=rows.count)
-    return ImportSummary(out=str(out), files=len(files), count=rows.count, latent_shape=shape, dtype=dtype,
-                         vae=attrs.get("vae"), seconds=time.perf_counter() - started)
+    return rows.count
 
 
 def _vae_attrs(vae: str | None, image_size: int | None, shape: tuple[int, int, int]) -> dict:

@@ -24,6 +24,8 @@ import hashlib
 import io
 import os
 import re
+import stat
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -105,7 +107,10 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def decode_image(data: bytes | str | Path, size: int) -> torch.Tensor:
-    """Decode image bytes (or a file) fully and preprocess it; raises on corrupt/truncated data."""
+    """Decode image bytes (or a file) fully and preprocess it; raises on corrupt/truncated data,
+    and on a path that is not a regular file (reading a FIFO would wait forever)."""
+    if not isinstance(data, bytes) and not stat.S_ISREG(os.stat(data).st_mode):
+        raise ValueError("not a regular file")
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
         image.load()  # force the full decode now, so a truncated file fails here
         return preprocess(image, size)
@@ -229,6 +234,10 @@ class ShardUnit:
                         # marked last; the end comes as a final (possibly empty) block.
                         yield builder.build(last=False)
                         builder = None
+        except BadLabel as err:  # bad data, not an unreadable shard: the run stops, the shard is to be fixed
+            message = f"webdataset shard {self.url}, {err}"
+            yield Block(self.part, index, 0, True, _no_images(image_size), error=message.splitlines()[0])
+            return
         except Exception as err:  # noqa: BLE001 - reported as one line by the main process
             message = f"cannot read webdataset shard {self.url}: {type(err).__name__}: {err}"
             yield Block(self.part, index, 0, True, _no_images(image_size), error=message.splitlines()[0])
@@ -242,6 +251,10 @@ def _no_images(image_size: int) -> torch.Tensor:
     return torch.empty(0, 3, image_size, image_size, dtype=torch.uint8)
 
 
+class BadLabel(ValueError):
+    """A sample's label member holds something other than a label (see `_parse_sample`)."""
+
+
 def _parse_sample(sample: dict) -> tuple[str, int, bytes | None, str | None]:
     """(key, label, image bytes or None, reason when None) of one webdataset sample."""
     key = str(sample.get("__key__"))
@@ -250,8 +263,10 @@ def _parse_sample(sample: dict) -> tuple[str, int, bytes | None, str | None]:
     for member in LABEL_MEMBERS:
         if member in sample:
             text = sample[member].decode("utf-8", "replace").strip()
-            if not re.fullmatch(r"-?\d+", text):
-                return key, label, None, f"label {member} is not an integer: {text[:40]!r}"
+            # The rule for labels of every source: -1 (unknown) or a class number an int64 holds.
+            if not re.fullmatch(r"-1|\d{1,19}", text) or int(text) >= 2**63:
+                raise BadLabel(f"sample {key!r}: its {member} {text[:40]!r} is neither -1 (unknown) nor a class "
+                               f"number from 0 to 2^63-1: fix it, or remove the member to store the sample with -1")
             label = int(text)
             break
     if image_member is None:
@@ -272,9 +287,24 @@ class BlockDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Block]:
         info = get_worker_info()
+        if info is not None:
+            _quiet_when_the_main_process_stops()
         units = self.units if info is None else self.units[info.id :: info.num_workers]
         for unit in units:
             yield from unit.blocks(self.image_size, self.block_size)
+
+
+def _quiet_when_the_main_process_stops() -> None:
+    """In a DataLoader worker: a block's transfer that the main process cut by stopping (Ctrl-C
+    while it received the block) ends the thread serving it without a traceback on the user's
+    terminal; the worker itself is stopped right after."""
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not issubclass(args.exc_type, (ConnectionError, EOFError)):
+            default(args)
+
+    threading.excepthook = hook
 
 
 def default_workers(workers: int | None = None) -> int:

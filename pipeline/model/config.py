@@ -179,7 +179,7 @@ class ReVQConfig:
             raise UserError(f"unknown rectifier form {self.rectifier_form!r}: use {' or '.join(RECTIFIER_FORMS)}")
         if self.rectifier != "none" and (self.rectifier_width < 1 or self.rectifier_layers < 0):
             raise UserError(f"rectifier width must be positive and layers >= 0 (got {self.rectifier_width}x{self.rectifier_layers})")
-        if self.rectifier == "vit" and self.rectifier_width % self.attention_head_dim:
+        if self.rectifier == "vit" and (self.attention_head_dim < 1 or self.rectifier_width % self.attention_head_dim):
             raise UserError(f"the vit rectifier's width {self.rectifier_width} must be a multiple of its "
                             f"attention head dim {self.attention_head_dim}")
 

@@ -23,7 +23,8 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.hub import cache_only, lookup_failure, require_hub
 from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.model.model_card import LIBRARY_NAME, TAGS, model_card
-from revq_pipe.pipeline.model.weights import CHECKSUM_KEY, file_sha256, load_verified
+from revq_pipe.pipeline.model.weights import (CHECKSUM_KEY, checked_model_config, file_sha256, load_verified,
+                                              read_config_file)
 from revq_pipe.pipeline.train.training_record import read_training_record, training_summary
 
 CONFIG_NAME = "config.json"
@@ -79,6 +80,8 @@ class ReVQHubMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(TA
         from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError
 
         name = str(pretrained_model_name_or_path)
+        if os.path.isdir(name) and os.path.isfile(os.path.join(name, CONFIG_NAME)):
+            read_config_file(Path(name) / CONFIG_NAME)  # a damaged one is refused before the hub mixin reads it
         if not os.path.isdir(name):
             if name.startswith((".", "/", "~")) or os.path.exists(name):
                 raise UserError(f"{name} is not a ReVQ run directory")
@@ -107,9 +110,12 @@ class ReVQHubMixin(PyTorchModelHubMixin, library_name=LIBRARY_NAME, tags=list(TA
             weights = Path(hf_hub_download(model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
                                            force_download=force_download, local_files_only=local_files_only,
                                            token=token))
-        model = cls(ReVQConfig.from_dict(config))
+        state = load_verified(weights, config.get(CHECKSUM_KEY))
+        # Checked against the weights before the model is built: config.json may have been edited.
+        model = cls(checked_model_config(config, {name: tuple(t.shape) for name, t in state.items()},
+                                         Path(model_id) / CONFIG_NAME))
         try:
-            model.load_state_dict(load_verified(weights, config.get(CHECKSUM_KEY)))
+            model.load_state_dict(state)
         except RuntimeError as err:
             raise UserError(f"{weights} does not match the config.json beside it: {err}") from err
         if os.path.isdir(model_id):

@@ -31,6 +31,7 @@ import torch
 from revq_pipe.pipeline.model.config import PRESETS, ReVQConfig
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
+from revq_pipe.pipeline.model.weights import check_config_fits
 
 # paper decoder parameter prefix -> revq-pipe model parameter prefix
 PREFIXES = (("conv_in.", "rectifier.conv_in."), ("norm_out.", "rectifier.norm_out."),
@@ -46,29 +47,41 @@ def paper_model(checkpoint: str | Path, config: str | Path, preprocessor: str | 
 
     model_config = paper_config(_read_yaml(config), vae=vae, image_size=image_size)
     state = _torch_load(checkpoint)
-    if not isinstance(state, dict) or "quantizer" not in state or "decoder" not in state:
+    if not (isinstance(state, dict) and isinstance(state.get("quantizer"), dict)
+            and isinstance(state.get("decoder"), dict)):
         raise UserError(f"{checkpoint} is not a ReVQ paper checkpoint: it has no `quantizer` and `decoder` state")
     stats = _torch_load(preprocessor)
-    if not isinstance(stats, dict) or not {"mean", "std"} <= stats.keys():
-        raise UserError(f"{preprocessor} is not the paper's preprocessor: it has no `mean` and `std`")
-    model = ReVQ(model_config)
+    if not (isinstance(stats, dict) and all(isinstance(stats.get(name), torch.Tensor) for name in ("mean", "std"))):
+        raise UserError(f"{preprocessor} is not the paper's preprocessor: it has no `mean` and `std` tensors")
+    # Sizes are checked against the files before anything of the config's size is allocated: the
+    # statistics fix C*H*W, the codebooks K and d, the decoder's tensors the rectifier.
+    if {stats["mean"].numel(), stats["std"].numel()} != {model_config.latent_numel}:
+        raise UserError(f"{preprocessor} has statistics of {stats['mean'].numel()} dimensions, the config's "
+                        f"latents {model_config.latent_numel}")
     weights = {"quantizer.codebooks": _codebooks(state["quantizer"], model_config),
                **_rectifier_weights(state["decoder"], model_config)}
     if model_config.rectifier == "none":
         weights = {k: v for k, v in weights.items() if not k.startswith("rectifier.")}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [name for name in missing if not name.startswith("preprocessor.")]
-    if missing or unexpected:
-        raise UserError(f"{checkpoint} does not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    if stats["mean"].numel() != model_config.latent_numel:
-        raise UserError(f"{preprocessor} has statistics of {stats['mean'].numel()} dimensions, the config's "
-                        f"latents {model_config.latent_numel}")
+    check_config_fits(model_config, {name: tuple(value.shape) for name, value in weights.items()},
+                      f"{checkpoint} with {config}")
+    model = ReVQ(model_config)
+    model.load_state_dict(weights, strict=False)
     model.preprocessor.set_stats(stats["mean"], stats["std"])
     return model.eval()
 
 
 def paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: int | None) -> ReVQConfig:
-    """The ReVQConfig of a released yaml config (its `name` becomes the preset when it is one)."""
+    """The ReVQConfig of a released yaml config (its `name` becomes the preset when it is one); a
+    value of the wrong kind anywhere (text for a number, a list for a section, 0 tokens) is one line."""
+    try:
+        return _paper_config(yaml_config, vae=vae, image_size=image_size)
+    except UserError:
+        raise
+    except (TypeError, ValueError, AttributeError, OverflowError, ZeroDivisionError, IndexError) as err:
+        raise UserError(f"not a ReVQ paper config: {type(err).__name__}: {str(err)[:120]}") from None
+
+
+def _paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: int | None) -> ReVQConfig:
     field = functools.partial(_paper_field, yaml_config)
     latent_shape = field("model.input_data_size", lambda v: tuple(int(x) for x in v))
     quantizer, decoder = field("model.quantizer", dict), field("model.decoder", dict)
@@ -91,8 +104,8 @@ def paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: in
                  and int(decoder.get("latent_channels", latent_shape[0])) == latent_shape[0]
                  and int(width[0]) % latent_shape[0] == 0)
     if not supported:
-        raise UserError(f"unsupported paper decoder {kind} {decoder}: revq-pipe maps the released one-stage "
-                        "EfficientViT decoder (dc_ae) and identity")
+        raise UserError(f"unsupported paper decoder {str(kind)[:40]} (with {', '.join(sorted(map(str, decoder))[:12])}): "
+                        "revq-pipe maps the released one-stage EfficientViT decoder (dc_ae) and identity")
     return ReVQConfig(**common, rectifier="vit", rectifier_width=int(width[0]), rectifier_layers=int(layers[0]),
                       attention_head_dim=int(decoder.get("attention_head_dim", 32)))
 
@@ -100,7 +113,7 @@ def paper_config(yaml_config: dict[str, Any], *, vae: str | None, image_size: in
 def _codebooks(quantizer: dict[str, torch.Tensor], config: ReVQConfig) -> torch.Tensor:
     """(G, K, d) group codebooks -> (T, K, d) per position: position t uses group t mod G."""
     embeddings = quantizer.get("embeddings")
-    if embeddings is None or embeddings.ndim != 3:
+    if not isinstance(embeddings, torch.Tensor) or embeddings.ndim != 3:
         raise UserError("the checkpoint's quantizer has no (groups, codes, dim) `embeddings`")
     groups, codes, dim = embeddings.shape
     if codes != config.codes or dim != config.dim or config.tokens % groups:
@@ -128,7 +141,9 @@ def _paper_field(yaml_config: dict[str, Any], dotted: str, convert: Callable[[An
 def _rectifier_weights(decoder: dict[str, torch.Tensor], config: ReVQConfig) -> dict[str, torch.Tensor]:
     weights = {}
     for name, value in decoder.items():
-        block = BLOCK_KEY.match(name)
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"the checkpoint's decoder parameter {name} is a {type(value).__name__}, not a tensor")
+        block = BLOCK_KEY.match(str(name))
         if block:
             weights[f"rectifier.blocks.{block[1]}.{block[2]}"] = value
             continue

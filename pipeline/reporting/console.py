@@ -13,6 +13,7 @@ redirect only swaps plain stream handlers, so a RichHandler would print each rec
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from contextlib import contextmanager
@@ -78,7 +79,21 @@ def human_bytes(n: float) -> str:
 
 def progress_bar(show: bool, **options: Any):
     """A tqdm bar to stderr, hidden when `show` is false. Only a hidden bar passes `disable`, so a
-    shown one still obeys the user's TQDM_DISABLE=1 (tqdm reads it only for arguments not given)."""
+    shown one still obeys the user's TQDM_DISABLE=1 (tqdm reads it only for arguments not given).
+    A bar with a total never counts past it: work redone after a resume or a lost dask worker
+    (a block re-read, a piece staged again) would otherwise show as more images than there are."""
+    return _bounded_bar()(**options, **({} if show else {"disable": True}))
+
+
+@functools.cache
+def _bounded_bar():
+    """tqdm's bar for this environment (imported when a bar is first made), updates capped at its total."""
     from tqdm.auto import tqdm
 
-    return tqdm(**options, **({} if show else {"disable": True}))
+    class BoundedBar(tqdm):
+        def update(self, n: float = 1):
+            if self.total is not None:
+                n = max(0, min(n, self.total - self.n))
+            return super().update(n)
+
+    return BoundedBar

@@ -27,11 +27,17 @@ from revq_pipe.pipeline.paths import filesystem
 if TYPE_CHECKING:
     from distributed import Client
 
+log = logging.getLogger(__name__)
+
 LOCAL_SPEC = re.compile(r"local(?::(\d+))?")
 ADDRESS_SPEC = re.compile(r"(tcp|tls|ws|wss|ucx)://[^\s/]+:\d+|[\w.-]+:\d+")
 CPU_LOCAL_WORKERS = 2
 CONNECT_TIMEOUT_S = 10
 WORKER_WAIT_S = 60  # how long a scheduler with no workers yet is given to get one
+START_ATTEMPTS = 3  # starts of a local cluster whose worker processes die while starting
+# What a local cluster's processes log on the user's terminal: a task's error reaches the command
+# itself (one line), and a cluster stopped by Ctrl-C would print its workers' lost heartbeats.
+WORKER_LOG_LEVEL = logging.CRITICAL
 
 
 @contextlib.contextmanager
@@ -95,19 +101,35 @@ def _local_client(workers: int):
 
     # DataLoader workers are child processes of the dask worker; daemonic processes may have none.
     # The setting is read whenever a nanny (re)starts its worker, so it holds for the cluster's life.
-    nanny_log = logging.getLogger("distributed.nanny")
-    level = nanny_log.level
+    dask_log = logging.getLogger("distributed")
+    level = dask_log.level
     try:
         with dask.config.set({"distributed.worker.daemon": False}):
-            with _local_cluster(workers) as cluster, Client(cluster) as client:
+            with _started_local_cluster(workers) as cluster, Client(cluster) as client:
                 try:
                     yield client
                 finally:
                     # Workers that imported torch take seconds to exit, and the nanny kills them with
-                    # a warning, after every result is written: not worth a line for the user.
-                    nanny_log.setLevel(logging.ERROR)
+                    # a warning, after every result is written; after Ctrl-C the scheduler warns of
+                    # the tasks it drops: neither is worth a line for the user.
+                    dask_log.setLevel(logging.ERROR)
     finally:
-        nanny_log.setLevel(level)
+        dask_log.setLevel(level)
+
+
+def _started_local_cluster(workers: int):
+    """`_local_cluster`, started again when one of its worker processes died while it started
+    (LocalCluster raises "Nanny failed to start" and closes what it began); after START_ATTEMPTS
+    starts, one line that says to run the command again (what it wrote so far is resumed)."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _local_cluster(workers)
+        except (RuntimeError, OSError, TimeoutError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            if attempt == START_ATTEMPTS:
+                raise UserError(f"the local dask cluster could not start ({reason}, {START_ATTEMPTS} tries): a worker "
+                                f"process died while starting; run the same command again to go on") from None
+            log.warning(f"a dask worker process died while the local cluster started ({reason}): starting it again")
 
 
 def _local_cluster(workers: int):
@@ -117,12 +139,12 @@ def _local_cluster(workers: int):
     if not torch.cuda.is_available():
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         # The nanny sets OMP_NUM_THREADS=1 in its workers by default; give torch each worker's share.
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, silence_logs=WORKER_LOG_LEVEL,
                             env={"OMP_NUM_THREADS": str(max(1, cpus // workers))})
     if importlib.util.find_spec("dask_cuda") is not None:
         from dask_cuda import LocalCUDACluster
 
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=1)
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=1, silence_logs=WORKER_LOG_LEVEL)
     return _pinned_gpu_cluster(workers, torch.cuda.device_count())
 
 
@@ -133,9 +155,11 @@ def _pinned_gpu_cluster(workers: int, gpus: int):
 
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     devices = visible.split(",") if visible else [str(i) for i in range(gpus)]
-    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]}}}
+    specs = {i: {"cls": Nanny, "options": {"nthreads": 1, "silence_logs": WORKER_LOG_LEVEL,
+                                           "env": {"CUDA_VISIBLE_DEVICES": devices[i % len(devices)]}}}
              for i in range(workers)}
-    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
+    return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}},
+                       silence_logs=WORKER_LOG_LEVEL)
 
 
 @contextlib.contextmanager

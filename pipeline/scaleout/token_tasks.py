@@ -77,7 +77,7 @@ def tokenize_task(task: TokenizeTask) -> None:
     for chunk in task.chunks:
         start = chunk * tokens.chunk_size
         stop = start + _rows(tokens, chunk)
-        ids = model.tokenize_batched(latents.latents[start:stop], task.batch_size)
+        ids = model.tokenize_batched(latents.checked_rows(start, stop), task.batch_size)
         tokens.write(start, ids, latents.labels[start:stop], latents.keys[start:stop])
         marks.mark(chunk)
         report_progress(task.job, stop - start)

@@ -43,6 +43,7 @@ class DecodedImages:
         paths = [image_path(folder, key) for key in keys]
         refuse_collisions([str(path) for path in paths], keys, "image file")
         _refuse_long_names(folder, paths, keys)
+        _refuse_folders_out(folder, paths)
         manifest_path = folder / MANIFEST_NAME
         manifest = _read_manifest(manifest_path)
         if manifest is not None and manifest.get("identity") == identity and not overwrite:
@@ -89,6 +90,15 @@ class DecodedImages:
 def _read_manifest(path: Path) -> dict[str, Any] | None:
     manifest = read_json(path)
     return manifest if isinstance(manifest, dict) and "rows_done" in manifest else None
+
+
+def _refuse_folders_out(folder: Path, paths: list[Path]) -> None:
+    """Refuse a sub-folder the images would go into that is a link leading out of `folder` (one
+    planted there would receive PNGs anywhere the user may write)."""
+    inside = folder.resolve()
+    for parent in sorted({path.parent for path in paths}):
+        if not parent.resolve().is_relative_to(inside):
+            raise UserError(f"{parent} leads out of {folder} through a link: remove the link, or choose another --out")
 
 
 def _refuse_long_names(folder: Path, paths: list[Path], keys: np.ndarray) -> None:

@@ -97,15 +97,29 @@ def _checked(path: Path, arrays: dict[str, Any]) -> LatentFile:
     if getattr(latents, "ndim", 0) != 4 or not np.issubdtype(latents.dtype, np.floating):
         raise UserError(f"{path}: latents must be a float (N, C, H, W) array, not {latents.dtype} "
                         f"{tuple(getattr(latents, 'shape', ()))}")
+    if min(latents.shape[1:]) < 1:
+        raise UserError(f"{path}: latents of shape {tuple(latents.shape)} have an empty dimension: a latent "
+                        f"needs C, H and W of at least 1")
     n = len(latents)
     labels = arrays.get("labels")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"{path}: labels must be N={n} integers, not {labels.dtype} {labels.shape}")
+        refuse_bad_labels(labels, str(path))
     keys = arrays.get("keys")
     if keys is not None:
         keys = np.asarray(keys, dtype=str)
         if keys.shape != (n,):
             raise UserError(f"{path}: keys must be N={n} strings, not shape {keys.shape}")
     return LatentFile(path, latents, labels, keys)
+
+
+def refuse_bad_labels(labels: np.ndarray, where: str) -> None:
+    """The rule for labels from every source: -1 (unknown) or a class number that an int64 holds.
+    Anything else (a value past int64, another negative number) is refused, naming the first."""
+    bad = labels > np.iinfo(np.int64).max if labels.dtype.kind == "u" else labels < -1
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise UserError(f"{where}: label {labels[row]} (row {row}) is neither -1 (unknown) nor a class number from "
+                        f"0 to 2^63-1")

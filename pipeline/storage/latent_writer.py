@@ -196,6 +196,10 @@ class ChunkWriter:
     def _store(self) -> LatentStore:
         if self.store is None:
             self.store = self.open_store()
+            # The arrays are resized one at a time: a writer stopped in between (killed, or Ctrl-C
+            # in `finish`) leaves them of different lengths, and Zarr drops writes past an array's
+            # end without a word. Back to the committed rows, all of them; each chunk grows them again.
+            self.store.resize(self.rows)
         return self.store
 
 

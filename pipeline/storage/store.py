@@ -31,6 +31,7 @@ what `vacant` allows or, with `overwrite`, a Zarr store: never a folder of other
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -41,13 +42,17 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.lease import contents
-from revq_pipe.pipeline.paths import exists, local_path
+from revq_pipe.pipeline.lease import LEASE_NAME, contents
+from revq_pipe.pipeline.paths import exists, filesystem, local_path
 from revq_pipe.pipeline.storage.staging import ChunkMarks, Staging
 from revq_pipe.pipeline.storage.stats import latent_stats
 
 if TYPE_CHECKING:
     import dask.array
+
+# A writer's lease file sits in the store's folder, which Zarr lists with a warning on every
+# look at the group's members (on the user's terminal, from every dask worker): expected, so quiet.
+warnings.filterwarnings("ignore", message=f"Object at {re.escape(LEASE_NAME)} is not recognized", category=UserWarning)
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
@@ -92,6 +97,7 @@ class RowStore:
 
     DATA = ""  # the per-row data array: "latents" or "tokens"
     KIND = ""  # how messages name the store: "latent" or "token"
+    DATA_FORM = ("", 0, "")  # what the data array must be: numpy dtype kinds, dimensions, in words
 
     def __init__(self, group: zarr.Group, url: str):
         self.group = group
@@ -107,6 +113,11 @@ class RowStore:
         for name in (cls.DATA, "labels", "keys"):
             if name not in group:
                 raise UserError(f"{url} is not a {cls.KIND} store: it has no '{name}' array")
+        kinds, ndim, words = cls.DATA_FORM
+        data = group[cls.DATA]
+        if not isinstance(data, zarr.Array) or data.dtype.kind not in kinds or data.ndim != ndim:
+            raise UserError(f"{url} is not a {cls.KIND} store: its '{cls.DATA}' must be {words}, not "
+                            f"{getattr(data, 'dtype', 'a group')} of shape {list(getattr(data, 'shape', []))}")
         return group
 
     @classmethod
@@ -150,9 +161,14 @@ class RowStore:
     def keys(self) -> zarr.Array:
         return self.group["keys"]
 
+    def key(self, row: int) -> str:
+        """The key of one row, as plain text (for messages: zarr hands back a 0-d array)."""
+        return str(self.keys[row])
+
     @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs.get("revq", {}))
+        attrs = self.group.attrs.get("revq", {})
+        return dict(attrs) if isinstance(attrs, dict) else {}  # another tool's attrs: none of ours
 
     def update_attrs(self, **values: Any) -> None:
         """Merge `values` into attrs["revq"] (one atomic metadata write on local and object stores)."""
@@ -192,6 +208,13 @@ class RowStore:
     def finish(self, **attrs: Any) -> None:
         """Mark the store complete (with any last attrs): every row is final, the resume record goes."""
         values = {**self.attrs, **attrs, "complete": True, "rows_done": len(self)}
+        values.pop("progress", None)
+        self.group.attrs["revq"] = values
+
+    def forget_rows(self) -> None:
+        """Mark the store as holding no final row (unfinished, no resume record): what `vacant` sees,
+        so the next writer replaces it without `overwrite`."""
+        values = {**self.attrs, "complete": False, "rows_done": 0}
         values.pop("progress", None)
         self.group.attrs["revq"] = values
 
@@ -264,12 +287,28 @@ def _new_group(url: str, attributes: dict[str, Any], overwrite: bool) -> zarr.Gr
             raise FileExistsError(f"{url} already holds data")
         if not is_zarr_store(path):
             raise UserError(f"{url} holds files but is not a Zarr store: refusing to replace it")
-        for entry in leftovers:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        _remove_entries(leftovers)
     return zarr.open_group(str(url), mode="a", attributes=attributes)
+
+
+def remove_store(url: str) -> None:
+    """Remove the store at `url`, which its writer gives up (a local one's lease stays, for its
+    holder to release)."""
+    path = local_path(url)
+    if path is not None:
+        _remove_entries(contents(path))
+        return
+    fs, root = filesystem(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def _remove_entries(entries: list) -> None:
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def remove_partial_writes(url: str) -> None:
@@ -286,6 +325,7 @@ class LatentStore(RowStore):
 
     DATA = "latents"
     KIND = "latent"
+    DATA_FORM = ("f", 4, "floats (N, C, H, W)")
 
     @classmethod
     def open(cls, url: str, mode: str = "r", *, allow_incomplete: bool = False) -> "LatentStore":
@@ -401,17 +441,32 @@ class LatentStore(RowStore):
 
     def check_finite(self) -> None:
         """Refuse a store with a NaN or inf latent (or flipped latent), naming the first such row and
-        its key. Finite statistics over every row prove there is none without reading the rows (one
-        NaN or inf makes its dimension's mean or std non-finite); otherwise the rows are scanned."""
+        its key, when its statistics show one (one NaN or inf makes its dimension's mean or std
+        non-finite). Rows changed after the statistics were computed escape this: readers check the
+        rows themselves as they read them (`checked_rows`)."""
         mean, std = self.mean, self.std
         if mean is not None and std is not None and np.isfinite(mean).all() and np.isfinite(std).all():
             return
         for array in self._latent_arrays():
-            row = first_row_where(array, lambda chunk: ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1))
-            if row is not None:
-                what = "latents" if array is self.latents else "flipped latents"
-                raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds NaN or inf {what}: "
-                                f"re-encode that image (e.g. with `dtype=float32`) or leave it out")
+            for start in range(0, array.shape[0], array.chunks[0]):
+                self.checked_rows(start, start + array.chunks[0], array.basename)
+
+    def checked_rows(self, start: int, stop: int, array: str = "latents") -> np.ndarray:
+        """Rows [start, stop) of `array` (latents or latents_flip), refused with the first NaN or inf
+        row and its key named: what every reader of a store's rows goes through before using them."""
+        rows = self.group[array][start:stop]
+        self.refuse_non_finite(rows, range(start, start + len(rows)), array)
+        return rows
+
+    def refuse_non_finite(self, rows: np.ndarray, row_numbers, array: str = "latents") -> None:
+        """Raise a UserError naming the first of `rows` (read from `array` at `row_numbers`) that
+        holds NaN or inf, and its key."""
+        bad = ~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1)
+        if bad.any():
+            row = int(row_numbers[int(np.argmax(bad))])
+            what = "flipped latents" if array == FLIP_ARRAY else "latents"
+            raise UserError(f"{self.url} row {row} (key {self.key(row)!r}) holds NaN or inf {what}: "
+                            f"re-encode that image (e.g. with `dtype=float32`) or leave it out")
 
     def write(self, start: int, latents: np.ndarray, labels: np.ndarray, keys: np.ndarray,
               latents_flip: np.ndarray | None = None) -> None:

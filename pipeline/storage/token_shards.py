@@ -17,11 +17,12 @@ with the same bytes an uninterrupted export writes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from revq_pipe.pipeline.atomic_files import read_json, write_json
+from revq_pipe.pipeline.atomic_files import read_json, write_atomically, write_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import local_path
@@ -75,8 +76,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
             raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
                             "pass `overwrite=True` to replace them")
     elif there:
-        for stale in [*folder.glob("tokens-*"), *own]:
-            stale.unlink(missing_ok=True)
+        _remove_export(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(manifest, attrs, indent=1)
     write_card(str(folder), card)
@@ -85,14 +85,27 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     done = 0
     while done < len(names) and os.path.exists(names[done]):
         done += 1
-    with progress_bar(progress, total=count, initial=done * shard_size, unit="img",
-                      desc=f"{shards.name} shards") as bar:
-        for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size), start=done):
-            partial = names[index] + PARTIAL_SUFFIX
-            shards.write(partial, ids, labels, [str(key) for key in keys], classes)
-            os.replace(partial, names[index])
-            bar.update(len(ids))
+    try:
+        with progress_bar(progress, total=count, initial=min(done * shard_size, count), unit="img",
+                          desc=f"{shards.name} shards") as bar:
+            for index, (ids, labels, keys) in enumerate(_rebatch(rows_from(done * shard_size), shard_size),
+                                                        start=done):
+                sample_keys = [str(key) for key in keys]
+                write_atomically(Path(names[index]), lambda partial: shards.write(str(partial), ids, labels,
+                                                                                  sample_keys, classes),
+                                 suffix=PARTIAL_SUFFIX)
+                bar.update(len(ids))
+    except UserError:
+        if done == 0:  # bad input met midway (a NaN row): the export this run began goes, so the next starts afresh
+            _remove_export(folder)
+        raise
     return names
+
+
+def _remove_export(folder: Path) -> None:
+    """Remove an export's shards (and a killed writer's partial ones), its manifest and its card from `folder`."""
+    for stale in [*folder.glob("tokens-*"), folder / MANIFEST, folder / CARD_NAME]:
+        stale.unlink(missing_ok=True)
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:

@@ -43,6 +43,7 @@ class TokenStore(RowStore):
 
     DATA = "tokens"
     KIND = "token"
+    DATA_FORM = ("ui", 2, "integer ids (N, T)")
 
     @classmethod
     def open(cls, url: str, mode: str = "r") -> "TokenStore":
@@ -77,10 +78,13 @@ class TokenStore(RowStore):
     def check_ids(self, codes: int) -> None:
         """Refuse ids outside [0, codes) - a store damaged or written by another tool - naming the
         first such row and its key, before anything is decoded from it."""
-        row = first_row_where(self.tokens, lambda chunk: chunk.max(axis=1, initial=0) >= codes)
+        row = first_row_where(self.tokens, lambda chunk: (chunk.max(axis=1, initial=0) >= codes)
+                              | (chunk.min(axis=1, initial=0) < 0))
         if row is not None:
-            raise UserError(f"{self.url} row {row} (key {self.keys[row]!r}) holds token id "
-                            f"{int(self.tokens[row].max())}, but the run has {codes} codes per position")
+            ids = self.tokens[row]
+            shown = int(ids.min()) if ids.min() < 0 else int(ids.max())
+            raise UserError(f"{self.url} row {row} (key {self.key(row)!r}) holds token id {shown}, but the run "
+                            f"has {codes} codes per position")
 
     def append(self, tokens: np.ndarray, labels: np.ndarray, keys: np.ndarray) -> None:
         """Write the next whole chunk (or the last, shorter one) at `rows_done`, then commit it."""

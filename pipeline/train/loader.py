@@ -32,7 +32,7 @@ import torch
 from revq_pipe.pipeline.train.distributed import DataParallelGroup
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.seeds import stream_generator
-from revq_pipe.pipeline.storage.store import LatentStore
+from revq_pipe.pipeline.storage.store import FLIP_ARRAY, LatentStore
 
 # Streaming reads about this many bytes of latents per block (whole chunks, at least two).
 STREAM_BLOCK_BYTES = 256 << 20
@@ -51,6 +51,14 @@ def open_training_store(url: str) -> tuple[LatentStore, np.ndarray, np.ndarray]:
     if len(store) == 0:
         raise UserError(f"{url} holds no latents")
     return store, mean, std
+
+
+def _whole_array(store: LatentStore, array) -> np.ndarray:
+    """All rows of one latent array of `store`, checked for NaN/inf a chunk at a time."""
+    rows, step = np.asarray(array[:]), array.chunks[0]
+    for start in range(0, len(rows), step):
+        store.refuse_non_finite(rows[start:start + step], range(start, start + step), array.basename)
+    return rows
 
 
 def free_memory(device: torch.device) -> int:
@@ -80,7 +88,7 @@ class LatentLoader:
             resident = group.all_true(copies * nbytes <= RESIDENT_FRACTION * free_memory(device))
         self.resident = resident
         # Resident with flips: rows [0, n) the originals, [n, 2n) their flipped images' latents.
-        self.data = (torch.cat([torch.from_numpy(np.asarray(array[:])) for array in arrays]).to(device)
+        self.data = (torch.cat([torch.from_numpy(_whole_array(store, array)) for array in arrays]).to(device)
                      if resident else None)
 
     def __len__(self) -> int:
@@ -99,6 +107,7 @@ class LatentLoader:
         order = np.argsort(indices)
         picked = np.empty((len(indices), *self.store.latent_shape), self.store.latents.dtype)
         picked[order] = self.store.latents.get_orthogonal_selection((np.asarray(indices)[order],))
+        self.store.refuse_non_finite(picked, indices)
         return self._to_device(picked)
 
     def _share(self, batch: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -132,9 +141,10 @@ class LatentLoader:
         latents = self.store.latents
 
         def read(block: list[int]) -> np.ndarray:
-            rows = np.concatenate([latents[c * chunk:(c + 1) * chunk] for c in block])
+            rows = np.concatenate([self.store.checked_rows(c * chunk, (c + 1) * chunk) for c in block])
             if self.flip:  # (rows, 2, C, H, W): each latent beside its flipped image's
-                flipped = np.concatenate([self.store.latents_flip[c * chunk:(c + 1) * chunk] for c in block])
+                flipped = np.concatenate([self.store.checked_rows(c * chunk, (c + 1) * chunk, FLIP_ARRAY)
+                                          for c in block])
                 rows = np.stack([rows, flipped], axis=1)
             return rows
 

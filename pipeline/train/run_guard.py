@@ -9,12 +9,14 @@ the lease; the other ranks of the job would otherwise be refused as another job.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from revq_pipe.pipeline.interrupts import set_interrupt_hint
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME
 from revq_pipe.pipeline.train.determinism import deterministic_on_cpu
@@ -25,11 +27,13 @@ def run_guard(out: str, device: torch.device, *, resume: bool, overwrite: bool) 
     """The lease on the run dir `out`, CPU determinism on `device`, and the Ctrl-C hint (a
     KeyboardInterrupt whose message the CLI prints) for a run started with `resume` / `overwrite`."""
     lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    hint = functools.partial(_resume_hint, Path(out), resume=resume, overwrite=overwrite)
+    set_interrupt_hint(hint)  # for a fit stopped at once
     with lease, deterministic_on_cpu(device):
         try:
             yield
         except KeyboardInterrupt:
-            raise KeyboardInterrupt(_resume_hint(Path(out), resume=resume, overwrite=overwrite)) from None
+            raise KeyboardInterrupt(hint()) from None
 
 
 def _resume_hint(run_dir: Path, *, resume: bool, overwrite: bool) -> str:

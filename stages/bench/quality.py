@@ -16,13 +16,13 @@ Like the demo, this command composes whole stages (fit, eval); every other stage
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from revq_pipe.pipeline.atomic_files import write_atomically, write_json
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore
@@ -177,8 +177,8 @@ def bench_quality(
                  f"(quantizer alone {row.val_mse_quantizer[-1]:.4f})"
                  + (f", PSNR through tokens {row.psnr_tokens:.2f} dB" if row.psnr_tokens is not None else ""))
     result.seconds = time.perf_counter() - started
-    (out / "quality.json").write_text(json.dumps(result.to_dict(), indent=1) + "\n")
-    (out / "quality.md").write_text(result.markdown() + "\n")
+    write_json(out / "quality.json", result.to_dict(), indent=1)
+    write_atomically(out / "quality.md", lambda tmp: tmp.write_text(result.markdown() + "\n"))
     return result
 
 
