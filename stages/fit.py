@@ -109,7 +109,7 @@ class FitPlan:
             kept = (f"the checkpoint of epoch {len(self.history)} is kept in {self.run_dir}" if self.history
                     else "no epoch had completed")
             raise TrainingStopped(f"training stopped at epoch {epoch + 1}, step {err.step + 1}: {err.reason}; "
-                                  f"{kept} (try a lower --lr)") from None
+                                  f"{kept} (try a lower `lr`)") from None
 
 
 @in_process_group

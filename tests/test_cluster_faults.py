@@ -16,9 +16,9 @@ import zarr
 
 from conftest import TINY_IMAGE_SIZE
 from revq_pipe.pipeline.storage.store import write_latent_store
+from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
-from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 pytestmark = pytest.mark.slow

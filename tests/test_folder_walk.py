@@ -40,7 +40,7 @@ def test_links_out_of_the_root_and_back_up_are_not_followed(trees, caplog):
     os.symlink(root.parent, root / "a" / "parent")  # up and out: would list the whole tmp dir
     os.symlink(root, root / "b" / "root")  # back to the root: a loop
     assert keys(root) == ["a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg"]
-    assert "skipped 3 link(s) leading out of the folder" in caplog.text and "--follow-links" in caplog.text
+    assert "skipped 3 link(s) leading out of the folder" in caplog.text and "`follow_links=True`" in caplog.text
     assert "skipped 1 folder(s) reached a second time" in caplog.text
 
 

@@ -106,7 +106,7 @@ def test_shards_resumed_past_a_planted_partial_link_leave_its_target_alone(store
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert precious.read_text() == PRECIOUS
-    assert sorted(p.name for p in out.iterdir()) == ["export.json", *(f"tokens-00000{i}.tar" for i in range(3))]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "export.json", *(f"tokens-00000{i}.tar" for i in range(3))]
 
 
 def test_write_atomically_replaces_what_a_killed_writer_left_and_keeps_no_temp_file(tmp_path):

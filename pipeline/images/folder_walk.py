@@ -69,7 +69,7 @@ class FolderWalk:
         if self.outside:
             link, target = self.outside[0]
             log.warning(f"{self.root}: skipped {len(self.outside)} link(s) leading out of the folder (e.g. {link} -> "
-                        f"{target}); pass --follow-links to include what they point to")
+                        f"{target}); pass `follow_links=True` to include what they point to")
         if self.repeated:
             log.warning(f"{self.root}: skipped {len(self.repeated)} folder(s) reached a second time through links "
                         f"(e.g. {self.repeated[0]}): a link loop or two links to one folder")

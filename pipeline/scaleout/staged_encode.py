@@ -116,7 +116,7 @@ class StagedEncode:
             self.records = staged_records(self.staging)
         store.commit(store.rows_done, {"staged": True, "job": settings.job, "laid_out": self.laid_out})
         if self.records:
-            log.warning(f"resuming the --cluster encode of {store.url}: {self.staged_rows} latents of "
+            log.warning(f"resuming the `cluster` encode of {store.url}: {self.staged_rows} latents of "
                         f"{self.staged_positions} images staged")
 
     @property

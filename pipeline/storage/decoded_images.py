@@ -98,7 +98,7 @@ def _refuse_folders_out(folder: Path, paths: list[Path]) -> None:
     inside = folder.resolve()
     for parent in sorted({path.parent for path in paths}):
         if not parent.resolve().is_relative_to(inside):
-            raise UserError(f"{parent} leads out of {folder} through a link: remove the link, or choose another --out")
+            raise UserError(f"{parent} leads out of {folder} through a link: remove the link, or choose another `out`")
 
 
 def _refuse_long_names(folder: Path, paths: list[Path], keys: np.ndarray) -> None:

@@ -264,7 +264,7 @@ class FitConfig:
         fitted = {k: v for k, v in fitted.items() if v != small[k] and k not in self.overrides}
         cut = "".join(f", {'K' if k == 'codes' else 'batch'}={v}" for k, v in fitted.items())
         return SMALL_PRESET, fitted, (f"preset auto: {SMALL_PRESET}{cut} for {count:,} latents ({PAPER_PRESET} "
-                                      f"needs {paper_needs:,}: {MIN_LATENTS_PER_CODE} per code; --preset chooses)")
+                                      f"needs {paper_needs:,}: {MIN_LATENTS_PER_CODE} per code; `preset` chooses)")
 
 
 def fitting_codes(count: int) -> int | None:
