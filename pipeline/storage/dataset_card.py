@@ -18,8 +18,8 @@ from huggingface_hub import DatasetCard, DatasetCardData
 
 from revq_pipe.pipeline.atomic_files import write_atomically
 from revq_pipe.pipeline.paths import filesystem, local_path
+from revq_pipe.pipeline.storage.store import CARD_NAME
 
-CARD_NAME = "README.md"
 FOLDER = "path/to/this/folder"  # the loading examples' stand-in for wherever the export lies
 TAGS = ["revq", "image-tokens", "vector-quantization"]
 UNKNOWN = "not recorded"

@@ -50,9 +50,13 @@ from revq_pipe.pipeline.storage.stats import latent_stats
 if TYPE_CHECKING:
     import dask.array
 
-# A writer's lease file sits in the store's folder, which Zarr lists with a warning on every
-# look at the group's members (on the user's terminal, from every dask worker): expected, so quiet.
-warnings.filterwarnings("ignore", message=f"Object at {re.escape(LEASE_NAME)} is not recognized", category=UserWarning)
+# The dataset card an export writes into its token store's folder (storage/dataset_card.py).
+CARD_NAME = "README.md"
+# A writer's lease file and a token store's card sit in the store's folder, which Zarr lists with a
+# warning on every look at the group's members (on the user's terminal, from every dask worker):
+# expected, so quiet.
+warnings.filterwarnings("ignore", message=f"Object at ({re.escape(LEASE_NAME)}|{re.escape(CARD_NAME)}) is not "
+                        "recognized", category=UserWarning)
 
 FORMAT_VERSION = 1
 # Latents are near-Gaussian floats: their mantissas are noise, only the sign/exponent byte
