@@ -112,6 +112,7 @@ revq() { $PY -m revq_pipe.cli "$@"; }
 env_report() {
   date -u
   nvidia-smi 2>&1 || echo "no nvidia-smi"
+  nproc; df -h /dev/shm  # decode workers hand blocks over in shared memory (about 50 MB each at batch 256)
   $PY - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)

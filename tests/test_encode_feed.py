@@ -37,10 +37,11 @@ def torchvision_missing() -> str | None:
     return None
 
 
+MISSING = torchvision_missing()
 needs_torchvision = pytest.mark.skipif(
-    torchvision_missing() is not None,
-    reason="needs an importable torchvision (PyPI's does not import beside this venv's CPU build of torch; "
-           "scripts/gpu_check.sh runs these on the GPU machine, which has it)")
+    MISSING is not None, reason=f"needs torchvision's decode_jpeg, which does not import here "
+                                f"({MISSING and MISSING.split('(')[-1].split(')')[0]}); scripts/gpu_check.sh runs "
+                                f"this on the GPU machine, which has torchvision")
 
 
 def tiny_vae(class_name: str) -> FrozenVae:
@@ -205,7 +206,7 @@ def test_an_encode_decoding_on_the_device_stores_the_workers_rows(device_folder,
 
 
 def test_decoding_on_the_device_without_torchvision_is_refused_in_one_line(photo_folder, tiny_dc_vae_dir, tmp_path):
-    if torchvision_missing() is None:
+    if MISSING is None:
         pytest.skip("torchvision is importable here, so encode does not refuse --decode-on device")
     result = runner.invoke(app, ["encode", str(photo_folder), "--out", str(tmp_path / "s.zarr"), "--vae",
                                  str(tiny_dc_vae_dir), "--decode-on", "device"])

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
 import math
 import tempfile
 import time
@@ -46,6 +47,8 @@ from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, FrozenVae, VaeSpec, ca
 from revq_pipe.pipeline.reporting.benchmarking import device_description
 from revq_pipe.pipeline.reporting.encode_timing import (JPEG_SIDE, Row, jpeg_photos, time_device_decoding,
                                                         time_encoder, time_worker_decoding, write_shards)
+
+log = logging.getLogger(__name__)
 
 DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -88,6 +91,11 @@ class BenchEncodeResult:
     notes: list[str] = field(default_factory=list)
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        # As each row is measured: a run cut short (a GPU window's time limit) still shows it.
+        log.info(f"bench encode, {row.name}: {row.rate:.4g} img/s")
+
     def report(self) -> str:
         """A table of images/s, each row against the reference setting's."""
         reference = self.rows[0].rate
@@ -127,10 +135,11 @@ def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256
         if compile_encoder:
             variants.append(("torch.compile", {"compile_encoder": True}))
         for number, (label, options) in enumerate(variants):
-            row, summary = _end_to_end(vae, pattern, Path(tmp) / f"store-{number}.zarr", batch_size, label, **options)
-            result.rows.append(row)
-    representative = "random weights: not representative" if "random" in weights else "real latents"
-    result.notes.append(f"store: {summary.count} latents, compression {summary.compression_ratio:.2f}x ({representative})")
+            try:
+                _end_to_end(result, vae, pattern, Path(tmp) / f"store-{number}.zarr", label, **options)
+            except Exception as err:  # noqa: BLE001 - one failing variant must not cost the others' rows
+                result.notes.append(f"end to end, {label}: failed: {type(err).__name__}: "
+                                    f"{(str(err).splitlines() or [''])[0][:160]}")
     return result
 
 
@@ -140,21 +149,21 @@ def _encoder_rows(result: BenchEncodeResult, vae: FrozenVae, photos: list[bytes]
     size, images = result.batch_size, result.images
     reference_batch = min(REFERENCE_BATCH, images)
     vae.tune()
-    result.rows.append(time_encoder(vae, batch, reference_batch, images, compute="float32",
+    result.add(time_encoder(vae, batch, reference_batch, images, compute="float32",
                                     name=f"reference: encoder alone, fp32, batch {reference_batch}"))
     if vae.device.type != "cuda":
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
                             "(--images 4 --batch-size 4 takes about 3 minutes on 2 cores); "
                             "bf16 and channels_last rows are measured on CUDA only")
         return
-    result.rows.append(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+    result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
                                     name=f"encoder alone, bf16 autocast, batch {size}"))
     vae.tune(channels_last=True)
-    result.rows.append(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+    result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
                                     name=f"encoder alone, bf16 autocast, channels_last, batch {size}"))
     if compile_encoder:  # compiled by the Timer's warm-up
         vae.tune(channels_last=True, compile_batch=size)
-        result.rows.append(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+        result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
                                         name=f"encoder alone, bf16, channels_last, torch.compile, batch {size}"))
     vae.tune()
 
@@ -163,31 +172,36 @@ def _decoding_rows(result: BenchEncodeResult, photos: list[bytes], device: torch
     """Decoding alone: PIL in one worker and in encode's default count; on the device with torchvision."""
     workers, size = default_workers(None), result.batch_size
     one = time_worker_decoding(photos, min(result.images, PER_WORKER_IMAGES), size, 1, IMAGE_SIZE)
-    result.rows.append(one)
+    result.add(one)
     if workers != 1:
-        result.rows.append(time_worker_decoding(photos, result.images, size, workers, IMAGE_SIZE))
+        result.add(time_worker_decoding(photos, result.images, size, workers, IMAGE_SIZE))
     result.notes.append(f"PIL decodes {one.rate:.0f} img/s per worker process here: {math.ceil(TARGET_RATE / one.rate)} "
                         f"workers feed {TARGET_RATE} img/s; encode starts {workers} on this machine by default")
     if _torchvision_importable():
-        result.rows.append(time_device_decoding(photos, result.images, size, device, IMAGE_SIZE))
+        result.add(time_device_decoding(photos, result.images, size, device, IMAGE_SIZE))
     else:
         result.notes.append("torchvision is not importable: no rows for decoding on the device")
 
 
-def _end_to_end(vae: FrozenVae, pattern: str, out: Path, batch_size: int, label: str, *,
-                setup: dict[str, bool] | None = None, **options: Any):
+def _end_to_end(result: BenchEncodeResult, vae: FrozenVae, pattern: str, out: Path, label: str, *,
+                setup: dict[str, bool] | None = None, **options: Any) -> None:
     """One whole encode of the shards into a new store at `out`, timed as a whole; `options` as
     prepare_encode takes them, `setup` EncoderSetup fields turned off."""
     from revq_pipe.stages.encode import prepare_encode, run_encode
 
-    job = prepare_encode(pattern, str(out), vae.spec, image_size=IMAGE_SIZE, batch_size=batch_size,
+    job = prepare_encode(pattern, str(out), vae.spec, image_size=IMAGE_SIZE, batch_size=result.batch_size,
                          device=str(vae.device), progress=False, **options)
     job.setup = replace(job.setup, **(setup or {}))
     started = time.perf_counter()
-    summary = run_encode(job, vae)
-    seconds = time.perf_counter() - started
-    vae.tune()
-    return Row(f"end to end, {summary.compute}: {label}", summary.count, seconds), summary
+    try:
+        summary = run_encode(job, vae)
+    finally:
+        vae.tune()
+    result.add(Row(f"end to end, {summary.compute}: {label}", summary.count, time.perf_counter() - started))
+    if not any(note.startswith("store:") for note in result.notes):
+        representative = "random weights: not representative" if "random" in result.weights else "real latents"
+        result.notes.append(f"store: {summary.count} latents, compression {summary.compression_ratio:.2f}x "
+                            f"({representative})")
 
 
 def _torchvision_importable() -> bool:
