@@ -161,6 +161,8 @@ def encode(
     overwrite: bool = OverwriteOpt,
     flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Follow links in an image folder that lead out of it (by default they are skipped, with a warning)."),
+    decode_on: str = typer.Option("workers", "--decode-on", metavar="workers|device", help="Where JPEGs are decoded: in the worker processes (PIL), or on the encoding device (torchvision's decode_jpeg: nvJPEG on a GPU), for when the CPUs cannot feed the GPU; pixels then differ by a level here and there, so the store records it. Other formats decode in the workers either way."),
+    compile_encoder: bool = typer.Option(False, "--compile", help="Run the encoder under torch.compile (faster on a GPU after a minute or more of compiling; latents differ by rounding)."),
     cluster: Optional[str] = ClusterOpt,
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
@@ -169,6 +171,7 @@ def encode(
     summary = run_encode(
         source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
         dtype=dtype, workers=workers, overwrite=overwrite, flip=flip, follow_links=follow_links, cluster=cluster,
+        decode_on=decode_on, compile_encoder=compile_encoder,
     )
     typer.echo(summary.report())
 

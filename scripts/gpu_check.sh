@@ -51,7 +51,10 @@ if [ "$MODE" = gpu ]; then
   SEARCH_262="--shape 256T_NC=262144 --candidates"
   SEARCH_512="--shape 512T_NC=16384"
   ENCODE="--images 2048 --batch-size 256"
-  TESTS="tests/test_cuda_step.py"
+  # The CUDA tests, and test_encode_feed's torchvision ones (decode_jpeg on the CPU: the dev venv has
+  # no torchvision that imports).
+  FEED=tests/test_encode_feed.py
+  TESTS="tests/test_cuda_step.py tests/test_cuda_encode.py $FEED::test_device_decoding_keeps_and_skips_the_samples_the_workers_do $FEED::test_an_encode_decoding_on_the_device_stores_the_workers_rows"
 else
   FIT_ARGS_512="--preset tiny --device cpu --steps 2 --batch-size 8"
   FIT_ARGS_262="--preset tiny --device cpu --steps 2 --batch-size 4"
@@ -59,7 +62,7 @@ else
   FIT_VARIANTS_262="fused-quantize+fused-adamw"
   SEARCH_262="--shape 2,8,300,8 --device cpu --candidates"  # under the interpreter, below
   SEARCH_512="--shape 8,16,512,4 --device cpu"
-  TESTS="tests/test_cuda_step.py tests/test_step_options.py"
+  TESTS="tests/test_cuda_step.py tests/test_cuda_encode.py tests/test_step_options.py"
   ENCODE=""
 fi
 PROFILE_STEPS=$([ "$MODE" = gpu ] && echo 20 || echo 2)
@@ -109,6 +112,7 @@ revq() { $PY -m revq_pipe.cli "$@"; }
 env_report() {
   date -u
   nvidia-smi 2>&1 || echo "no nvidia-smi"
+  nproc; df -h /dev/shm  # decode workers hand blocks over in shared memory (about 50 MB each at batch 256)
   $PY - <<'EOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
@@ -167,7 +171,7 @@ section fit-512T 170 fit_bench 512T "$FIT_ARGS_512" "$FIT_VARIANTS_512"
 section fit-262k 130 fit_bench 262k "$FIT_ARGS_262" "$FIT_VARIANTS_262"
 section search-262k 100 search_bench "$SEARCH_262"
 section search-512T 45 search_bench "$SEARCH_512"
-section encode 90 encode_bench
+section encode 120 encode_bench
 section tests 150 $PY -m pytest -q -p no:cacheprovider -rs $TESTS
 [ "$MODE" = gpu ] && section extra 200 extra_runs
 

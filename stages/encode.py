@@ -4,7 +4,8 @@
     (decode + resize)                              (main thread)           (reorder, chunk,
                                                                             compress, commit)
 
-The source is read as blocks (pipeline/images/sources.py), each encoded as one GPU batch; the writer
+The source is read as blocks (pipeline/images/sources.py), each encoded as one GPU batch, the copies
+to and from the GPU overlapped with its work (pipeline/images/encode_feed.py); the writer
 (pipeline/storage/latent_writer.py) puts them back in source order and commits resume progress after
 every chunk. Re-running an interrupted encode with the same settings resumes it and ends with the
 store an uninterrupted run writes (pipeline/storage/resume.py decides resume, refuse or replace).
@@ -21,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
 from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
 from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared_location, worker_hosts
@@ -33,7 +33,8 @@ from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.reporting.encode_summary import EncodeSummary
 from revq_pipe.pipeline.storage.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
-from revq_pipe.pipeline.images.sources import BlockDataset, ImageSource, default_workers, open_source
+from revq_pipe.pipeline.images.encode_feed import EncoderSetup, encoded_blocks
+from revq_pipe.pipeline.images.sources import ImageSource, default_workers, open_source
 from revq_pipe.pipeline.scaleout.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
 from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
                                       remove_partial_writes, skipped_attrs)
@@ -42,6 +43,10 @@ from revq_pipe.pipeline.images.vae import FrozenVae, VaeSpec, resolve_vae
 log = logging.getLogger(__name__)
 
 PREPROCESSING = "rgb, resize short side bilinear, center crop, x/255*2-1"
+# With decode_on=device: other decoders and another resize, a level apart here and there (the
+# settings differ, so neither path resumes the other's store).
+DEVICE_PREPROCESSING = ("rgb, jpeg decoded by torchvision on the device, resize short side bilinear in torch, "
+                        "center crop, x/255*2-1")
 
 
 @dataclass
@@ -60,13 +65,14 @@ class EncodeJob:
     chunk_size: int
     settings: dict[str, Any]
     resume: Resume  # what to do with whatever is at `out`, and where to start
+    setup: EncoderSetup = field(default_factory=EncoderSetup)  # how blocks reach the encoder, how it runs
     flip: bool = False  # also store the latents of the horizontally flipped images
     progress: bool = True
     cluster_attrs: dict[str, Any] = field(default_factory=dict)  # how a --cluster encode ran, for the record
 
     @property
-    def full_precision(self) -> bool:
-        return self.dtype == "float32"
+    def compute(self) -> str:
+        return self.settings["compute"]
 
 
 def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None = None,
@@ -112,7 +118,7 @@ def encode_on_cluster(source: str, out: str, spec: VaeSpec, cluster: str, *, dev
             store=job.out, job=new_job_id(), vae_name=spec.name, vae_config_sha256=spec.config_sha256(),
             device=job.device.type, image_size=job.image_size, batch_size=job.batch_size,
             span=piece_span(job.chunk_size, job.batch_size), latent_shape=job.latent_shape, dtype=job.dtype,
-            flip=job.flip, full_precision=job.full_precision, decode_workers=workers, hosts=hosts)
+            flip=job.flip, compute=job.compute, setup=job.setup, decode_workers=workers, hosts=hosts)
         staged, cluster_size = StagedEncode(job.source, _open_store(job), settings), sum(hosts.values())
         resumed_rows, started = staged.staged_rows, time.perf_counter()
         with _progress_bar(job, initial=staged.staged_positions) as bar:
@@ -138,6 +144,8 @@ def prepare_encode(
     chunk_size: int | None = None,
     flip: bool = False,
     follow_links: bool = False,
+    decode_on: str = "workers",
+    compile_encoder: bool = False,
 ) -> EncodeJob:
     """Check every setting and the store at `out` without loading weights or writing anything.
 
@@ -147,12 +155,19 @@ def prepare_encode(
     replaces a store made with other settings; `chunk_size` rows per Zarr chunk (default: about
     4 MB of latents); `flip` also stores each image's horizontally flipped latent (`latents_flip`,
     for fit's flip augmentation; twice the encoder work); `follow_links` lets an ImageFolder tree's
-    links lead out of it.
+    links lead out of it; `decode_on` "device" decodes JPEGs on the encoding device (nvJPEG on a
+    GPU, through torchvision) instead of in the workers; `compile_encoder` runs the encoder under
+    torch.compile (latents differ from the eager encoder's by rounding).
     """
     if dtype not in LATENT_DTYPES:
         raise UserError(f"`dtype` must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
         raise UserError("`batch_size` and chunk size must be at least 1, `workers` at least 0")
+    setup = EncoderSetup(decode_on=decode_on, compile=compile_encoder)
+    if decode_on == "device":
+        from revq_pipe.pipeline.images.device_decode import torchvision_decoder
+
+        torchvision_decoder()  # refuses now, in one line, when torchvision is missing
     image_source = open_source(source, follow_links)
     if spec.note:
         log.warning(spec.note)
@@ -169,7 +184,7 @@ def prepare_encode(
         "latent_shape": list(latent_shape),
         "dtype": dtype,
         "compute": compute,
-        "preprocessing": PREPROCESSING,
+        "preprocessing": DEVICE_PREPROCESSING if decode_on == "device" else PREPROCESSING,
         "source": image_source.fingerprint(),
         # Only when on: stores made before the option existed keep their fingerprint.
         **({"flip": True} if flip else {}),
@@ -182,7 +197,7 @@ def prepare_encode(
         source=image_source, out=str(out), vae=spec, image_size=size, latent_shape=latent_shape, dtype=dtype,
         device=torch_device, batch_size=batch_size, workers=default_workers(workers), settings=settings,
         chunk_size=chunk_size or default_chunk_rows(latent_shape, dtype), resume=resume, flip=flip,
-        progress=progress,
+        progress=progress, setup=setup,
     )
 
 
@@ -190,11 +205,6 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     """Encode the job's remaining samples with an already loaded VAE and finish the store."""
     start = job.resume.progress
     units = job.source.units(start.cursor, job.batch_size)
-    workers = min(job.workers, len(units))
-    loader = DataLoader(
-        BlockDataset(units, job.image_size, job.batch_size), batch_size=None, num_workers=workers,
-        pin_memory=job.device.type == "cuda",
-    )
     writer = ChunkWriter(lambda: _open_store(job), start, parts=sorted({unit.part for unit in units}),
                          block_size=job.batch_size, chunk_size=job.chunk_size, flip=job.flip)
     bar = _progress_bar(job)
@@ -202,9 +212,10 @@ def run_encode(job: EncodeJob, vae: FrozenVae) -> EncodeSummary:
     encoded = 0
     writer.start()
     try:
-        with vae.autocast(job.full_precision):
-            for block, latents in vae.encode_blocks(loader, latent_shape=job.latent_shape, dtype=job.dtype,
-                                                    flip=job.flip):
+        with vae.autocast(job.compute):
+            for block, latents in encoded_blocks(vae, units, image_size=job.image_size, batch_size=job.batch_size,
+                                                 workers=job.workers, latent_shape=job.latent_shape, dtype=job.dtype,
+                                                 flip=job.flip, setup=job.setup):
                 encoded += len(block.images)
                 block.images = None  # the writer needs only the bookkeeping
                 writer.submit(block, latents)
@@ -258,7 +269,8 @@ def _encoder_attrs(job: EncodeJob) -> dict[str, Any]:
     import diffusers
 
     return {"batch_size": job.batch_size, "device": job.device.type, "workers": job.workers,
-            "torch": torch.__version__, "diffusers": diffusers.__version__, **job.cluster_attrs}
+            "setup": job.setup.on(job.device).record(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, **job.cluster_attrs}
 
 
 def _progress_bar(job: EncodeJob, *, initial: int | None = None, total: int | None = None, desc: str = "encode"):

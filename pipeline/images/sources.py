@@ -28,7 +28,7 @@ import stat
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -39,11 +39,19 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.images.folder_walk import FolderWalk
 from revq_pipe.pipeline.paths import local_path
 
+if TYPE_CHECKING:
+    from revq_pipe.pipeline.images.device_decode import PackedJpegs
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Label members of a webdataset sample, as in the common ImageNet-1k webdataset layout.
 LABEL_MEMBERS = ("cls", "cls.txt")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 UNKNOWN_LABEL = -1
+# Encode's default decode processes: one per CPU but one, for the encoding process (it issues the
+# GPU work, pins each block, runs the writer thread), and at most 16. PIL decodes, resizes and crops
+# ImageNet-sized JPEGs to 256 px at about 194 img/s per process (DESIGN.md: about 3,100 img/s on 16
+# processes), so one GPU at 600 img/s needs 4; 16 give about 3,100 img/s, room for larger images
+# and slower cores, and more would only hold more blocks in shared memory.
 MAX_DEFAULT_WORKERS = 16
 
 
@@ -139,6 +147,7 @@ class Block:
     labels: list[int] = field(default_factory=list)
     skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (index, key, reason)
     error: str | None = None
+    jpegs: PackedJpegs | None = None  # JPEGs left for the device to decode (encode's decode_on=device)
 
     def pin_memory(self) -> "Block":
         """Called by DataLoader(pin_memory=True) so the host-to-GPU copy can be asynchronous."""
@@ -147,10 +156,13 @@ class Block:
 
 
 class BlockBuilder:
-    """Collects the decoded samples of one block."""
+    """Collects the decoded samples of one block; with `jpegs_for_device`, plain JPEGs are kept as
+    bytes for the device to decode (pipeline/images/device_decode.py)."""
 
-    def __init__(self, part: int, start: int, image_size: int):
+    def __init__(self, part: int, start: int, image_size: int, jpegs_for_device: bool = False):
         self.part, self.start, self.image_size = part, start, image_size
+        self.jpegs_for_device = jpegs_for_device
+        self.jpegs: list[tuple[int, bytes]] = []  # (row, bytes)
         self.images: list[torch.Tensor] = []
         self.indices: list[int] = []
         self.keys: list[str] = []
@@ -165,22 +177,42 @@ class BlockBuilder:
         if data is None:
             self.skipped.append((index, key, reason or "no image"))
             return
-        try:
-            image = decode_image(data, self.image_size)
-        # Any failure to decode one image (truncated, corrupt, unsupported, decompression bomb)
-        # skips that image: one bad file must not stop a multi-hour run.
-        except Exception as err:  # noqa: BLE001
-            self.skipped.append((index, key, f"{type(err).__name__}: {err}".splitlines()[0][:200]))
-            return
-        self.images.append(image)
+        jpeg = self._jpeg_for_device(data)
+        if jpeg is not None:
+            self.jpegs.append((len(self.indices), jpeg))
+        else:
+            try:
+                self.images.append(decode_image(data, self.image_size))
+            # Any failure to decode one image (truncated, corrupt, unsupported, decompression bomb)
+            # skips that image: one bad file must not stop a multi-hour run.
+            except Exception as err:  # noqa: BLE001
+                self.skipped.append((index, key, skip_reason(err)))
+                return
         self.indices.append(index)
         self.keys.append(key)
         self.labels.append(label)
 
+    def _jpeg_for_device(self, data: bytes | str | Path) -> bytes | None:
+        if not self.jpegs_for_device:
+            return None
+        from revq_pipe.pipeline.images.device_decode import jpeg_for_device
+
+        return jpeg_for_device(data if isinstance(data, bytes) else str(data))
+
     def build(self, last: bool) -> Block:
         images = torch.stack(self.images) if self.images else _no_images(self.image_size)
-        return Block(self.part, self.start, self.count, last, images, self.indices, self.keys, self.labels,
-                     self.skipped)
+        block = Block(self.part, self.start, self.count, last, images, self.indices, self.keys, self.labels,
+                      self.skipped)
+        if self.jpegs_for_device:
+            from revq_pipe.pipeline.images.device_decode import PackedJpegs
+
+            block.jpegs = PackedJpegs.pack(self.jpegs)
+        return block
+
+
+def skip_reason(err: Exception) -> str:
+    """Why a sample is skipped, in one short line: its decoding error."""
+    return f"{type(err).__name__}: {err}".splitlines()[0][:200]
 
 
 # --------------------------------------------------------------------------- work units
@@ -196,8 +228,8 @@ class FolderBlockUnit:
     start: int
     last: bool
 
-    def blocks(self, image_size: int, block_size: int) -> Iterator[Block]:
-        builder = BlockBuilder(0, self.start, image_size)
+    def blocks(self, image_size: int, block_size: int, jpegs_for_device: bool = False) -> Iterator[Block]:
+        builder = BlockBuilder(0, self.start, image_size, jpegs_for_device)
         for rel, label in self.entries:
             builder.add(rel, label, os.path.join(self.root, rel))
         yield builder.build(self.last)
@@ -211,7 +243,7 @@ class ShardUnit:
     url: str
     start: int
 
-    def blocks(self, image_size: int, block_size: int) -> Iterator[Block]:
+    def blocks(self, image_size: int, block_size: int, jpegs_for_device: bool = False) -> Iterator[Block]:
         import fsspec
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -225,7 +257,7 @@ class ShardUnit:
                         index += 1
                         continue
                     if builder is None:
-                        builder = BlockBuilder(self.part, index, image_size)
+                        builder = BlockBuilder(self.part, index, image_size, jpegs_for_device)
                     key, label, data, reason = _parse_sample(sample)
                     builder.add(key, label, data, reason)
                     index += 1
@@ -243,7 +275,7 @@ class ShardUnit:
             yield Block(self.part, index, 0, True, _no_images(image_size), error=message.splitlines()[0])
             return
         if builder is None:
-            builder = BlockBuilder(self.part, max(index, self.start), image_size)
+            builder = BlockBuilder(self.part, max(index, self.start), image_size, jpegs_for_device)
         yield builder.build(last=True)
 
 
@@ -279,11 +311,13 @@ class BlockDataset(IterableDataset):
     """Blocks of decoded images for a DataLoader (batch_size=None).
 
     Worker `w` of `W` takes work units w, w+W, ...; with no workers, the main process takes all.
+    With `jpegs_for_device`, plain JPEGs come as bytes for the device to decode.
     """
 
-    def __init__(self, units: list, image_size: int, block_size: int):
+    def __init__(self, units: list, image_size: int, block_size: int, jpegs_for_device: bool = False):
         super().__init__()
         self.units, self.image_size, self.block_size = units, image_size, block_size
+        self.jpegs_for_device = jpegs_for_device
 
     def __iter__(self) -> Iterator[Block]:
         info = get_worker_info()
@@ -291,7 +325,7 @@ class BlockDataset(IterableDataset):
             _quiet_when_the_main_process_stops()
         units = self.units if info is None else self.units[info.id :: info.num_workers]
         for unit in units:
-            yield from unit.blocks(self.image_size, self.block_size)
+            yield from unit.blocks(self.image_size, self.block_size, self.jpegs_for_device)
 
 
 def _quiet_when_the_main_process_stops() -> None:
@@ -308,15 +342,15 @@ def _quiet_when_the_main_process_stops() -> None:
 
 
 def default_workers(workers: int | None = None) -> int:
-    """DataLoader processes to decode with: `workers` when given, else this process's CPUs (at most
-    MAX_DEFAULT_WORKERS)."""
+    """DataLoader processes to decode with: `workers` when given, else one per CPU of this process
+    but one, at least 1 and at most MAX_DEFAULT_WORKERS."""
     if workers is not None:
         return workers
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return min(cpus, MAX_DEFAULT_WORKERS)
+    return max(1, min(cpus - 1, MAX_DEFAULT_WORKERS))
 
 
 # --------------------------------------------------------------------------- sources

@@ -94,24 +94,46 @@ class FrozenVae:
         self.spec = spec
         self.device = device
         self.module = module.to(device).eval().requires_grad_(False)
+        self.eager_encoder = self.module.encoder
+        self.compiled_encoder: torch.nn.Module | None = None  # made at the first `tune` that asks for it
+        self.channels_last = False
+        self.static_batch: int | None = None  # the batch the compiled encoder always gets
 
-    def autocast(self, full_precision: bool):
-        """bf16 autocast on CUDA unless full precision is asked for; plain float32 elsewhere.
+    def autocast(self, compute: str):
+        """The context for `compute` as stores record it: "bf16-autocast" (bf16 autocast on the
+        VAE's device) or "float32" (no autocast).
 
         Enter it once around the whole loop: autocast caches the bf16 copies of the weights for
         as long as its outermost context is open.
         """
-        if self.device.type == "cuda" and not full_precision:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if compute == "bf16-autocast":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
+
+    def tune(self, *, channels_last: bool = False, compile_batch: int | None = None) -> None:
+        """Set how the encoder runs: `channels_last` weights and inputs (faster convolutions on CUDA;
+        results change by rounding only), and with `compile_batch` the encoder under torch.compile,
+        every batch padded to that size so the compiled code never meets a new shape. Calling it
+        again with other values undoes the previous ones (the compiled encoder is kept for the next)."""
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.module.to(memory_format=layout)
+        self.channels_last = channels_last
+        if compile_batch is not None and self.compiled_encoder is None:
+            self.compiled_encoder = torch.compile(self.eager_encoder, dynamic=False)
+        self.module.encoder = self.eager_encoder if compile_batch is None else self.compiled_encoder
+        self.static_batch = compile_batch
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Latents of a (B, 3, S, S) batch in [-1, 1]: DC-AE's latent, or the KL posterior mean."""
+        rows = len(images)
+        if self.static_batch is not None and rows < self.static_batch:
+            images = torch.cat([images, images.new_zeros((self.static_batch - rows, *images.shape[1:]))])
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         output = self.module.encode(images)
-        if self.spec.class_name == "AutoencoderKL":
-            return output.latent_dist.mean
-        return output.latent
+        latents = output.latent_dist.mean if self.spec.class_name == "AutoencoderKL" else output.latent
+        return latents[:rows]
 
     def encode_block(self, images: torch.Tensor, *, latent_shape: tuple[int, int, int], dtype: str,
                      flip: bool = False) -> torch.Tensor:

@@ -42,7 +42,8 @@ import numpy as np
 from revq_pipe.pipeline.scaleout.chunk_tasks import report_progress, run_tasks, task_runs, worker_cached
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.paths import filesystem
-from revq_pipe.pipeline.images.sources import (MAX_DEFAULT_WORKERS, Block, BlockDataset, Cursor, ImageSource, ShardUnit,
+from revq_pipe.pipeline.images.encode_feed import EncoderSetup, HostLatents, encoded_blocks
+from revq_pipe.pipeline.images.sources import (MAX_DEFAULT_WORKERS, Block, Cursor, ImageSource, ShardUnit,
                                         WebDatasetSource)
 from revq_pipe.pipeline.storage.staging import Staging
 from revq_pipe.pipeline.storage.store import FLIP_ARRAY, LatentStore, skipped_attrs
@@ -75,7 +76,8 @@ class EncodeSettings:
     latent_shape: tuple[int, int, int]
     dtype: str
     flip: bool
-    full_precision: bool
+    compute: str  # "bf16-autocast" or "float32", as the store records it
+    setup: EncoderSetup  # how blocks reach the encoder and how it runs (resolved on each worker)
     decode_workers: int | None  # DataLoader processes per dask worker; None: its machine's CPUs shared out
     hosts: dict[str, int] = field(default_factory=dict)  # dask workers per host
 
@@ -230,21 +232,18 @@ class EncodeTask:
 def encode_task(task: EncodeTask) -> None:
     """Decode and encode the task's units block by block, staging each piece once all its blocks
     are in; pieces an earlier attempt staged are skipped. Runs on a worker."""
-    from torch.utils.data import DataLoader
-
     settings = task.settings
     vae = _worker_vae(settings)
     store = LatentStore.open(settings.store, mode="r+", allow_incomplete=True)
     staging = store.staging()
     units = unstaged_units(task.units, staging, settings.span)
-    loader = DataLoader(BlockDataset(units, settings.image_size, settings.batch_size), batch_size=None,
-                        num_workers=min(_decode_processes(settings), len(units)),
-                        pin_memory=vae.device.type == "cuda")
     pieces = PieceAssembler(settings)
-    with vae.autocast(settings.full_precision):
-        for block, latents in vae.encode_blocks(loader, latent_shape=settings.latent_shape, dtype=settings.dtype,
-                                                flip=settings.flip):
-            latents = latents.cpu().numpy() if latents is not None else None
+    with vae.autocast(settings.compute):
+        for block, latents in encoded_blocks(vae, units, image_size=settings.image_size,
+                                             batch_size=settings.batch_size, workers=_decode_processes(settings),
+                                             latent_shape=settings.latent_shape, dtype=settings.dtype,
+                                             flip=settings.flip, setup=settings.setup):
+            block.images = None  # the piece needs only the bookkeeping
             for piece in pieces.add(block, latents):
                 piece.write_to(staging)
             report_progress(settings.job, block.size)
@@ -280,14 +279,14 @@ def piece_record(staging: Staging, part: int, piece: int) -> PieceRecord | None:
 class Piece:
     """The encoded blocks of one piece, in source order."""
 
-    def __init__(self, part: int, index: int, blocks: list[tuple[Block, np.ndarray | None]],
+    def __init__(self, part: int, index: int, blocks: list[tuple[Block, HostLatents | None]],
                  settings: EncodeSettings):
         self.part, self.index, self.blocks, self.settings = part, index, blocks, settings
 
     def write_to(self, staging: Staging) -> None:
         """Write the piece's arrays, then its completion record (so a half-written piece has none)."""
         blocks = [block for block, _ in self.blocks]
-        rows = [latents for _, latents in self.blocks if latents is not None]
+        rows = [latents.numpy() for _, latents in self.blocks if latents is not None]  # waits for their copies
         row_shape = (2, *self.settings.latent_shape) if self.settings.flip else tuple(self.settings.latent_shape)
         latents = np.concatenate(rows) if rows else np.zeros((0, *row_shape), self.settings.dtype)
         arrays = {"labels": np.asarray([label for b in blocks for label in b.labels], np.int64),
@@ -308,9 +307,9 @@ class PieceAssembler:
 
     def __init__(self, settings: EncodeSettings):
         self.settings = settings
-        self.waiting: dict[tuple[int, int], dict[int, tuple[Block, np.ndarray | None]]] = {}
+        self.waiting: dict[tuple[int, int], dict[int, tuple[Block, HostLatents | None]]] = {}
 
-    def add(self, block: Block, latents: np.ndarray | None) -> list[Piece]:
+    def add(self, block: Block, latents: HostLatents | None) -> list[Piece]:
         span = self.settings.span
         key = (block.part, block.start // span)
         self.waiting.setdefault(key, {})[block.start] = (block, latents)

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 
 from revq_pipe.pipeline.images.sources import Block, Cursor
 from revq_pipe.pipeline.storage.store import LatentStore, skipped_attrs
@@ -92,24 +91,19 @@ class ChunkWriter:
     def start(self) -> None:
         self.thread.start()
 
-    def submit(self, block: Block, latents: torch.Tensor | None) -> None:
+    def submit(self, block: Block, latents) -> None:
         """Queue one encoded block; waits while the queue is full; re-raises a writer failure.
 
-        Returns before the device has finished: CUDA latents are copied to pinned host memory
-        asynchronously and an event marks the copy's end, so the caller goes straight on to the
-        next block while the writer thread waits on the event.
+        `latents` are on the host or on their way there (anything whose `numpy()` gives them, such
+        as pipeline/images/encode_feed.py's HostLatents, which waits for its copy): the caller goes
+        straight on to the next block while the writer thread waits for the copy.
         """
-        ready = None
-        if latents is not None and latents.device.type == "cuda":
-            latents = latents.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
         self.skipped_seen += len(block.skipped)
         while True:
             if self.error is not None:
                 raise self.error
             try:
-                self.queue.put((block, latents, ready), timeout=0.2)
+                self.queue.put((block, latents), timeout=0.2)
                 return
             except queue.Full:
                 continue
@@ -147,9 +141,7 @@ class ChunkWriter:
                 item = self.queue.get()
                 if item is None:
                     return
-                block, latents, ready = item
-                if ready is not None:
-                    ready.synchronize()
+                block, latents = item
                 array = latents.numpy() if latents is not None else None
                 for ordered_block, ordered_latents in self.order.add(block, array):
                     self._take(ordered_block, ordered_latents)

@@ -1,4 +1,5 @@
-"""`revq-pipe bench encode`: stage one's images/s beside the reference setting, in one run.
+"""`revq-pipe bench encode`: stage one's images/s beside the reference setting, in one run, with
+each piece of encode's speed measured on its own and end to end with and without it.
 
 The VAE is DC-AE f32c32, the paper's: its checkpoint when it is in the local Hugging Face cache,
 otherwise the same architecture built from its config with random weights (speed does not depend
@@ -6,48 +7,48 @@ on the weights). The config below is diffusers' own for the SANA DC-AE f32c32
 (`convert_ae` in diffusers/scripts/convert_dcae_to_diffusers.py, the architecture of
 mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers; sana-1.1 retrained only the decoder's weights).
 
-Rows, all on the same JPEG images:
+Rows, all on the same JPEG images (pipeline/reporting/encode_timing.py times them):
 - reference: the encoder alone in fp32 at batch 64, as the ReVQ reference script runs it;
-- on CUDA, the encoder alone at the project's setting (bf16 autocast, --batch-size), and the
-  same with channels_last inputs and weights, a candidate layout measured for a later decision;
-- on CUDA with `compile_encoder`, the channels_last encoder under torch.compile;
-- decoding alone: PIL in as many DataLoader workers as encode starts (a second pass over the
-  images, so the workers' start stays out), and on CUDA nvJPEG through torchvision's decode_jpeg
-  with the resize and crop on the device;
+- on CUDA, the encoder alone at encode's setting (bf16 autocast, --batch-size), contiguous and
+  channels_last (encode's default there), and with `compile_encoder` under torch.compile;
+- decoding alone: PIL in one DataLoader worker (the rate per process: how many feed 600 img/s) and
+  in as many as encode starts; on the device (torchvision's decode_jpeg: nvJPEG on a GPU, then the
+  resize and crop there) where torchvision is importable;
 - end to end: `encode` from webdataset shards of JPEGs to a Zarr store (decode, resize, encode,
-  compress, write, statistics), wall clock of the whole call.
-The encoder rows and the nvJPEG row time a fixed number of batches with
-`torch.utils.benchmark.Timer` (after its two warm-up batches); the end-to-end row is one call of
-the stage, timed as a whole.
+  compress, write, statistics), wall clock of the whole call: with encode's defaults, then on
+  CUDA without each speed-up in turn (channels_last; the side stream that overlaps the copies with
+  the encoder; pinned memory), then with JPEGs decoded on the device, and compiled.
 
-What encode needs for 600 img/s end to end on one H100/H200, for the pass that changes
-stages/encode.py and pipeline/images/ (these rows measure each piece first): the encoder itself
-past 600 img/s (bf16 autocast is there; channels_last and torch.compile are the rows above);
-decode workers enough for that rate (the PIL row per worker count: encode starts one per CPU, at
-most 16); pinned host memory and non-blocking copies (there: `Block.pin_memory`,
-`encode_block`), with the copy of block n+1 on a side stream while block n encodes (not yet: the
-copy now queues on the encoder's stream); and nvJPEG decoding as an option when the CPUs cannot
-keep up (the nvJPEG row; torchvision is then a dependency of that option).
+What encode has for 600 img/s on one H100/H200 (pipeline/images/encode_feed.py): bf16 autocast and
+channels_last; blocks in pinned memory, copied (or decoded) on a side stream one block ahead of the
+encoder, latents copied back behind it; a decode worker per CPU but one, at most 16; `--decode-on
+device` when the CPUs cannot keep up; `--compile`. The rows say which of them the encoder needs.
 """
 
 from __future__ import annotations
 
 import datetime
 import io
+import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 
 from revq_pipe.pipeline.device import resolve_device
-from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS, photo_crops
-from revq_pipe.pipeline.images.sources import decode_image, preprocess, resize_center_crop_tensor, to_model_input
+from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.images.sources import default_workers, preprocess, to_model_input
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, FrozenVae, VaeSpec, cached_hub_spec
-from revq_pipe.pipeline.reporting.benchmarking import device_description, mean_seconds
+from revq_pipe.pipeline.reporting.benchmarking import device_description
+from revq_pipe.pipeline.reporting.encode_timing import (JPEG_SIDE, Row, jpeg_photos, time_device_decoding,
+                                                        time_encoder, time_worker_decoding, write_shards)
+
+log = logging.getLogger(__name__)
 
 DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
     in_channels=3,
@@ -69,21 +70,13 @@ DC_AE_F32C32_CONFIG: dict[str, Any] = dict(
 )
 IMAGE_SIZE = 256
 REFERENCE_BATCH = 64
-# Source JPEGs about ImageNet's average pixel count (500x375), so decoding costs what it would there.
-JPEG_SIDE = 448
 DISTINCT_PHOTOS = 64
-CUDA_MIN_TIMED_BATCHES = 5
-
-
-@dataclass
-class Row:
-    name: str
-    images: int
-    seconds: float
-
-    @property
-    def rate(self) -> float:
-        return self.images / self.seconds
+TARGET_RATE = 600  # img/s end to end on one H100/H200 (the GPU issue's target)
+PER_WORKER_IMAGES = 256  # images the one-worker PIL row decodes (it is the slow one)
+# End-to-end variants on CUDA: encode's default with one speed-up turned off (EncoderSetup fields).
+WITHOUT = [("channels_last", "without channels_last"),
+           ("copy_stream", "copies on the encoder's stream, no look-ahead"),
+           ("pin_memory", "pageable memory, blocking copies")]
 
 
 @dataclass
@@ -98,71 +91,127 @@ class BenchEncodeResult:
     notes: list[str] = field(default_factory=list)
     date: str = field(default_factory=lambda: datetime.date.today().isoformat())
 
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        # As each row is measured: a run cut short (a GPU window's time limit) still shows it.
+        log.info(f"bench encode, {row.name}: {row.rate:.4g} img/s")
+
     def report(self) -> str:
         """A table of images/s, each row against the reference setting's."""
         reference = self.rows[0].rate
         lines = [f"bench encode: {self.weights} at {IMAGE_SIZE} px on {self.device}, {self.date}; "
                  f"{self.images} JPEGs ({JPEG_SIDE} px) in {self.shards} webdataset shard(s), {self.workers} worker(s)",
-                 f"  {'measurement':<58} {'images':>7} {'s':>8} {'img/s':>9} {'vs ref':>7}"]
+                 f"  {'measurement':<72} {'images':>7} {'s':>8} {'img/s':>9} {'vs ref':>7}"]
         for row in self.rows:
-            lines.append(f"  {row.name:<58} {row.images:>7} {row.seconds:>8.2f} {row.rate:>9.4g} "
+            lines.append(f"  {row.name:<72} {row.images:>7} {row.seconds:>8.2f} {row.rate:>9.4g} "
                          f"{row.rate / reference:>6.2f}x")
         return "\n".join(lines + [f"  note: {note}" for note in self.notes])
 
 
 def bench_encode(device: str = "auto", images: int = 2048, batch_size: int = 256, *,
                  vae_config: dict[str, Any] | None = None, compile_encoder: bool = False) -> BenchEncodeResult:
-    """Measure images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64,
-    and the decoding alone (PIL in DataLoader workers; nvJPEG on CUDA when torchvision is there).
+    """Measure images/s end to end (JPEG shards -> store), with and without each of encode's
+    speed-ups, beside the encoder alone (fp32 bs 64 the reference) and the decoding alone.
 
     `vae_config` replaces the DC-AE f32c32 architecture (random weights): a CPU smoke test's
-    escape hatch, since the real encoder takes seconds per image there. `compile_encoder` adds a
-    row for the encoder under torch.compile on CUDA (its compilation takes a minute or more).
+    escape hatch, since the real encoder takes seconds per image there. `compile_encoder` adds
+    rows for the encoder under torch.compile (its compilation takes a minute or more).
     """
-    from revq_pipe.pipeline.images.sources import default_workers
-    from revq_pipe.stages.encode import prepare_encode, run_encode
-
     torch_device = resolve_device(device)
     vae, weights = _bench_vae(torch_device, vae_config)
-    photos = _jpeg_photos(min(images, DISTINCT_PHOTOS))
+    photos = jpeg_photos(min(images, DISTINCT_PHOTOS))
     result = BenchEncodeResult(device=device_description(torch_device), weights=weights, batch_size=batch_size,
-                               images=images, shards=math.ceil(images / batch_size), workers=0)
-    batch = to_model_input(torch.stack([preprocess(_open(j), IMAGE_SIZE) for j in photos]))
-
-    reference_batch = min(REFERENCE_BATCH, images)
-    result.rows.append(_time_encoder(vae, batch, reference_batch, images, full_precision=True,
-                                     name=f"reference: encoder alone, fp32, batch {reference_batch}"))
-    if torch_device.type == "cuda":
-        result.rows.append(_time_encoder(vae, batch, batch_size, images, full_precision=False,
-                                         name=f"encoder alone, bf16 autocast, batch {batch_size}"))
-        vae.module.to(memory_format=torch.channels_last)
-        result.rows.append(_time_encoder(vae, batch, batch_size, images, full_precision=False, channels_last=True,
-                                         name=f"encoder alone, bf16 autocast, channels_last, batch {batch_size}"))
+                               images=images, shards=math.ceil(images / batch_size),
+                               workers=min(default_workers(None), math.ceil(images / batch_size)))
+    _encoder_rows(result, vae, photos, compile_encoder)
+    _decoding_rows(result, photos, torch_device)
+    with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
+        pattern = write_shards(Path(tmp) / "shards", photos, images, batch_size)
+        variants = [("JPEG shards -> Zarr store, encode's defaults", {})]
+        if torch_device.type == "cuda":
+            variants += [(label, {"setup": {name: False}}) for name, label in WITHOUT]
+        if _torchvision_importable():
+            variants.append(("JPEGs decoded on the device", {"decode_on": "device"}))
         if compile_encoder:
-            result.rows.append(_time_compiled_encoder(vae, batch, batch_size, images))
-        vae.module.to(memory_format=torch.contiguous_format)
-    else:
+            variants.append(("torch.compile", {"compile_encoder": True}))
+        for number, (label, options) in enumerate(variants):
+            try:
+                _end_to_end(result, vae, pattern, Path(tmp) / f"store-{number}.zarr", label, **options)
+            except Exception as err:  # noqa: BLE001 - one failing variant must not cost the others' rows
+                result.notes.append(f"end to end, {label}: failed: {type(err).__name__}: "
+                                    f"{(str(err).splitlines() or [''])[0][:160]}")
+    return result
+
+
+def _encoder_rows(result: BenchEncodeResult, vae: FrozenVae, photos: list[bytes], compile_encoder: bool) -> None:
+    """The encoder alone: the reference, then on CUDA encode's setting contiguous, channels_last, compiled."""
+    batch = to_model_input(torch.stack([preprocess(Image.open(io.BytesIO(j)), IMAGE_SIZE) for j in photos]))
+    size, images = result.batch_size, result.images
+    reference_batch = min(REFERENCE_BATCH, images)
+    vae.tune()
+    result.add(time_encoder(vae, batch, reference_batch, images, compute="float32",
+                                    name=f"reference: encoder alone, fp32, batch {reference_batch}"))
+    if vae.device.type != "cuda":
         result.notes.append("on the CPU the real encoder takes seconds per image: use a small --images "
                             "(--images 4 --batch-size 4 takes about 3 minutes on 2 cores); "
-                            "bf16 rows are measured on CUDA only")
+                            "bf16 and channels_last rows are measured on CUDA only")
+        return
+    result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+                                    name=f"encoder alone, bf16 autocast, batch {size}"))
+    vae.tune(channels_last=True)
+    result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+                                    name=f"encoder alone, bf16 autocast, channels_last, batch {size}"))
+    if compile_encoder:  # compiled by the Timer's warm-up
+        vae.tune(channels_last=True, compile_batch=size)
+        result.add(time_encoder(vae, batch, size, images, compute="bf16-autocast",
+                                        name=f"encoder alone, bf16, channels_last, torch.compile, batch {size}"))
+    vae.tune()
 
-    result.rows.append(_time_cpu_decoding(photos, images, batch_size, default_workers(None)))
-    if torch_device.type == "cuda":
-        result.rows.append(_time_gpu_decoding(photos, images, batch_size, torch_device, result.notes))
 
-    with tempfile.TemporaryDirectory(prefix="revq-bench-encode-") as tmp:
-        pattern = _write_shards(Path(tmp) / "shards", photos, images, batch_size)
-        job = prepare_encode(pattern, str(Path(tmp) / "store.zarr"), vae.spec, image_size=IMAGE_SIZE,
-                             batch_size=batch_size, device=str(torch_device), progress=False)
-        result.workers = min(default_workers(None), result.shards)
-        started = time.perf_counter()
+def _decoding_rows(result: BenchEncodeResult, photos: list[bytes], device: torch.device) -> None:
+    """Decoding alone: PIL in one worker and in encode's default count; on the device with torchvision."""
+    workers, size = default_workers(None), result.batch_size
+    one = time_worker_decoding(photos, min(result.images, PER_WORKER_IMAGES), size, 1, IMAGE_SIZE)
+    result.add(one)
+    if workers != 1:
+        result.add(time_worker_decoding(photos, result.images, size, workers, IMAGE_SIZE))
+    result.notes.append(f"PIL decodes {one.rate:.0f} img/s per worker process here: {math.ceil(TARGET_RATE / one.rate)} "
+                        f"workers feed {TARGET_RATE} img/s; encode starts {workers} on this machine by default")
+    if _torchvision_importable():
+        result.add(time_device_decoding(photos, result.images, size, device, IMAGE_SIZE))
+    else:
+        result.notes.append("torchvision is not importable: no rows for decoding on the device")
+
+
+def _end_to_end(result: BenchEncodeResult, vae: FrozenVae, pattern: str, out: Path, label: str, *,
+                setup: dict[str, bool] | None = None, **options: Any) -> None:
+    """One whole encode of the shards into a new store at `out`, timed as a whole; `options` as
+    prepare_encode takes them, `setup` EncoderSetup fields turned off."""
+    from revq_pipe.stages.encode import prepare_encode, run_encode
+
+    job = prepare_encode(pattern, str(out), vae.spec, image_size=IMAGE_SIZE, batch_size=result.batch_size,
+                         device=str(vae.device), progress=False, **options)
+    job.setup = replace(job.setup, **(setup or {}))
+    started = time.perf_counter()
+    try:
         summary = run_encode(job, vae)
-        seconds = time.perf_counter() - started
-    result.rows.append(Row(f"end to end: JPEG shards -> Zarr store, {summary.compute}, batch {batch_size}",
-                           summary.count, seconds))
-    result.notes.append(f"store: {summary.count} latents, compression {summary.compression_ratio:.2f}x "
-                        f"({'random weights: not representative' if 'random' in weights else 'real latents'})")
-    return result
+    finally:
+        vae.tune()
+    result.add(Row(f"end to end, {summary.compute}: {label}", summary.count, time.perf_counter() - started))
+    if not any(note.startswith("store:") for note in result.notes):
+        representative = "random weights: not representative" if "random" in result.weights else "real latents"
+        result.notes.append(f"store: {summary.count} latents, compression {summary.compression_ratio:.2f}x "
+                            f"({representative})")
+
+
+def _torchvision_importable() -> bool:
+    from revq_pipe.pipeline.images.device_decode import torchvision_decoder
+
+    try:
+        torchvision_decoder()
+    except UserError:
+        return False
+    return True
 
 
 def _bench_vae(device: torch.device, config: dict[str, Any] | None) -> tuple[FrozenVae, str]:
@@ -180,107 +229,3 @@ def _bench_vae(device: torch.device, config: dict[str, Any] | None) -> tuple[Fro
     spec = VaeSpec(name=name, location="", subfolder=None, class_name="AutoencoderDC", config=model_config,
                    local_files_only=True, default_image_size=IMAGE_SIZE)
     return FrozenVae(spec, module, device), name
-
-
-def _time_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images: int, *, full_precision: bool,
-                  name: str, channels_last: bool = False) -> Row:
-    """Encoder-only images/s on preprocessed photos already on the device (Timer warms up first)."""
-    repeats = math.ceil(batch_size / len(photos))
-    batch = photos.repeat(repeats, 1, 1, 1)[:batch_size].to(vae.device)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    batches = math.ceil(images / batch_size)
-    if vae.device.type == "cuda":
-        batches = max(batches, CUDA_MIN_TIMED_BATCHES)
-    with vae.autocast(full_precision):
-        seconds = mean_seconds(lambda: vae.encode(batch), batches) * batches
-    return Row(name, batches * batch_size, seconds)
-
-
-def _time_compiled_encoder(vae: FrozenVae, photos: torch.Tensor, batch_size: int, images: int) -> Row:
-    """The channels_last bf16 row with the encoder module under torch.compile (compiled by the warm-up)."""
-    eager = vae.module
-    vae.module = torch.compile(eager)
-    try:
-        return _time_encoder(vae, photos, batch_size, images, full_precision=False, channels_last=True,
-                             name=f"encoder alone, bf16, channels_last, torch.compile, batch {batch_size}")
-    finally:
-        vae.module = eager
-
-
-class _JpegFiles(torch.utils.data.Dataset):
-    """`count` JPEGs cycling through `photos`, decoded, resized and cropped as encode does."""
-
-    def __init__(self, photos: list[bytes], count: int):
-        self.photos, self.count = photos, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return decode_image(self.photos[index % len(self.photos)], IMAGE_SIZE)
-
-
-def _time_cpu_decoding(photos: list[bytes], images: int, batch_size: int, workers: int) -> Row:
-    """JPEG -> uint8 batches with PIL in `workers` DataLoader processes, as encode decodes; timed over
-    a second pass so that starting the workers stays out (how many workers feed 600 img/s)."""
-    loader = torch.utils.data.DataLoader(_JpegFiles(photos, images), batch_size=batch_size, num_workers=workers,
-                                         persistent_workers=workers > 0)
-    for _ in loader:
-        pass
-    started = time.perf_counter()
-    for _ in loader:
-        pass
-    return Row(f"decode alone: PIL in {workers} DataLoader workers, batch {batch_size}", images,
-               time.perf_counter() - started)
-
-
-def _time_gpu_decoding(photos: list[bytes], images: int, batch_size: int, device: torch.device,
-                       notes: list[str]) -> Row:
-    """JPEG -> uint8 batches on the GPU: nvJPEG through torchvision.io.decode_jpeg, then the same
-    resize (bilinear, antialiased) and center crop on the device: an option for when the CPUs
-    cannot feed the encoder. Only the compressed bytes cross to the GPU."""
-    try:
-        from torchvision.io import decode_jpeg
-    except ImportError:
-        notes.append("torchvision is not installed: no nvJPEG decode row")
-        return Row("decode alone: nvJPEG on the GPU (torchvision missing)", 0, float("nan"))
-    encoded = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in photos]
-    batch = [encoded[i % len(encoded)] for i in range(batch_size)]
-
-    def decode_batch() -> torch.Tensor:
-        decoded = decode_jpeg(batch, device=device)
-        return torch.stack([resize_center_crop_tensor(image, IMAGE_SIZE) for image in decoded])
-
-    batches = max(math.ceil(images / batch_size), CUDA_MIN_TIMED_BATCHES)
-    seconds = mean_seconds(decode_batch, batches) * batches
-    return Row(f"decode alone: nvJPEG on the GPU (torchvision), batch {batch_size}", batches * batch_size, seconds)
-
-
-def _jpeg_photos(count: int) -> list[bytes]:
-    crops = photo_crops(TRAIN_PHOTOS + HOLDOUT_PHOTOS, count, seed=0, out_size=JPEG_SIDE)
-    encoded = []
-    for _, image in crops:
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    return encoded
-
-
-def _open(jpeg: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(jpeg))
-
-
-def _write_shards(folder: Path, photos: list[bytes], images: int, shard_size: int) -> str:
-    """`images` samples cycling through the photos, `shard_size` per shard (one GPU batch each,
-    so that every worker has a shard to decode); returns the brace pattern."""
-    import webdataset as wds
-
-    folder.mkdir(parents=True)
-    with wds.ShardWriter(str(folder / "bench-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for i in range(images):
-            sink.write({"__key__": f"{i:08d}", "jpg": photos[i % len(photos)], "cls": str(i % 10)})
-    last = math.ceil(images / shard_size) - 1
-    return str(folder / f"bench-{{000000..{last:06d}}}.tar")
