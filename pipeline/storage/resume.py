@@ -13,13 +13,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.preflight import store_output
 from revq_pipe.pipeline.storage.latent_writer import WriteProgress
-from revq_pipe.pipeline.paths import local_path
-from revq_pipe.pipeline.storage.store import LatentStore, is_zarr_store, vacant
+from revq_pipe.pipeline.storage.store import LatentStore, vacant
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,7 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     """Decide what to do with whatever is at `out`, for a store of `fingerprinted` settings."""
     if vacant(out):  # nothing there, or a store begun and killed before its first row
         return Resume(replace=True)
-    path = local_path(out)
-    if path is not None and path.is_file():
-        raise UserError(f"`out={out}` is a file, not a Zarr store")
-    if path is not None and not is_zarr_store(path):
-        raise UserError(f"`out={out}` exists and is not a Zarr store: refusing to write into it")
+    store_output(out)
     try:
         existing = LatentStore.open(out, mode="r+", allow_incomplete=True)
     except UserError:
@@ -68,13 +63,6 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     progress = WriteProgress.of(existing)
     log.warning(f"resuming {out}: {progress.rows} latents already stored")
     return Resume(store=existing, progress=progress)
-
-
-def refuse_out_inside(out: str, root: Path | None) -> None:
-    """A store inside an ImageFolder tree (`root`) would become a class folder on the next scan."""
-    path = local_path(out)
-    if root is not None and path is not None and path.resolve().is_relative_to(root):
-        raise UserError(f"`out={out}` is inside `source={root}`: put the store outside the image folder")
 
 
 def _short(value: Any) -> str:

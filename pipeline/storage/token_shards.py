@@ -24,7 +24,7 @@ import numpy as np
 from revq_pipe.pipeline.atomic_files import read_json, write_json
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
-from revq_pipe.pipeline.paths import local_path
+from revq_pipe.pipeline.preflight import shards_folder
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
@@ -63,9 +63,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     """
     if shard_size < 1:
         raise UserError(f"`shard_size` must be at least 1, not {shard_size}")
-    folder = local_path(out)
-    if folder is None:
-        raise UserError("token shards are written to a local folder, not a URL")
+    folder = shards_folder(out)
     manifest = folder / MANIFEST
     own = {manifest, folder / CARD_NAME}  # an export's files besides its shards
     there = contents(folder)  # (a lease file is not content)
