@@ -17,6 +17,7 @@ from typing import Any
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.preflight import store_output
+from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.latent_writer import WriteProgress
 from revq_pipe.pipeline.storage.store import LatentStore, vacant
 
@@ -53,9 +54,8 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
         return Resume(replace=True)
     old = existing.attrs
     if old.get("settings_sha256") != settings["settings_sha256"]:
-        changed = [k for k in settings if k != "settings_sha256" and old.get(k) != settings[k]]
-        details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(settings[k])} now"
-                            for k in changed[:3]) or "no settings fingerprint there"
+        details = differences(old, settings, [k for k in settings if k != "settings_sha256"]) or \
+            "no settings fingerprint there"
         raise UserError(f"{out} was made with other settings ({details}): pass `overwrite=True` to replace it, "
                         f"or choose another `out`")
     if existing.complete:
@@ -63,10 +63,3 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     progress = WriteProgress.of(existing)
     log.warning(f"resuming {out}: {progress.rows} latents already stored")
     return Resume(store=existing, progress=progress)
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    if isinstance(value, dict) and len(text) > 60:
-        return "source " + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -43,6 +43,7 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import exists, local_path
 from revq_pipe.pipeline.preflight import LATENT_DTYPES, is_zarr_store, no_store_at
+from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.staging import ChunkMarks, Staging
 from revq_pipe.pipeline.storage.stats import latent_stats
 
@@ -119,9 +120,10 @@ class RowStore:
             existing = cls(cls._open_group(url, "r+"), str(url))
         except UserError as err:
             raise UserError(f"{err}: pass `overwrite=True` to replace it") from None
-        if any(existing.attrs.get(key) != value for key, value in identity.items()):
-            raise UserError(f"{url} holds {cls.KIND}s made from other inputs: pass `overwrite=True` to replace it, "
-                            f"or choose another `out`")
+        differ = differences(existing.attrs, identity)
+        if differ:
+            raise UserError(f"{url} holds {cls.KIND}s made from other inputs ({differ}): pass `overwrite=True` to "
+                            f"replace it, or choose another `out`")
         remove_partial_writes(url)
         return existing
 

@@ -17,6 +17,7 @@ with the same bytes an uninterrupted export writes.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -28,6 +29,7 @@ from revq_pipe.pipeline.preflight import shards_folder
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
+from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.export_formats import ShardFormat
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -69,9 +71,7 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     there = contents(folder)  # (a lease file is not content)
     begun = manifest in there and set(there) <= own  # begun, no shard written
     if there and not begun and not overwrite:
-        if read_json(manifest) != attrs:
-            raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
-                            "pass `overwrite=True` to replace them")
+        _refuse_other_export(folder, read_json(manifest), attrs, there)
     elif there:
         for stale in [*folder.glob("tokens-*"), *own]:
             stale.unlink(missing_ok=True)
@@ -91,6 +91,18 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
             os.replace(partial, names[index])
             bar.update(len(ids))
     return names
+
+
+def _refuse_other_export(folder: Path, manifest: dict | None, attrs: dict, there: list[Path]) -> None:
+    """Refuse a used folder unless it holds this very export (`manifest` equals its `attrs`), naming
+    what differs: the files of something else, or the export settings that are not these."""
+    if manifest is None:
+        raise UserError(f"{folder} holds other files (e.g. {there[0].name}) and no token export: pass "
+                        f"`overwrite=True` to write the shards beside them, or choose another `out`")
+    differ = differences(manifest, attrs, sorted(manifest.keys() | attrs.keys()))
+    if differ:
+        raise UserError(f"{folder} holds the tokens of another export ({differ}): pass `overwrite=True` to "
+                        f"replace them, or choose another `out`")
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:
