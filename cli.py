@@ -276,7 +276,7 @@ def fit(
 
     result = run_fit(store, out, config, val=val, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if result.rank == 0:  # under torchrun, one report
-        typer.echo(result.report())
+        typer.echo(as_command_line(result.report(), _flags_for(fit)))
 
 
 @app.command("export-tokens")

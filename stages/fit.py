@@ -188,6 +188,9 @@ def prepare_fit(store: str, out: str, config: FitConfig, device: torch.device, *
     run_dir = Path(out)
     checkpoint, train = _resume_policy(run_dir, resolved.model, resolved.train, config, data, device, group,
                                        resume=resume, overwrite=overwrite)
+    if val is None and (checkpoint or {}).get("epoch", 0) < train.epochs:
+        log.log(level, "no validation MSE will be reported: pass `val=STORE`, a latent store of images kept out "
+                       "of training, to measure it after every epoch")
     outputs = None  # rank 0 alone writes the run dir
     if group.is_writer:
         if overwrite:
@@ -264,6 +267,8 @@ def _start_or_resume(plan: FitPlan, checkpoint: dict[str, Any] | None) -> None:
     if plan.outputs is not None:
         plan.outputs.epoch_done(plan.model, plan.history)
     train = plan.train
+    if plan.start_epoch >= train.epochs:
+        return  # finished: nothing to train (the result says so, and how to train it further)
     log.log(plan.level, f"  resuming after epoch {plan.start_epoch}"
             + plan.group.resumed_note(checkpoint.get("world_size", 1)))
     if train.epochs > train.lr_decay_epochs:
