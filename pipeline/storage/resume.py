@@ -15,9 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
 from revq_pipe.pipeline.preflight import store_output
-from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.latent_writer import WriteProgress
 from revq_pipe.pipeline.storage.store import LatentStore, vacant
 

@@ -39,11 +39,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.paths import exists, local_path
 from revq_pipe.pipeline.preflight import LATENT_DTYPES, is_zarr_store, no_store_at
-from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.staging import ChunkMarks, Staging
 from revq_pipe.pipeline.storage.stats import latent_stats
 

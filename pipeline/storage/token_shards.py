@@ -23,13 +23,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from revq_pipe.pipeline.atomic_files import read_json, write_json
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
 from revq_pipe.pipeline.lease import contents
 from revq_pipe.pipeline.preflight import shards_folder
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
-from revq_pipe.pipeline.storage.differences import differences
 from revq_pipe.pipeline.storage.export_formats import ShardFormat
 
 DEFAULT_SHARD_SIZE = 10_000
