@@ -31,7 +31,7 @@ from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claima
 LATENT_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-RUN_FILES = ("config.json", "model.safetensors")  # what makes a folder a fitted run
+FITTED_RUN_FILES = ("config.json", "model.safetensors")  # what makes a folder a fitted run
 
 
 # --- one check each -------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def local_run(run: str | Path) -> Path | None:
 
 def fitted_run(path: Path) -> None:
     """A run folder must hold the model's files."""
-    for name in RUN_FILES:
+    for name in FITTED_RUN_FILES:
         if not (path / name).is_file():
             raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
 
@@ -204,6 +204,7 @@ def on_cluster(cluster: str, **locations: str | Path) -> None:
 def check_encode(source: str, out: str, *, vae: str | None = None, cluster: str | None = None,
                  device: object = "auto", dtype: str = "float16", batch_size: int = 64, workers: int | None = None,
                  chunk_size: int | None = None, **_: object) -> None:
+    """encode's checks; its other options (image size, flip, ...) need the VAE to be checked."""
     check_encode_settings(dtype, batch_size, workers, chunk_size)
     known_device(device)
     if cluster is not None:
@@ -220,8 +221,8 @@ def check_encode_settings(dtype: str, batch_size: int, workers: int | None, chun
         raise UserError("`batch_size` and chunk size must be at least 1, `workers` at least 0")
 
 
-def check_import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = None, dtype: str | None = None,
-                         overwrite: bool = False, **_: object) -> None:
+def check_import_latents(files: Sequence[str | Path], out: str, *, vae: str | None, dtype: str | None,
+                         overwrite: bool) -> None:
     if not files:
         raise UserError("no latent files given")
     for path in files:
@@ -241,8 +242,8 @@ def check_fit(store: str, out: str, *, val: str | None = None, device: object = 
     run_output(out, resume=resume, overwrite=overwrite)
 
 
-def check_export_tokens(run: str, store: str, out: str, *, format: str = "zarr", cluster: str | None = None,
-                        device: object = "auto", batch_size: int = 1, **_: object) -> None:
+def check_export_tokens(run: str, store: str, out: str, *, format: str, cluster: str | None, device: object,
+                        batch_size: int) -> None:
     written = export_format(format)
     at_least_one(batch_size)
     distinct_output(out, store, "latent store")
@@ -260,22 +261,23 @@ def check_export_tokens(run: str, store: str, out: str, *, format: str = "zarr",
         shards_folder(written.shard_folder(out))
 
 
-def check_decode(run: str, tokens: str, out: str, *, images: bool = False, vae: str | None = None,
-                 device: object = "auto", batch_size: int = 1, **_: object) -> None:
+def check_decode(run: str, tokens: str, out: str, *, images: bool, vae: str | None, device: object,
+                 batch_size: int) -> None:
     at_least_one(batch_size)
     distinct_output(out, tokens, "token store")
     known_device(device)
-    if images or vae is not None:
+    to_images = images or vae is not None
+    if to_images:
         images_folder(out)
         existing_vae(vae)
     existing_run(run)
     existing_store(tokens)
-    if not (images or vae is not None):
+    if not to_images:
         store_output(out)
 
 
-def check_eval(run: str, store: str, *, vae: str | None = None, images: str | None = None, latent_only: bool = False,
-               device: object = "auto", batch_size: int = 1, **_: object) -> None:
+def check_eval(run: str, store: str, *, vae: str | None, images: str | None, latent_only: bool, device: object,
+               batch_size: int) -> None:
     if latent_only and (vae is not None or images is not None):
         raise UserError("`latent_only=True` skips the image metrics: it cannot go with `vae` or `images`")
     at_least_one(batch_size)
@@ -287,12 +289,12 @@ def check_eval(run: str, store: str, *, vae: str | None = None, images: str | No
         local_source(images)
 
 
-def check_import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str, *, overwrite: bool = False,
-                            **_: object) -> None:
+def check_import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str, *, overwrite: bool) -> None:
     existing_file(checkpoint)
     existing_file(config, "config")
     existing_file(preprocessor)
     run_dir = Path(out)
+    refuse_non_folder(run_dir)
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
 
@@ -301,7 +303,7 @@ def check_demo(out: str | Path) -> None:
     check_claimable(Path(out), DEMO_MARKER, "revq-pipe demo")
 
 
-def check_bench_search(shape: str, device: object = "auto") -> None:
+def check_bench_search(shape: str, device: object) -> None:
     parse_shape(shape)
     known_device(device)
 
@@ -311,8 +313,8 @@ def check_bench_fit(device: object, variants: str) -> None:
     parse_variants(variants)
 
 
-def check_bench_quality(train: str, val: str, *, out: str | Path, device: object = "auto", images: str | None = None,
-                        vae: str | None = None, variants: Sequence[str] | None = None) -> None:
+def check_bench_quality(train: str, val: str, *, out: str | Path, device: object, images: str | None, vae: str | None,
+                        variants: Sequence[str] | None) -> None:
     quality_variants(variants, images=images, vae=vae)
     known_device(device)
     existing_store(train)
