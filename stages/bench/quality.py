@@ -35,7 +35,6 @@ from revq_pipe.stages.fit import fit
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class VariantResult:
     """One fit: its last epoch's validation numbers and the per-epoch curves."""
@@ -141,8 +140,8 @@ def bench_quality(
     for number, (k, name) in enumerate(runs, 1):
         run = out / f"K{k}-{name}"
         # resume=True: a fit this folder already finished only reads its checkpoint back.
-        fitted = fit(train, str(run), config.with_overrides(codes=k, **QUALITY_VARIANTS[name]), val=val, progress=False,
-                     resume=True)
+        fitted = fit(train, str(run), config.with_overrides(codes=k, **QUALITY_VARIANTS[name]), val=val,
+                     progress=False, resume=True)
         row = VariantResult(variant=name, codes=k, val_mse=[m["val_mse"] for m in fitted.history],
                             val_mse_quantizer=[m["val_mse_quantizer"] for m in fitted.history])
         if images is not None:
