@@ -1,8 +1,9 @@
 """The `revq-pipe` command line: parse arguments, call a stage function, report.
 
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
-CLI. Heavy imports (torch, diffusers, zarr) happen inside the commands, and each command imports
-only its own stage, so `--help`, `--version` and every command start quickly.
+CLI. Heavy imports (torch, diffusers, zarr, dask) happen inside the commands, and each command
+imports only its own stage, after its checks (pipeline/preflight.py): `--help`, `--version` and
+every refused command answer at once.
 A `UserError` from any stage becomes one line on stderr and exit status 2, naming this command's
 flags where the message names the Python parameters behind them. Log records of every
 module go to stderr through the one handler `pipeline.reporting.console` sets up, beside the progress bars.
@@ -21,6 +22,7 @@ from typing import Any, Optional
 import typer
 from typer.core import TyperCommand
 
+from revq_pipe.pipeline import preflight
 from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
 from revq_pipe.pipeline.interrupts import DEFAULT_HINT, prompt_interrupts
 from revq_pipe.pipeline.model.config import Setting, preset_defaults, settings_of
@@ -166,6 +168,8 @@ def encode(
     cluster: Optional[str] = ClusterOpt,
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
+    preflight.check_encode(source, out, vae=vae, cluster=cluster, device=device, dtype=dtype, batch_size=batch_size,
+                           workers=workers)
     from revq_pipe.stages.encode import encode as run_encode
 
     summary = run_encode(
@@ -190,13 +194,14 @@ def import_latents(
     overwrite: bool = OverwriteOpt,
 ):
     """Turn pre-extracted latents (N, C, H, W) into a latent store, statistics computed as encode does."""
-    from revq_pipe.stages.import_latents import import_latents as run_import
-
+    preflight.check_import_latents(files, out, vae=vae, dtype=dtype, overwrite=overwrite)
     names = None
     if classes is not None:
         if not classes.is_file():
             raise UserError(f"--classes file not found: {classes}")
         names = [line.strip() for line in classes.read_text().splitlines() if line.strip()]
+    from revq_pipe.stages.import_latents import import_latents as run_import
+
     typer.echo(run_import(files, out, vae=vae, image_size=image_size, classes=names, dtype=dtype,
                           overwrite=overwrite).report())
 
@@ -205,6 +210,7 @@ def import_latents(
 @reports_user_errors
 def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store whose mean/std to recompute.")):
     """Recompute the per-dimension mean/std of a latent store (dask, float64 accumulation)."""
+    preflight.existing_store(store)
     from revq_pipe.pipeline.lease import output_lease
     from revq_pipe.pipeline.storage.store import LatentStore
 
@@ -275,11 +281,12 @@ def fit(
 
     On several GPUs or machines, start it with torchrun, e.g. `torchrun --nproc-per-node 8 $(which revq-pipe) fit ...`: it trains data-parallel, --batch-size stays the global batch and rank 0 writes the run.
     """
+    preflight.check_fit(store, out, val=val, device=config.device, resume=resume, overwrite=overwrite)
     from revq_pipe.stages.fit import fit as run_fit
 
     result = run_fit(store, out, config, val=val, resume=resume, overwrite=overwrite, tensorboard=tensorboard)
     if result.rank == 0:  # under torchrun, one report
-        typer.echo(result.report())
+        typer.echo(as_command_line(result.report(), _flags_for(fit)))
 
 
 @app.command("export-tokens")
@@ -300,6 +307,7 @@ def export_tokens(
     cluster: Optional[str] = ClusterOpt,
 ):
     """Write every image's token ids for downstream model training."""
+    preflight.check_export_tokens(run, store, out, format=format, cluster=cluster, device=device, batch_size=batch_size)
     from revq_pipe.stages.export_tokens import export_tokens as run_export
 
     summary = run_export(run, store, out, batch_size=batch_size, device=device, format=format, shard_size=shard_size,
@@ -320,6 +328,7 @@ def decode(
     overwrite: bool = OverwriteOpt,
 ):
     """Map tokens back to latents (and, with --images, to images)."""
+    preflight.check_decode(run, tokens, out, images=images, vae=vae, device=device, batch_size=batch_size)
     from revq_pipe.stages.decode import decode as run_decode
 
     summary = run_decode(run, tokens, out, images=images, vae=vae, batch_size=batch_size, device=device,
@@ -339,6 +348,8 @@ def evaluate(
     device: str = DeviceOpt,
 ):
     """Latent MSE, codebook usage and perplexity; PSNR/SSIM through the VAE. Writes RUN/eval-<store>.json."""
+    preflight.check_eval(run, store, vae=vae, images=images, latent_only=latent_only, device=device,
+                         batch_size=batch_size)
     from revq_pipe.stages.evaluate import evaluate as run_eval
 
     report = run_eval(run, store, vae=vae, images=images, latent_only=latent_only, batch_size=batch_size,
@@ -359,6 +370,7 @@ def import_checkpoint(
     overwrite: bool = OverwriteOpt,
 ):
     """Convert the ReVQ paper's released checkpoint into a run dir for export-tokens, decode and eval."""
+    preflight.check_import_checkpoint(checkpoint, config, preprocessor, out, overwrite=overwrite)
     from revq_pipe.stages.import_checkpoint import import_checkpoint as run_import
 
     typer.echo(run_import(checkpoint, config, preprocessor, out, vae=vae, image_size=image_size,
@@ -372,6 +384,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="Fewer images and epochs (for CI)."),
 ):
     """encode -> fit -> export-tokens -> decode -> eval on bundled photos with the embedded VAE, on the CPU."""
+    preflight.check_demo(out)
     from revq_pipe.stages.demo import demo as run_demo
 
     result = run_demo(out, quick=quick)
@@ -386,6 +399,7 @@ def bench_search(
     candidates: bool = typer.Option(False, "--candidates", help="Also time the exact kernel's candidate launch configurations (tiles, K splits) one by one (CUDA)."),
 ):
     """Nearest-code search: this kernel beside cdist-under-vmap, baddbmm+argmin and an SGEMM peak."""
+    preflight.check_bench_search(shape, device)
     from revq_pipe.stages.bench.search import bench_search as run_bench
 
     typer.echo(run_bench(shape, device=device, candidates=candidates).report())
@@ -400,6 +414,7 @@ def bench_encode(
     compile_encoder: bool = typer.Option(False, "--compile", help="Add a row for the encoder under torch.compile (CUDA; compiling takes a minute or more)."),
 ):
     """Encode images/s end to end (JPEG shards -> store) beside the encoder alone, fp32 bs 64."""
+    preflight.known_device(device)
     from revq_pipe.stages.bench.encode import bench_encode as run_bench
 
     typer.echo(run_bench(device=device, images=images, batch_size=batch_size, compile_encoder=compile_encoder).report())
@@ -433,6 +448,7 @@ def bench_fit(
     config: FitConfig,
 ):
     """Training-step samples/s beside a reference-style step (cdist, fp32, dense AdamW)."""
+    preflight.check_bench_fit(config.device, variants)
     from revq_pipe.stages.bench.fit import bench_fit as run_bench
 
     typer.echo(run_bench(config, steps=steps, variants=variants, profile_dir=profile, profile_steps=profile_steps).report())
@@ -457,10 +473,12 @@ def bench_quality(
     Every variant is a fit with the fit options given here (the preset tiny unless --preset says
     otherwise); the variant sets the rectifier, its form, and for some the codebook init or flips.
     """
+    code_list, variant_list = _int_list(codes, "--codes"), variants.split(",") if variants else None
+    preflight.check_bench_quality(train, val, out=out, device=config.device, images=images, vae=vae,
+                                  variants=variant_list)
     from revq_pipe.stages.bench.quality import bench_quality as run_bench
 
-    result = run_bench(train, val, config, out=out, images=images, vae=vae, codes=_int_list(codes, "--codes"),
-                       variants=variants.split(",") if variants else None)
+    result = run_bench(train, val, config, out=out, images=images, vae=vae, codes=code_list, variants=variant_list)
     typer.echo(result.report())
 
 

@@ -3,6 +3,7 @@
 import torch
 
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.preflight import known_device
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -13,6 +14,5 @@ def resolve_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"`device={name}` was asked for, but this machine has no CUDA device")
         return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise UserError(f"unknown device {name!r}: use auto, cpu or cuda")
+    known_device(name)  # anything but "cpu" is unknown here
+    return torch.device("cpu")

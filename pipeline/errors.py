@@ -1,11 +1,14 @@
 """The one exception type that means "the user asked for something impossible", the file system
-failures that mean the same, and how a message names the parameters it is about."""
+failures that mean the same, how a message names the parameters it is about, and how a refusal
+names what differs between an existing output and the one asked for."""
 
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import re
-from typing import Mapping
+from typing import Any, Iterable, Mapping
 
 
 class UserError(ValueError):
@@ -57,3 +60,24 @@ def os_error_line(err: OSError) -> str | None:
     where = f": {err.filename}" if err.filename else ""
     advice = "; free some space and run the same command again" if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
     return f"{err.strerror or err}{where}{advice}"
+
+
+SHOWN_FIELDS = 3  # a refusal names at most this many differing fields
+
+
+def differences(there: Mapping[str, Any] | None, now: Mapping[str, Any], fields: Iterable[str] | None = None) -> str:
+    """`field: <value there> there, <value now> now` for the first few of `fields` (default: every
+    field of `now`) that differ, joined by "; " ("" when none does)."""
+    there = there or {}
+    changed = [field for field in (now if fields is None else fields) if there.get(field) != now.get(field)]
+    return "; ".join(f"{field}: {_short(there.get(field))} there, {_short(now.get(field))} now"
+                     for field in changed[:SHOWN_FIELDS])
+
+
+def _short(value: Any) -> str:
+    """`value` in at most about 60 characters: a long dict as its digest, a long text with its middle
+    left out (the ends of a path or a hash are what tell two apart)."""
+    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+    if isinstance(value, dict) and len(text) > 60:
+        return "source " + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return text if len(text) <= 60 else f"{text[:20]}...{text[-37:]}"

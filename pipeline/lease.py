@@ -147,12 +147,17 @@ def contents(folder: Path) -> list[Path]:
     return sorted(entry for entry in folder.iterdir() if entry.name != LEASE_NAME)
 
 
+def refuse_non_folder(folder: Path) -> None:
+    """Refuse a path where a folder should go that is something else (a file, a dangling link)."""
+    if not folder.is_dir() and (folder.exists() or folder.is_symlink()):
+        raise UserError(f"{folder} exists and is not a folder")
+
+
 def _make_folder(folder: Path) -> bool:
     """Create `folder` (and parents); whether it was missing. Problems are user errors."""
     if folder.is_dir():
         return False
-    if folder.exists() or folder.is_symlink():
-        raise UserError(f"{folder} exists and is not a folder")
+    refuse_non_folder(folder)
     try:
         folder.mkdir(parents=True)
     except FileExistsError:  # made by a task of this job meanwhile

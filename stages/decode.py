@@ -19,7 +19,8 @@ from revq_pipe.pipeline.storage.decoded_images import DecodedImages
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import absolute_url, local_path, same_location
+from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.preflight import check_decode, images_folder
 from revq_pipe.pipeline.images.pixels import vae_pixels
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.storage.run_dir import Run
@@ -57,10 +58,7 @@ def decode(
     """Decode the token store `tokens` with the run at `run` into a latent store at `out`, or, with
     `images` (or a `vae`), into PNG images under the folder `out` (one per key, the key's extension
     replaced) through `vae`, by default the VAE the run records."""
-    if batch_size < 1:
-        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
-    if same_location(out, tokens):
-        raise UserError("`out` must not be the token store itself")
+    check_decode(run, tokens, out, images=images, vae=vae, device=device, batch_size=batch_size)
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     store = TokenStore.open(tokens)
@@ -127,9 +125,7 @@ def _decode_to_images(run: Run, store: TokenStore, out: str, vae: str, batch_siz
     """Decode on through the VAE into one PNG per key, resumable the same way (pipeline/storage/decoded_images.py)."""
     spec = resolve_vae(vae)
     run.check_vae(spec)
-    folder = local_path(out)
-    if folder is None:
-        raise UserError("decoded images are written to a local folder, not a URL")
+    folder = images_folder(out)
     identity = {"decoded_from": absolute_url(store.url), "run": run.sha256, "vae_config_sha256": spec.config_sha256()}
     images = DecodedImages.open_or_create(folder, store.keys[:], identity, overwrite)
     if images.complete:

@@ -27,7 +27,7 @@ from revq_pipe.pipeline.images.sample_images import HOLDOUT_PHOTOS, TRAIN_PHOTOS
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.pipeline.images.vae import resolve_vae
-from revq_pipe.pipeline.workdir import claim_folder
+from revq_pipe.pipeline.workdir import DEMO_MARKER, claim_folder
 from revq_pipe.stages.decode import decode
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.evaluate import EvalReport, evaluate
@@ -36,7 +36,6 @@ from revq_pipe.stages.fit import fit
 
 log = logging.getLogger(__name__)
 
-MARKER = "revq-demo.json"  # proves a folder is the demo's own, so a re-run may clear it
 COMPARISON_COUNT = 8  # eval images shown in comparison.png
 CROP_SIDE = 96  # crops are saved at this size; encode resizes them to the VAE's 64 px
 
@@ -95,7 +94,7 @@ def demo(out: str | Path = "revq-demo", quick: bool = False, *, progress: bool =
     started = time.perf_counter()
     size = QUICK if quick else FULL
     out = Path(out)
-    claim_folder(out, MARKER, "revq-pipe demo")
+    claim_folder(out, DEMO_MARKER, "revq-pipe demo")
     if not (EMBEDDED_VAE_DIR / "config.json").is_file():
         raise UserError(f"the embedded VAE is not installed at {EMBEDDED_VAE_DIR}: reinstall revq-pipe")
     vae = str(EMBEDDED_VAE_DIR)

@@ -32,11 +32,12 @@ from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.reporting.encode_summary import EncodeSummary
-from revq_pipe.pipeline.storage.resume import Resume, fingerprinted, plan_resume, refuse_out_inside
+from revq_pipe.pipeline.preflight import check_encode, check_encode_settings, out_outside
+from revq_pipe.pipeline.storage.resume import Resume, fingerprinted, plan_resume
 from revq_pipe.pipeline.images.encode_feed import EncoderSetup, encoded_blocks
 from revq_pipe.pipeline.images.sources import ImageSource, default_workers, open_source
 from revq_pipe.pipeline.scaleout.staged_encode import EncodeSettings, StagedEncode, is_staged, piece_span
-from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
+from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LatentStore, default_chunk_rows,
                                       remove_partial_writes, skipped_attrs)
 from revq_pipe.pipeline.images.vae import FrozenVae, VaeSpec, resolve_vae
 
@@ -82,6 +83,7 @@ def encode(source: str, out: str, *, vae: str | None = None, cluster: str | None
     `prepare_encode`; with `cluster` (local, local:N or a scheduler address), on a dask cluster.
     Re-running an interrupted call resumes it; bad input raises UserError.
     """
+    check_encode(source, out, vae=vae, cluster=cluster, **options)
     spec = resolve_vae(vae)
     with output_lease(out, "encode"):  # the job's tasks on a cluster write under this one lease
         if cluster is not None:
@@ -159,10 +161,7 @@ def prepare_encode(
     GPU, through torchvision) instead of in the workers; `compile_encoder` runs the encoder under
     torch.compile (latents differ from the eager encoder's by rounding).
     """
-    if dtype not in LATENT_DTYPES:
-        raise UserError(f"`dtype` must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
-    if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
-        raise UserError("`batch_size` and chunk size must be at least 1, `workers` at least 0")
+    check_encode_settings(dtype, batch_size, workers, chunk_size)
     setup = EncoderSetup(decode_on=decode_on, compile=compile_encoder)
     if decode_on == "device":
         from revq_pipe.pipeline.images.device_decode import torchvision_decoder
@@ -189,7 +188,7 @@ def prepare_encode(
         # Only when on: stores made before the option existed keep their fingerprint.
         **({"flip": True} if flip else {}),
     })
-    refuse_out_inside(str(out), getattr(image_source, "root", None))
+    out_outside(out, getattr(image_source, "root", None))
     resume = plan_resume(str(out), settings, overwrite)
     if resume.store is not None:
         chunk_size = resume.store.chunk_size

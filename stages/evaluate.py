@@ -26,6 +26,7 @@ from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.reporting.metrics import image_psnr_ssim
 from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.preflight import check_eval
 from revq_pipe.pipeline.reporting.perceptual import PerceptualMetrics
 from revq_pipe.pipeline.images.pixels import original_pixels, vae_pixels
 from revq_pipe.pipeline.reporting.console import progress_bar, table_text
@@ -111,10 +112,7 @@ def evaluate(
     from). When a default is not at hand they are skipped with the reason; a given one must work.
     `latent_only` skips them.
     """
-    if latent_only and (vae is not None or images is not None):
-        raise UserError("`latent_only=True` skips the image metrics: it cannot go with `vae` or `images`")
-    if batch_size < 1:
-        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
+    check_eval(run, store, vae=vae, images=images, latent_only=latent_only, device=device, batch_size=batch_size)
     dev = resolve_device(device)
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Callable
 
 from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
-from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe, shared_location
+from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.paths import absolute_url, same_location
+from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.preflight import check_export_tokens
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.storage.dataset_card import dataset_card, write_card
 from revq_pipe.pipeline.storage.export_formats import ExportFormat, export_format
@@ -94,16 +95,8 @@ def export_tokens(
     zarr+wds), which equals a single-process export's. Every output folder gets a dataset card,
     README.md (pipeline/storage/dataset_card.py).
     """
+    check_export_tokens(run, store, out, format=format, cluster=cluster, device=device, batch_size=batch_size)
     written = export_format(format)
-    if batch_size < 1:
-        raise UserError(f"`batch_size` must be at least 1, not {batch_size}")
-    if same_location(out, store):
-        raise UserError("`out` must not be the latent store itself")
-    if cluster is not None:
-        if not written.token_store:
-            raise UserError("`cluster` writes a token store: use `format=zarr`, or `format=zarr+wds` for shards made from it")
-        shared_location(out, "out")
-        shared_location(store, "store")
     dev = resolve_device(device if cluster is None else "cpu")  # with a cluster, the workers compute
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)

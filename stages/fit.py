@@ -41,6 +41,7 @@ from revq_pipe.pipeline.images.vae import portable_vae_name
 from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.paths import absolute_url
+from revq_pipe.pipeline.preflight import check_fit, run_output
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.store import LatentStore
@@ -129,6 +130,7 @@ def fit(store: str, out: str, config: FitConfig | None = None, *, val: str | Non
     """
     started = time.perf_counter()
     config = config or FitConfig()
+    check_fit(store, out, val=val, device=config.device, resume=resume, overwrite=overwrite)
     group = DataParallelGroup.current()
     device = group.local_device(resolve_device(config.device))
     with run_guard(out, device, resume=resume, overwrite=overwrite):
@@ -186,6 +188,9 @@ def prepare_fit(store: str, out: str, config: FitConfig, device: torch.device, *
     run_dir = Path(out)
     checkpoint, train = _resume_policy(run_dir, resolved.model, resolved.train, config, data, device, group,
                                        resume=resume, overwrite=overwrite)
+    if val is None and (checkpoint or {}).get("epoch", 0) < train.epochs:
+        log.log(level, "no validation MSE will be reported: pass `val=STORE`, a latent store of images kept out "
+                       "of training, to measure it after every epoch")
     outputs = None  # rank 0 alone writes the run dir
     if group.is_writer:
         if overwrite:
@@ -229,14 +234,8 @@ def _resume_policy(run_dir: Path, model_config: ReVQConfig, train: TrainConfig, 
     refuses a run dir that is a file, `resume` with `overwrite`, an existing run without either, and
     a resume with other settings than the run's. Every process decides alike (`group.together`)."""
     with group.together():  # every process reads the run dir before rank 0 writes to it
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserError(f"`out={run_dir}` is a file, not a run directory")
-        if resume and overwrite:
-            raise UserError("`resume=True` continues the run in `out`, `overwrite=True` starts it over: pass one of them")
+        run_output(run_dir, resume=resume, overwrite=overwrite)  # again, now that this job holds the run dir
         checkpoint = load_checkpoint(run_dir, device) if resume else None
-        if not (resume or overwrite) and ((run_dir / "checkpoint.pt").exists() or (run_dir / "config.json").exists()):
-            raise UserError(f"{run_dir} already holds a run: pass `resume=True` to continue it, `overwrite=True` to "
-                            f"start it over, or choose another `out`")
         if checkpoint is not None:
             train = continued_train_config(checkpoint, train, config.overrides)
             check_resume(checkpoint, model_config, train, data, run_dir)
@@ -268,6 +267,8 @@ def _start_or_resume(plan: FitPlan, checkpoint: dict[str, Any] | None) -> None:
     if plan.outputs is not None:
         plan.outputs.epoch_done(plan.model, plan.history)
     train = plan.train
+    if plan.start_epoch >= train.epochs:
+        return  # finished: nothing to train (the result says so, and how to train it further)
     log.log(plan.level, f"  resuming after epoch {plan.start_epoch}"
             + plan.group.resumed_note(checkpoint.get("world_size", 1)))
     if train.epochs > train.lr_decay_epochs:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import contents, output_lease
+from revq_pipe.pipeline.preflight import check_import_checkpoint
 from revq_pipe.pipeline.model.paper_checkpoint import paper_model
 from revq_pipe.pipeline.train.training_record import write_training_record
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
@@ -33,9 +34,8 @@ def import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str,
                       image_size: int = HUB_IMAGE_SIZE, overwrite: bool = False) -> ImportedRun:
     """Convert `checkpoint` (ckpt.pth) with its yaml `config` and `preprocessor` (preprocessor.pth)
     into the run dir `out`; the latents it tokenizes come from `vae` at `image_size`."""
+    check_import_checkpoint(checkpoint, config, preprocessor, out, overwrite=overwrite)
     run_dir = Path(out)
-    if contents(run_dir) and not overwrite:  # checked first, and again under the lease
-        raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
     model = paper_model(checkpoint, config, preprocessor, vae=vae, image_size=image_size)
     with output_lease(run_dir, "import-checkpoint"):
         if contents(run_dir) and not overwrite:

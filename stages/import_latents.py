@@ -19,8 +19,9 @@ import numpy as np
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.lease import output_lease
 from revq_pipe.pipeline.storage.latent_files import LatentFile, read_latent_file
-from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LATENT_DTYPES, LatentStore, default_chunk_rows,
-                                              remove_store, skipped_attrs, vacant)
+from revq_pipe.pipeline.preflight import already_exists, check_import_latents
+from revq_pipe.pipeline.storage.store import (FORMAT_VERSION, LatentStore, default_chunk_rows, remove_store,
+                                              skipped_attrs, vacant)
 from revq_pipe.pipeline.images.vae import resolve_vae
 
 
@@ -55,13 +56,10 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
     `overwrite`.
     """
     started = time.perf_counter()
-    if not files:
-        raise UserError("no latent files given")
+    check_import_latents(files, out, vae=vae, dtype=dtype, overwrite=overwrite)
     first = read_latent_file(files[0])
     shape = tuple(int(v) for v in first.latents.shape[1:])
     dtype = dtype or ("float16" if first.latents.dtype == np.float16 else "float32")
-    if dtype not in LATENT_DTYPES:
-        raise UserError(f"`dtype` must be one of {', '.join(LATENT_DTYPES)}, not {dtype!r}")
     attrs = {"format_version": FORMAT_VERSION, "count": 0, "classes": list(classes or []),
              "source": {"kind": "imported", "files": [str(Path(f).expanduser().resolve()) for f in files]},
              **_vae_attrs(vae, image_size, shape), **skipped_attrs([])}
@@ -71,7 +69,7 @@ def import_latents(files: Sequence[str | Path], out: str, *, vae: str | None = N
             store = LatentStore.create(out, n=0, latent_shape=shape, dtype=dtype, chunk_size=chunk, attrs=attrs,
                                        overwrite=overwrite or vacant(out), unfinished=True)
         except FileExistsError as err:
-            raise UserError(f"{out} already exists: pass `overwrite=True` to replace it") from err
+            raise already_exists(out) from err
         try:
             count = _write_files(store, files, first, shape, chunk)
         except UserError:  # a bad file met midway: what this run wrote goes, so the next import starts clean

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 from revq_pipe.cli import app
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.reporting.benchmarking import compare_with_baseline
-from revq_pipe.stages.bench.search import BENCH_PRESETS, bench_search, parse_shape
+from revq_pipe.pipeline.reporting.bench_options import BENCH_PRESETS, parse_shape
+from revq_pipe.stages.bench.search import bench_search
 
 
 def test_bench_runs_every_method_and_they_agree():

@@ -15,8 +15,8 @@ from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.model.revq import ReVQ
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.storage.token_store import TokenStore
-from revq_pipe.pipeline.workdir import claim_folder
-from revq_pipe.stages.demo import COMPARISON_COUNT, MARKER, QUICK
+from revq_pipe.pipeline.workdir import DEMO_MARKER as MARKER, claim_folder
+from revq_pipe.stages.demo import COMPARISON_COUNT, QUICK
 
 
 def test_demo_quick_runs_to_the_end_and_its_outputs_load(tmp_path):

@@ -201,10 +201,32 @@ def test_export_refuses_tokens_of_another_store_without_overwrite(fitted, tmp_pa
     out = str(tmp_path / "tokens.zarr")
     export_tokens(str(run), store.url, out, device="cpu", progress=False)
     other = latent_store(tmp_path / "other.zarr", seed=1)
-    with pytest.raises(UserError, match="`overwrite=True`"):
+    with pytest.raises(UserError, match="`overwrite=True`") as refused:
         export_tokens(str(run), other.url, out, device="cpu", progress=False)
+    # names the field that differs, its value there and now, as encode does
+    assert f"{out} holds tokens made from other inputs (store: " in str(refused.value)
+    assert "/latents.zarr there, " in str(refused.value) and "/other.zarr now)" in str(refused.value)
     export_tokens(str(run), other.url, out, device="cpu", overwrite=True, progress=False)
     assert TokenStore.open(out).attrs["store"] == str((tmp_path / "other.zarr").resolve())
+
+
+def test_shards_into_a_used_folder_name_what_differs(fitted, tmp_path):
+    store, run = fitted
+    out = tmp_path / "shards"
+    export_tokens(str(run), store.url, str(out), device="cpu", format="wds", shard_size=12, progress=False)
+    with pytest.raises(UserError) as refused:
+        export_tokens(str(run), store.url, str(out), device="cpu", format="wds", shard_size=10, progress=False)
+    assert str(refused.value) == (f"{out} holds the tokens of another export (shard_size: 12 there, 10 now): pass "
+                                  f"`overwrite=True` to replace them, or choose another `out`")
+    result = CliRunner().invoke(app, ["export-tokens", str(run), store.url, "--out", str(out), "--format", "parquet",
+                                      "--shard-size", "12", "--device", "cpu"])
+    assert result.exit_code == 2 and result.output == (
+        f"error: {out} holds the tokens of another export (format: wds there, parquet now): pass --overwrite to "
+        f"replace them, or choose another --out\n")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"notes holds other files \(e.g. keep.txt\) and no token export"):
+        export_tokens(str(run), store.url, str(tmp_path / "notes"), device="cpu", format="wds", progress=False)
 
 
 def test_decode_of_exported_tokens_equals_the_model_exactly(fitted, tmp_path):

@@ -85,6 +85,31 @@ def test_every_fit_writes_metrics_png_and_tensorboard_events_on_request(tmp_path
         assert [s.value for s in scalars] == pytest.approx([m[key] for m in history], rel=1e-6), key
 
 
+def test_a_resumed_run_goes_on_writing_the_tensorboard_events_it_began(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
+                                            reason="tensorboard is not installed: pip install -e '.[test]' brings it")
+    train = store(tmp_path / "train.zarr", 128)
+    args = (train, "--out", tmp_path / "run", "--preset", "tiny", "--codes", "16", "--batch-size", "32", "--device", "cpu")
+    assert cli(*args, "--epochs", "1", "--tensorboard").exit_code == 0
+    result = cli(*args, "--resume", "--epochs", "2")  # no --tensorboard this time
+    assert result.exit_code == 0, result.output
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [s.step for s in events.Scalars("codebook_loss")] == [1, 2]
+
+
+def test_a_fit_without_validation_says_so_once_and_how_to_get_it(tmp_path):
+    train, val = store(tmp_path / "train.zarr", 128), store(tmp_path / "val.zarr", 32, seed=1)
+    args = (train, "--preset", "tiny", "--codes", "16", "--epochs", "1", "--batch-size", "32", "--device", "cpu")
+    result = cli(*args, "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    line = ("no validation MSE will be reported: pass --val STORE, a latent store of images kept out of training, "
+            "to measure it after every epoch")
+    assert result.stderr.splitlines().count(line) == 1
+    result = cli(*args, "--out", tmp_path / "validated", "--val", val)
+    assert result.exit_code == 0 and "no validation MSE" not in result.output
+
+
 def test_tensorboard_is_off_unless_asked(tmp_path):
     train = store(tmp_path / "train.zarr", 128)
     result = cli(train, "--out", tmp_path / "run", "--preset", "tiny", "--codes", "16", "--epochs", "1",

@@ -84,6 +84,22 @@ def test_a_finished_run_extends_with_the_learning_rate_held_at_its_final_value(s
     assert result.exit_code == 2 and "already trained 4 epochs" in result.output
 
 
+def test_resuming_a_finished_run_says_it_is_finished_and_how_to_extend_it(store, tmp_path):
+    """A finished run resumed is the same command run again (a job script after a restart): it exits
+    0, as encode and export-tokens do on a complete output, trains nothing, and says so."""
+    run = tmp_path / "run"
+    fit(store, str(run), TINY.with_overrides(epochs=1), progress=False)
+    before = (run / "checkpoint.pt").read_bytes(), metrics(run)
+    result = runner.invoke(app, ["fit", store, "--out", str(run), "--preset", "tiny", "--codes", "16",
+                                 "--batch-size", "32", "--device", "cpu", "--resume"])
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"fit: {run} (") and first.endswith(
+        " - finished already: 1/1 epochs, nothing to train (to train it further, pass --resume with --epochs N above 1)")
+    assert "resuming after" not in result.stderr and "no validation MSE" not in result.stderr
+    assert ((run / "checkpoint.pt").read_bytes(), metrics(run)) == before
+
+
 def test_a_run_started_before_k_means_became_the_default_resumes_with_the_same_command(store, tmp_path):
     """Its checkpoint says codebook_init "random" (the default then) and has no kmeans_budget; resumed
     without --codebook-init, it goes on as it began and ends as an uninterrupted run does."""

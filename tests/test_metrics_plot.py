@@ -33,3 +33,24 @@ def test_a_run_without_validation_says_so_in_its_validation_panel():
     validation = next(axes for axes in figure.axes if axes.get_title() == "validation latent MSE")
     assert not validation.get_lines()
     assert [text.get_text() for text in validation.texts] == ["not measured (fit without --val)"]
+
+
+def ceiling_lines(figure):
+    """{panel title: (height, legend label)} of the validation ceiling lines drawn."""
+    return {axes.get_title(): (line.get_ydata()[0], line.get_label()) for axes in figure.axes
+            for line in axes.get_lines() if line.get_label().startswith("validation's ceiling")}
+
+
+def test_few_validation_latents_show_the_ceiling_they_put_on_usage_and_perplexity():
+    # 64 validation latents choose at most 64 of 128 codes per position: at most 50% usage, perplexity 64
+    figure = draw_metrics(HISTORY, val_count=64, codes=128)
+    assert ceiling_lines(figure) == {"code usage": (50.0, "validation's ceiling (64 latents)"),
+                                     "perplexity": (64, "validation's ceiling (64 latents)")}
+    assert figure.get_supxlabel() == ("64 validation latents can use at most 64 of the 128 codes of a position: "
+                                      "validation's usage and perplexity stay under the dotted line, however good "
+                                      "the codebooks")
+    # as many validation latents as codes, or no validation: no ceiling to explain
+    for figure in (draw_metrics(HISTORY, val_count=128, codes=128),
+                   draw_metrics([{k: v for k, v in row.items() if not k.startswith("val_")} for row in HISTORY],
+                                val_count=None, codes=128)):
+        assert ceiling_lines(figure) == {} and figure.get_supxlabel() == ""

@@ -19,7 +19,7 @@ from revq_pipe.pipeline.train.codebook_optim import quantize_with_gradients
 from revq_pipe.pipeline.train.config import FitConfig, TrainConfig
 from revq_pipe.pipeline.train.distributed import DataParallelGroup
 from revq_pipe.pipeline.train.trainer import Trainer
-from revq_pipe.stages.bench.fit import PROJECT, parse_variants
+from revq_pipe.pipeline.reporting.bench_options import PROJECT, parse_variants
 
 
 @pytest.mark.parametrize("options,message", [

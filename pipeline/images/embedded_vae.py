@@ -9,6 +9,9 @@ from pathlib import Path
 # A diffusers AutoencoderDC saved with save_pretrained (config.json + safetensors weights), plus
 # training_record.json (seed, data, steps, command, held-out PSNR/SSIM, latent statistics).
 EMBEDDED_VAE_DIR = Path(__file__).parent / "assets" / "embedded-vae"
+# The name stores and runs record for it, wherever the package is installed; `--vae` also takes the alias.
+EMBEDDED_VAE_NAME = "revq-pipe-embedded"
+EMBEDDED_VAE_NAMES = (EMBEDDED_VAE_NAME, "embedded")
 # The square input size the embedded VAE was trained at (its native size).
 EMBEDDED_IMAGE_SIZE = 64
 # Its latent (C, H, W) at the native size: 8x spatial compression to 16 channels.

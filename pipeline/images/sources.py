@@ -38,6 +38,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.images.folder_walk import FolderWalk
 from revq_pipe.pipeline.paths import local_path
+from revq_pipe.pipeline.preflight import SHARD_SUFFIXES, local_source
 
 if TYPE_CHECKING:
     from revq_pipe.pipeline.images.device_decode import PackedJpegs
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 # Label members of a webdataset sample, as in the common ImageNet-1k webdataset layout.
 LABEL_MEMBERS = ("cls", "cls.txt")
-SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 UNKNOWN_LABEL = -1
 # Encode's default decode processes: one per CPU but one, for the encoding process (it issues the
 # GPU work, pins each block, runs the writer thread), and at most 16. PIL decodes, resizes and crops
@@ -473,17 +473,10 @@ ImageSource = ImageFolderSource | WebDatasetSource
 def open_source(spec: str, follow_links: bool = False) -> ImageSource:
     """Resolve SOURCE to an ImageFolder tree or webdataset shards; bad input is a UserError.
     `follow_links` lets an ImageFolder tree's links lead out of it."""
-    spec = str(spec)
-    path = local_path(spec)
-    if path is None:
-        return WebDatasetSource.expand(spec)
-    if path.is_dir():
-        return ImageFolderSource.scan(path.resolve(), follow_links)
-    if spec.endswith(SHARD_SUFFIXES) or ("{" in spec and ".tar" in spec):
-        return WebDatasetSource.expand(spec)
-    if path.is_file():
-        raise UserError(f"{spec} is a file, not an image folder or a webdataset .tar shard")
-    raise UserError(f"source not found: {spec}")
+    folder = local_source(spec)
+    if folder is None:
+        return WebDatasetSource.expand(str(spec))
+    return ImageFolderSource.scan(folder.resolve(), follow_links)
 
 
 def recorded_source(fingerprint: dict) -> str | None:

@@ -19,13 +19,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR
+from revq_pipe.pipeline.images.embedded_vae import (EMBEDDED_IMAGE_SIZE, EMBEDDED_VAE_DIR, EMBEDDED_VAE_NAME,
+                                                     EMBEDDED_VAE_NAMES)
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.hub import HUB_PROBE_TIMEOUT_S, hub_offline, hub_unreachable, looks_like_hub_id
+from revq_pipe.pipeline.hub import HUB_PROBE_TIMEOUT_S, hub_offline, hub_unreachable
+from revq_pipe.pipeline.preflight import existing_vae
 
 # The DC-AE f32c32 model the ReVQ paper uses: 256 px -> (32, 8, 8) latents.
 DEFAULT_VAE_ID = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
-EMBEDDED_VAE_NAME = "revq-pipe-embedded"
 HUB_IMAGE_SIZE = 256
 SUPPORTED_CLASSES = ("AutoencoderDC", "AutoencoderKL")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -180,17 +181,14 @@ def resolve_vae(spec: str | None) -> VaeSpec:
     """
     if spec is None:
         return _resolve_default()
-    if spec in (EMBEDDED_VAE_NAME, "embedded"):  # the name every artefact made with it records
+    if spec in EMBEDDED_VAE_NAMES:  # the name every artefact made with it records
         return _embedded_spec()
+    existing_vae(spec)  # a folder here, or a hub id
     path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise UserError(f"`vae={spec}` is a file, not a diffusers VAE directory")
         if path.resolve() == EMBEDDED_VAE_DIR.resolve():
             return _embedded_spec()  # one name wherever the package is installed
         return _resolve_local(path.resolve(), name=str(path.resolve()))
-    if spec.startswith((".", "/", "~")) or not looks_like_hub_id(spec):
-        raise UserError(f"VAE directory not found: {spec} (and it is not a Hugging Face model id owner/name)")
     return _resolve_hub(spec)
 
 

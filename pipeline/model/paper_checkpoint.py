@@ -32,6 +32,7 @@ from revq_pipe.pipeline.model.config import PRESETS, ReVQConfig
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
 from revq_pipe.pipeline.model.weights import check_config_fits
+from revq_pipe.pipeline.preflight import existing_file
 
 # paper decoder parameter prefix -> revq-pipe model parameter prefix
 PREFIXES = (("conv_in.", "rectifier.conv_in."), ("norm_out.", "rectifier.norm_out."),
@@ -157,9 +158,7 @@ def _rectifier_weights(decoder: dict[str, torch.Tensor], config: ReVQConfig) -> 
 
 
 def _torch_load(path: str | Path) -> Any:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"file not found: {path}")
+    path = existing_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a foreign or damaged file: say which, in one line
@@ -169,9 +168,7 @@ def _torch_load(path: str | Path) -> Any:
 def _read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"config not found: {path}")
+    path = existing_file(path, "config")
     try:
         # The released configs use OmegaConf's ${...} interpolation only outside `model`: plain YAML reads them.
         loaded = yaml.safe_load(path.read_text())

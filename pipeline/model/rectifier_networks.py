@@ -18,10 +18,9 @@ Two forms (`ReVQConfig.rectifier_form`):
 from __future__ import annotations
 
 import torch
-from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock, ResBlock
-from diffusers.models.normalization import RMSNorm
 from torch import nn
 
+# diffusers (seconds to import) is imported where its blocks are built: the MLP and `none` need none of it.
 
 
 class ConvRectifier(nn.Module):
@@ -29,6 +28,8 @@ class ConvRectifier(nn.Module):
     with `residual`, the input is added to that and conv out starts at zero (the identity at init)."""
 
     def __init__(self, channels: int, width: int, blocks: list[nn.Module], *, residual: bool):
+        from diffusers.models.normalization import RMSNorm
+
         super().__init__()
         self.residual = residual
         self.width = width
@@ -83,6 +84,8 @@ def zero_(layer: nn.Module) -> nn.Module:
 
 def vit_rectifier(channels: int, width: int, layers: int, attention_head_dim: int, *, residual: bool) -> nn.Module:
     """The paper's rectifier: EfficientViT blocks (diffusers' own, as DC-AE's decoder has them)."""
+    from diffusers.models.autoencoders.autoencoder_dc import EfficientViTBlock
+
     blocks = [EfficientViTBlock(width, attention_head_dim=attention_head_dim, qkv_multiscales=(5,),
                                 norm_type="rms_norm") for _ in range(layers)]
     return ConvRectifier(channels, width, blocks, residual=residual)
@@ -90,5 +93,7 @@ def vit_rectifier(channels: int, width: int, layers: int, attention_head_dim: in
 
 def cnn_rectifier(channels: int, width: int, layers: int, *, residual: bool) -> nn.Module:
     """The same frame with diffusers' ResBlocks in place of the EfficientViT blocks."""
+    from diffusers.models.autoencoders.autoencoder_dc import ResBlock
+
     blocks = [ResBlock(width, width, norm_type="rms_norm", act_fn="silu") for _ in range(layers)]
     return ConvRectifier(channels, width, blocks, residual=residual)

@@ -43,19 +43,25 @@ WORKER_LOG_LEVEL = logging.CRITICAL
 @contextlib.contextmanager
 def cluster_client(spec: str) -> Iterator[Client]:
     """A dask Client for `spec` (see the module docstring), closed (with a local cluster) on exit."""
-    local = LOCAL_SPEC.fullmatch(spec)
-    if local:
-        workers = int(local.group(1)) if local.group(1) else _default_local_workers()
-        if workers < 1:
-            raise UserError(f"`cluster={spec}`: a local cluster needs at least one worker")
-        with _local_client(workers) as client:
-            yield client
-    elif ADDRESS_SPEC.fullmatch(spec):
-        with _remote_client(spec) as client:
+    if cluster_kind(spec) == "local":
+        count = LOCAL_SPEC.fullmatch(spec).group(1)
+        with _local_client(int(count) if count else _default_local_workers()) as client:
             yield client
     else:
-        raise UserError(f"`cluster` takes local, local:N or a scheduler address such as tcp://host:8786, "
-                        f"not {spec!r}")
+        with _remote_client(spec) as client:
+            yield client
+
+
+def cluster_kind(spec: str) -> str:
+    """"local" or "address": which kind of cluster `spec` names; anything else is a UserError."""
+    local = LOCAL_SPEC.fullmatch(spec)
+    if local:
+        if local.group(1) and int(local.group(1)) < 1:
+            raise UserError(f"`cluster={spec}`: a local cluster needs at least one worker")
+        return "local"
+    if ADDRESS_SPEC.fullmatch(spec):
+        return "address"
+    raise UserError(f"`cluster` takes local, local:N or a scheduler address such as tcp://host:8786, not {spec!r}")
 
 
 def describe(client: Client) -> str:

@@ -39,12 +39,8 @@ class LatentFile:
 
 def read_latent_file(path: str | Path) -> LatentFile:
     """Read one file of latents (see the module docstring); anything else is a UserError naming it."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise UserError(f"latent file not found: {path}")
+    path = latent_file_path(path)
     suffix = path.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise UserError(f"{path}: unknown latent file type {suffix or '(none)'}: use {', '.join(SUFFIXES)}")
     try:
         arrays = _READERS[suffix](path)
     except UserError:
@@ -52,6 +48,17 @@ def read_latent_file(path: str | Path) -> LatentFile:
     except Exception as err:  # noqa: BLE001 - a damaged or foreign file: say which, in one line
         raise UserError(f"{path} cannot be read as {suffix} latents: {str(err).splitlines()[0]}") from err
     return _checked(path, arrays)
+
+
+def latent_file_path(path: str | Path) -> Path:
+    """`path` (`~` expanded) when it is a file of a kind read here, else a UserError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"latent file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise UserError(f"{path}: unknown latent file type {suffix or '(none)'}: use {', '.join(SUFFIXES)}")
+    return path
 
 
 def _read_torch(path: Path) -> dict[str, Any]:

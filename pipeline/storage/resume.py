@@ -13,13 +13,12 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
+from revq_pipe.pipeline.preflight import store_output
 from revq_pipe.pipeline.storage.latent_writer import WriteProgress
-from revq_pipe.pipeline.paths import local_path
-from revq_pipe.pipeline.storage.store import LatentStore, is_zarr_store, vacant
+from revq_pipe.pipeline.storage.store import LatentStore, vacant
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +42,7 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     """Decide what to do with whatever is at `out`, for a store of `fingerprinted` settings."""
     if vacant(out):  # nothing there, or a store begun and killed before its first row
         return Resume(replace=True)
-    path = local_path(out)
-    if path is not None and path.is_file():
-        raise UserError(f"`out={out}` is a file, not a Zarr store")
-    if path is not None and not is_zarr_store(path):
-        raise UserError(f"`out={out}` exists and is not a Zarr store: refusing to write into it")
+    store_output(out)
     try:
         existing = LatentStore.open(out, mode="r+", allow_incomplete=True)
     except UserError:
@@ -58,9 +53,8 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
         return Resume(replace=True)
     old = existing.attrs
     if old.get("settings_sha256") != settings["settings_sha256"]:
-        changed = [k for k in settings if k != "settings_sha256" and old.get(k) != settings[k]]
-        details = "; ".join(f"{k}: {_short(old.get(k))} there, {_short(settings[k])} now"
-                            for k in changed[:3]) or "no settings fingerprint there"
+        details = differences(old, settings, [k for k in settings if k != "settings_sha256"]) or \
+            "no settings fingerprint there"
         raise UserError(f"{out} was made with other settings ({details}): pass `overwrite=True` to replace it, "
                         f"or choose another `out`")
     if existing.complete:
@@ -68,17 +62,3 @@ def plan_resume(out: str, settings: dict[str, Any], overwrite: bool) -> Resume:
     progress = WriteProgress.of(existing)
     log.warning(f"resuming {out}: {progress.rows} latents already stored")
     return Resume(store=existing, progress=progress)
-
-
-def refuse_out_inside(out: str, root: Path | None) -> None:
-    """A store inside an ImageFolder tree (`root`) would become a class folder on the next scan."""
-    path = local_path(out)
-    if root is not None and path is not None and path.resolve().is_relative_to(root):
-        raise UserError(f"`out={out}` is inside `source={root}`: put the store outside the image folder")
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-    if isinstance(value, dict) and len(text) > 60:
-        return "source " + hashlib.sha256(text.encode()).hexdigest()[:8]
-    return text if len(text) <= 60 else text[:57] + "..."

@@ -17,9 +17,10 @@ import torch
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.train.training_record import read_training_record
-from revq_pipe.pipeline.hub import cache_only, looks_like_hub_id, lookup_failure
+from revq_pipe.pipeline.hub import cache_only, lookup_failure
 from revq_pipe.pipeline.images.vae import VaeSpec
 from revq_pipe.pipeline.model.weights import file_sha256
+from revq_pipe.pipeline.preflight import fitted_run, local_run
 
 # What a published run holds (ReVQ.push_to_hub): all a hub RUN needs.
 HUB_FILES = ("config.json", "model.safetensors", "README.md")
@@ -40,9 +41,7 @@ class Run:
         from revq_pipe.pipeline.model.revq import ReVQ
 
         path = run_folder(run)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise UserError(f"{path} is not a fitted run: it has no {name} (make one with `revq-pipe fit`)")
+        fitted_run(path)
         model = ReVQ.from_pretrained(path, device=device).eval()
         return cls(path=path, model=model, sha256=file_sha256(path / "model.safetensors"),
                    record=read_training_record(path))
@@ -104,10 +103,8 @@ class Run:
 def run_folder(run: str | Path) -> Path:
     """The local folder of RUN: the directory itself, or a hub model's snapshot in the Hugging Face
     cache (downloaded first unless the hub is offline)."""
-    path = Path(run).expanduser()
-    if path.is_dir() or path.exists() or not looks_like_hub_id(str(run)):
-        if not path.is_dir():
-            raise UserError(f"run directory not found: {run}")
+    path = local_run(run)
+    if path is not None:
         return path
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, HfHubHTTPError, LocalEntryNotFoundError

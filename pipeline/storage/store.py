@@ -34,16 +34,16 @@ import math
 import re
 import shutil
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
 from revq_pipe.pipeline.lease import LEASE_NAME, contents
 from revq_pipe.pipeline.paths import exists, filesystem, local_path
+from revq_pipe.pipeline.preflight import LATENT_DTYPES, is_zarr_store, no_store_at
 from revq_pipe.pipeline.storage.staging import ChunkMarks, Staging
 from revq_pipe.pipeline.storage.stats import latent_stats
 
@@ -67,7 +67,6 @@ FORMAT_VERSION = 1
 # shared CPU core: ~20,000 DC-AE latents/s per writer thread, far above any GPU's encode rate.
 LATENT_COMPRESSOR = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 SMALL_COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
-LATENT_DTYPES = ("float16", "float32")
 FLIP_ARRAY = "latents_flip"
 STAGING = "staging"  # encode --cluster's staging group, while it runs
 CHUNK_TARGET_BYTES = 4 << 20  # uncompressed bytes per chunk: a few MB suits Zarr and object stores
@@ -84,7 +83,7 @@ def open_zarr_group(url: str, mode: str = "r") -> zarr.Group:
     try:
         return zarr.open_group(str(url), mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
-        raise UserError(f"no Zarr store at {url}") from err
+        raise no_store_at(url) from err
     except (zarr.errors.ContainsArrayError, ValueError, KeyError) as err:
         raise UserError(f"{url} is not a Zarr v3 group: {err}") from err
 
@@ -135,9 +134,10 @@ class RowStore:
             existing = cls(cls._open_group(url, "r+"), str(url))
         except UserError as err:
             raise UserError(f"{err}: pass `overwrite=True` to replace it") from None
-        if any(existing.attrs.get(key) != value for key, value in identity.items()):
-            raise UserError(f"{url} holds {cls.KIND}s made from other inputs: pass `overwrite=True` to replace it, "
-                            f"or choose another `out`")
+        differ = differences(existing.attrs, identity)
+        if differ:
+            raise UserError(f"{url} holds {cls.KIND}s made from other inputs ({differ}): pass `overwrite=True` to "
+                            f"replace it, or choose another `out`")
         remove_partial_writes(url)
         return existing
 
@@ -247,11 +247,6 @@ def first_row_where(array: zarr.Array, bad_rows) -> int | None:
         if bad.any():
             return start + int(np.argmax(bad))
     return None
-
-
-def is_zarr_store(path: Path) -> bool:
-    """Whether the local folder `path` is a Zarr (v3) store: it has the root's zarr.json."""
-    return (path / "zarr.json").is_file()
 
 
 def vacant(url: str) -> bool:

@@ -23,9 +23,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from revq_pipe.pipeline.atomic_files import read_json, write_atomically, write_json
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.errors import UserError, differences
 from revq_pipe.pipeline.lease import contents
-from revq_pipe.pipeline.paths import local_path
+from revq_pipe.pipeline.preflight import shards_folder
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
@@ -64,17 +64,13 @@ def write_shards(out: str, attrs: dict, rows_from: RowsFrom, *, count: int, shar
     """
     if shard_size < 1:
         raise UserError(f"`shard_size` must be at least 1, not {shard_size}")
-    folder = local_path(out)
-    if folder is None:
-        raise UserError("token shards are written to a local folder, not a URL")
+    folder = shards_folder(out)
     manifest = folder / MANIFEST
     own = {manifest, folder / CARD_NAME}  # an export's files besides its shards
     there = contents(folder)  # (a lease file is not content)
     begun = manifest in there and set(there) <= own  # begun, no shard written
     if there and not begun and not overwrite:
-        if read_json(manifest) != attrs:
-            raise UserError(f"{folder} holds other files or tokens of another run, store or export setting: "
-                            "pass `overwrite=True` to replace them")
+        _refuse_other_export(folder, read_json(manifest), attrs, there)
     elif there:
         _remove_export(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -106,6 +102,18 @@ def _remove_export(folder: Path) -> None:
     """Remove an export's shards (and a killed writer's partial ones), its manifest and its card from `folder`."""
     for stale in [*folder.glob("tokens-*"), folder / MANIFEST, folder / CARD_NAME]:
         stale.unlink(missing_ok=True)
+
+
+def _refuse_other_export(folder: Path, manifest: dict | None, attrs: dict, there: list[Path]) -> None:
+    """Refuse a used folder unless it holds this very export (`manifest` equals its `attrs`), naming
+    what differs: the files of something else, or the export settings that are not these."""
+    if manifest is None:
+        raise UserError(f"{folder} holds other files (e.g. {there[0].name}) and no token export: pass "
+                        f"`overwrite=True` to write the shards beside them, or choose another `out`")
+    differ = differences(manifest, attrs, sorted(manifest.keys() | attrs.keys()))
+    if differ:
+        raise UserError(f"{folder} holds the tokens of another export ({differ}): pass `overwrite=True` to "
+                        f"replace them, or choose another `out`")
 
 
 def _rebatch(rows: Rows, size: int) -> Rows:

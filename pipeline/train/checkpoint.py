@@ -11,14 +11,15 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Mapping
 
 from revq_pipe.pipeline.atomic_files import write_atomically
 from revq_pipe.pipeline.model.config import ReVQConfig
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.config import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read or written: the CLI's checks need the names alone
+    import torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
@@ -33,11 +34,15 @@ RUN_FOLDERS = ("tensorboard",)
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
     """Write the training state (tensors, numbers, dicts) to RUN/checkpoint.pt atomically."""
+    import torch
+
     write_atomically(run_dir / CHECKPOINT_NAME, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any] | None:
     """The checkpoint in RUN, or None when there is none yet."""
+    import torch
+
     path = run_dir / CHECKPOINT_NAME
     if not path.is_file():
         return None

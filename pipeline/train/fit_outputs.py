@@ -30,14 +30,19 @@ class FitOutputs:
     """The run dir's files other than the checkpoint; `epoch_done` after each epoch, `close` at the end."""
 
     def __init__(self, run_dir: Path, record: dict[str, Any], *, tensorboard: bool, resumed_at: int = 0):
+        """`tensorboard` writes events; a resumed run that wrote them before goes on writing them."""
         self.run_dir = run_dir
+        self.val_count = (record.get("val") or {}).get("count")  # the validation ceiling of metrics.png
         write_training_record(run_dir, record)
-        self.events = _tensorboard_writer(run_dir / TENSORBOARD_DIR, resumed_at) if tensorboard else None
+        events = run_dir / TENSORBOARD_DIR
+        wrote_events = resumed_at > 0 and events.is_dir()
+        self.events = _tensorboard_writer(events, resumed_at) if tensorboard or wrote_events else None
 
     def epoch_done(self, model, history: list[dict[str, Any]]) -> None:
         """Write metrics.jsonl, metrics.png, the TensorBoard scalars of the last epoch, and the model."""
         write_metrics(self.run_dir, history)
-        plot_metrics(history, self.run_dir / PLOT_NAME, title=f"{self.run_dir.name}: {model.config.name}")
+        plot_metrics(history, self.run_dir / PLOT_NAME, title=f"{self.run_dir.name}: {model.config.name}",
+                     val_count=self.val_count, codes=model.config.codes)
         if self.events is not None:
             last = history[-1]
             for key, value in last.items():
@@ -65,13 +70,26 @@ class FitResult:
     seconds: float = 0.0
     rank: int = 0  # this process's, under torchrun: only rank 0's result is worth reporting
 
+    @property
+    def finished_before(self) -> bool:
+        """Whether the run had trained all its epochs before this call (a resume with nothing to do)."""
+        return self.started_at_epoch >= self.train_config.epochs
+
     def report(self) -> str:
+        """What the run is, how far it got, its last epoch's numbers and where its files are.
+        Names parameters as a Python caller passes them (`epochs=N`); the CLI shows its flags."""
         last = self.history[-1] if self.history else {}
         m = self.model_config
+        epochs = self.train_config.epochs
+        if self.finished_before:
+            progress = (f"finished already: {self.epochs_done}/{epochs} epochs, nothing to train (to train it "
+                        f"further, pass `resume=True` with `epochs=N` above {epochs})")
+        else:
+            progress = (f"{self.epochs_done}/{epochs} epochs"
+                        + (f", resumed at epoch {self.started_at_epoch + 1}" if self.started_at_epoch else "")
+                        + f", {self.seconds:.1f} s")
         lines = [f"fit: {self.run_dir} ({m.name}, preset {m.preset}: T={m.tokens}, K={m.codes}, d={m.dim}, "
-                 f"rectifier {m.rectifier}) - {self.epochs_done}/{self.train_config.epochs} epochs"
-                 + (f", resumed at epoch {self.started_at_epoch + 1}" if self.started_at_epoch else "")
-                 + f", {self.seconds:.1f} s"]
+                 f"rectifier {m.rectifier}) - {progress}"]
         if last:
             lines.append(f"  last epoch: codebook loss {last['codebook_loss']:.4g}, rectifier loss "
                          f"{last['rectifier_loss']:.4g}, code usage {last['usage_mean_pct']:.1f}% "

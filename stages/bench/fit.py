@@ -35,9 +35,10 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from revq_pipe.pipeline.reporting.bench_options import PROJECT, parse_variants
 from revq_pipe.pipeline.reporting.benchmarking import mean_seconds, reference_search
 from revq_pipe.pipeline.reporting.profiling import profile_calls
-from revq_pipe.pipeline.train.config import STEP_OPTIONS, FitConfig, TrainConfig
+from revq_pipe.pipeline.train.config import FitConfig, TrainConfig
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.train.loader import free_memory
@@ -129,25 +130,7 @@ class BenchFitResult:
         return "\n".join(lines + self.profiles)
 
 
-PROJECT = "this project"
 REFERENCE = "reference style"
-
-
-def parse_variants(variants: str) -> list[tuple[str, tuple[str, ...]]]:
-    """`default,fused-quantize+fused-adamw,...` -> [(row name, step options)]: each variant is the
-    project's step with the `+`-joined step options (`default`: none of them). The default step
-    always comes first: it is what the others are measured against."""
-    parsed = [(PROJECT, ())]
-    for variant in (v.strip() for v in variants.split(",")):
-        if variant == "default":
-            continue
-        options = tuple(o for o in variant.split("+") if o)
-        unknown = sorted(set(options) - set(STEP_OPTIONS))
-        if unknown or not options:
-            raise UserError(f"`variants` takes default or step options joined by +, separated by commas "
-                            f"({', '.join(STEP_OPTIONS)}); got {variant!r}")
-        parsed.append((f"{PROJECT}: {'+'.join(options)}", options))
-    return parsed
 
 
 def _time_steps(step, batches: list[torch.Tensor], steps: int, device: torch.device) -> tuple[float, float]:

@@ -24,36 +24,15 @@ from typing import Any
 
 from revq_pipe.pipeline.atomic_files import write_atomically, write_json
 from revq_pipe.pipeline.device import resolve_device
-from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.preflight import check_bench_quality
+from revq_pipe.pipeline.reporting.bench_options import QUALITY_VARIANTS, quality_variants
 from revq_pipe.pipeline.storage.store import LatentStore
 from revq_pipe.pipeline.train.config import SMALL_PRESET, FitConfig, ResolvedFit
-from revq_pipe.pipeline.workdir import claim_folder
+from revq_pipe.pipeline.workdir import QUALITY_MARKER, claim_folder
 from revq_pipe.stages.evaluate import evaluate
 from revq_pipe.stages.fit import fit
 
 log = logging.getLogger(__name__)
-
-MARKER = "revq-bench-quality.json"
-# name -> fit settings. "paper" is the released code's rectifier g(q) = f(q); the others are
-# revq-pipe's residual form g(q) = q + f(q), the identity at initialisation. The first seven are
-# the rectifier ablation (the default set); the rest change training, not the model: "kmeans" and
-# "random" set the codebook init (the default's k-means, or the paper's K random samples alone).
-VARIANTS: dict[str, dict[str, Any]] = {
-    "vit": {"rectifier": "vit", "rectifier_form": "residual"},
-    "vit-paper": {"rectifier": "vit", "rectifier_form": "paper"},
-    "cnn": {"rectifier": "cnn", "rectifier_form": "residual"},
-    "cnn-paper": {"rectifier": "cnn", "rectifier_form": "paper"},
-    "mlp": {"rectifier": "mlp", "rectifier_form": "residual"},
-    "mlp-paper": {"rectifier": "mlp", "rectifier_form": "paper"},
-    "none": {"rectifier": "none"},
-    "vit-kmeans": {"rectifier": "vit", "codebook_init": "kmeans"},
-    "none-kmeans": {"rectifier": "none", "codebook_init": "kmeans"},
-    "vit-random": {"rectifier": "vit", "codebook_init": "random"},
-    "none-random": {"rectifier": "none", "codebook_init": "random"},
-    "vit-noflip": {"rectifier": "vit", "flip": False},
-    "none-noflip": {"rectifier": "none", "flip": False},
-}
-RECTIFIER_ABLATION = list(VARIANTS)[:7]
 
 
 @dataclass
@@ -145,18 +124,14 @@ def bench_quality(
     quarter of it) into `out`, each with `config` (default: the tiny preset) and the variant's
     settings, and collect validation MSE with and without the rectifier, and PSNR/SSIM with `images`."""
     config = config or FitConfig.from_preset(SMALL_PRESET)
-    variants = list(variants or RECTIFIER_ABLATION)
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise UserError(f"unknown variant {unknown[0]!r}: choose from {', '.join(VARIANTS)}")
-    if (images is None) != (vae is None):
-        raise UserError("PSNR needs both `images` (the validation store's source) and `vae`")
+    check_bench_quality(train, val, out=out, device=config.device, images=images, vae=vae, variants=variants)
+    variants = quality_variants(variants, images=images, vae=vae)
     base = _resolve_on(train, config)
     codes = list(codes or [base.model.codes, max(base.model.codes // 4, 1)])
     out = Path(out)
     arguments = {"train": str(train), "val": str(val), "images": images, "vae": vae, "config": config.to_dict(),
                  "codes": codes, "variants": variants}
-    if claim_folder(out, MARKER, "revq-pipe bench quality", arguments):
+    if claim_folder(out, QUALITY_MARKER, "revq-pipe bench quality", arguments):
         log.info(f"going on with the benchmark in {out}: finished fits are read back, an interrupted one resumes")
     result = QualityResult(train=str(train), val=str(val), preset=base.model.preset, epochs=base.train.epochs,
                            batch_size=base.train.batch_size, seed=base.train.seed)
@@ -165,8 +140,8 @@ def bench_quality(
     for number, (k, name) in enumerate(runs, 1):
         run = out / f"K{k}-{name}"
         # resume=True: a fit this folder already finished only reads its checkpoint back.
-        fitted = fit(train, str(run), config.with_overrides(codes=k, **VARIANTS[name]), val=val, progress=False,
-                     resume=True)
+        fitted = fit(train, str(run), config.with_overrides(codes=k, **QUALITY_VARIANTS[name]), val=val,
+                     progress=False, resume=True)
         row = VariantResult(variant=name, codes=k, val_mse=[m["val_mse"] for m in fitted.history],
                             val_mse_quantizer=[m["val_mse_quantizer"] for m in fitted.history])
         if images is not None:

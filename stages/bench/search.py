@@ -43,7 +43,7 @@ from revq_pipe.kernels import nearest_code
 from revq_pipe.kernels.nearest_code import implementation_for, nearest_code_torch
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.model.config import PRESETS
+from revq_pipe.pipeline.reporting.bench_options import SearchShape, parse_shape
 from revq_pipe.pipeline.reporting.benchmarking import (baddbmm_search, compare_with_baseline, device_description,
                                                        exact_sq_dists, reference_search, seconds_per_call,
                                                        sgemm_flops)
@@ -51,46 +51,9 @@ from revq_pipe.pipeline.reporting.search_sweep import SWEEP_REPEAT_MS, Candidate
 
 log = logging.getLogger(__name__)
 
-# The paper's VAE (DC-AE f32c32 at 256 px) gives 32*8*8 numbers per image: T = that / d groups.
-LATENT_NUMBERS = 32 * 8 * 8
-BENCH_PRESETS = ("512T_NC=16384", "256T_NC=65536", "256T_NC=262144")
 # On the CPU a shape past this many pairs would take minutes per method.
 CPU_MAX_PAIRS = 1 << 28
 EXACT_CHECK_GROUPS = 4
-
-
-@dataclass(frozen=True)
-class SearchShape:
-    """G groups of M queries, each group searching its own K codes of dimension d."""
-
-    groups: int
-    queries: int
-    codes: int
-    dim: int
-    label: str
-
-    @property
-    def pairs(self) -> int:
-        return self.groups * self.queries * self.codes
-
-
-def parse_shape(shape: str) -> SearchShape:
-    """A paper preset name (at its training batch size) or an explicit ``G,M,K,d``."""
-    if shape in BENCH_PRESETS:
-        preset = PRESETS[shape]
-        dim = preset["dim"]
-        return SearchShape(LATENT_NUMBERS // dim, preset["batch_size"], preset["codes"], dim, shape)
-    parts = shape.split(",")
-    try:
-        values = [int(part) for part in parts]
-    except ValueError:
-        values = []
-    if len(values) != 4 or min(values) < 1:
-        raise UserError(f"`shape` must be one of {', '.join(BENCH_PRESETS)} or G,M,K,d with positive integers, got {shape!r}")
-    groups, queries, codes, dim = values
-    if dim > 64:
-        raise UserError(f"`shape` d must be at most 64, got {dim}")
-    return SearchShape(groups, queries, codes, dim, f"G={groups},M={queries},K={codes},d={dim}")
 
 
 @dataclass
