@@ -69,6 +69,13 @@ def configs_given_to_fit(monkeypatch):
     return seen
 
 
+@pytest.fixture
+def store(tmp_path) -> str:
+    """A folder where fit's STORE must exist (never read: the stage is replaced)."""
+    (tmp_path / "store").mkdir()
+    return str(tmp_path / "store")
+
+
 def resolved(config: FitConfig):
     return config.resolve(4096, SHAPE, device=CPU, has_flip=True)
 
@@ -80,10 +87,10 @@ def test_every_field_of_the_model_and_of_training_is_a_setting():
 
 
 @pytest.mark.parametrize("name", sorted(FLAGS))
-def test_each_flag_reaches_its_field(name, configs_given_to_fit, tmp_path):
+def test_each_flag_reaches_its_field(name, configs_given_to_fit, store, tmp_path):
     words, expected = FLAGS[name]
     default = resolved(FitConfig.from_preset("tiny"))
-    result = CliRunner().invoke(app, ["fit", "STORE", "--out", str(tmp_path / "run"), "--preset", "tiny", *words])
+    result = CliRunner().invoke(app, ["fit", store, "--out", str(tmp_path / "run"), "--preset", "tiny", *words])
     assert result.exit_code == 2 and "recorded" in result.output, result.output
     got = resolved(configs_given_to_fit[-1])
     where = "model" if name in MODEL_SETTINGS else "train"
@@ -91,10 +98,10 @@ def test_each_flag_reaches_its_field(name, configs_given_to_fit, tmp_path):
     assert getattr(getattr(got, where), name) == expected
 
 
-def test_preset_and_device_reach_the_config(configs_given_to_fit, tmp_path):
-    CliRunner().invoke(app, ["fit", "STORE", "--out", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu"])
+def test_preset_and_device_reach_the_config(configs_given_to_fit, store, tmp_path):
+    CliRunner().invoke(app, ["fit", store, "--out", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu"])
     assert configs_given_to_fit[-1] == FitConfig.from_preset("tiny", device="cpu")
-    CliRunner().invoke(app, ["fit", "STORE", "--out", str(tmp_path / "run")])
+    CliRunner().invoke(app, ["fit", store, "--out", str(tmp_path / "run")])
     assert configs_given_to_fit[-1] == FitConfig()  # the auto preset, the auto device, nothing overridden
 
 
