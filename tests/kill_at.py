@@ -6,9 +6,6 @@ zarr:Array.__setitem__, ...). On its NTH call the process sends itself the signa
 just after the call. SIGKILL (the default): no handler runs and nothing is cleaned up, as after a
 crash or the OOM killer; SIGINT: Ctrl-C at exactly that moment; SIGSTOP: paused there until the
 test sends SIGCONT.
-
-As a script, in a fresh interpreter: python kill_at.py TARGET NTH before|after
-[--encode-chunk-rows N] [--signal INT|STOP|...] -- CLI ARGS...
 """
 
 import functools
@@ -16,7 +13,6 @@ import importlib
 import inspect
 import os
 import signal
-import sys
 
 
 def kill_on_call(target: str, nth: int, when: str, signal_number: int) -> None:
@@ -58,13 +54,24 @@ def run_cli(cli_args: list[str], target: str | None = None, nth: int = 1, when: 
     app(cli_args)
 
 
-def main(argv: list[str]) -> None:
-    split = argv.index("--")
-    options, cli_args = argv[:split], argv[split + 1:]
-    rows = int(options[options.index("--encode-chunk-rows") + 1]) if "--encode-chunk-rows" in options else None
-    signal_name = "SIG" + options[options.index("--signal") + 1] if "--signal" in options else "SIGKILL"
-    run_cli(cli_args, options[0], int(options[1]), options[2], signal_name=signal_name, encode_chunk_rows=rows)
+def run_stuck(cli_args: list[str], times: str) -> None:
+    """The CLI with `cli_args` (a decode command) whose work never unwinds after Ctrl-C: decode is
+    replaced by a function that sends its process SIGINT (and again in its `finally` when `times`
+    is "twice"), then waits ten minutes."""
+    import time
 
+    from revq_pipe.stages import decode
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    def stuck(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(600)
+        finally:
+            if times == "twice":
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(600)
+
+    decode.decode = stuck
+    from revq_pipe.cli import app
+
+    app(cli_args)

@@ -1,5 +1,5 @@
-"""Ctrl-C in every stage, at a known moment (tests/kill_at.py --signal INT sends the SIGINT from
-inside the command, at the nth call of a named function): the command exits with status 130 and
+"""Ctrl-C in every stage, at a known moment (tests/kill_at.py sends the SIGINT from inside the
+command, a preloaded child, at the nth call of a named function): the command exits with status 130 and
 one `interrupted:` line saying how to go on (no traceback), and that command then finishes the
 job, writing what an uninterrupted run writes. A command that does not unwind (a clean-up that
 never ends) is ended anyway, a few seconds after Ctrl-C or at once after a second one.
@@ -7,9 +7,6 @@ never ends) is ended anyway, a few seconds after Ctrl-C or at once after a secon
 The timeouts below only catch a command that never ends; nothing here measures how fast it is."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,35 +21,33 @@ from revq_pipe.pipeline.storage.store import write_latent_store
 
 pytestmark = pytest.mark.slow
 
-KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
 COUNT, CHUNK = 40, 8
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 HANG_GUARD_S = 300
 
 
-def run(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(args, capture_output=True, text=True, timeout=HANG_GUARD_S, env=ENV)
-
-
-def interrupted_line(done: subprocess.CompletedProcess) -> str:
+def interrupted_line(child) -> str:
     """The `interrupted:` line of a command stopped by Ctrl-C, checked to be its last, with no traceback."""
-    assert done.returncode == 130, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    last = done.stderr.strip().splitlines()[-1].split("\r")[-1]
-    assert last.startswith("interrupted: "), done.stderr[-3000:]
+    stderr = child.stderr
+    assert child.exitcode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("interrupted: "), stderr[-3000:]
     return last
 
 
-def interrupt_at(target: str, nth: int, when: str, args: list[str], *options: str) -> str:
-    return interrupted_line(run([*KILL_AT, target, str(nth), when, *options, "--signal", "INT", "--", *args]))
+def interrupt_at(preloaded, logs: Path, target: str, nth: int, when: str, args: list[str],
+                 encode_chunk_rows: int | None = None) -> str:
+    """Run the command in a preloaded child that sends itself SIGINT at the nth call of `target`."""
+    return interrupted_line(preloaded.run("kill_at:run_cli", args, target, nth, when, signal_name="SIGINT",
+                                          encode_chunk_rows=encode_chunk_rows, logs=logs, timeout_s=HANG_GUARD_S))
 
 
-def finish(args: list[str], encode_chunk_rows: str | None = None) -> str:
+def finish(args: list[str], encode_chunk_rows: int | None = None) -> str:
     """Run the command to its end, in this process (with encode's chunks of `encode_chunk_rows`
-    rows, as kill_at.py --encode-chunk-rows cuts them, when given)."""
+    rows, as kill_at cuts them, when given)."""
     with pytest.MonkeyPatch.context() as patch:
         if encode_chunk_rows is not None:
-            patch.setattr("revq_pipe.stages.encode.default_chunk_rows", lambda *shape: int(encode_chunk_rows))
+            patch.setattr("revq_pipe.stages.encode.default_chunk_rows", lambda *shape: encode_chunk_rows)
         result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output[-3000:]
     return result.output
@@ -111,28 +106,29 @@ def stage_args(stage: str, fitted, photo_folder) -> list[str]:
     }[stage]
 
 
-ENCODE_CHUNKS = ("--encode-chunk-rows", "3")
-STAGE_MOMENTS = {  # stage: (function, nth call, before|after, kill_at options)
+ENCODE_CHUNKS = 3  # rows per chunk, so a few images span several
+STAGE_MOMENTS = {  # stage: (function, nth call, before|after, encode's chunk rows)
     "encode": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", ENCODE_CHUNKS),
     "encode with DataLoader workers": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", ENCODE_CHUNKS),
     "encode --cluster": ("distributed.client:Future.result", 2, "after", ENCODE_CHUNKS),
-    "import-latents": ("revq_pipe.pipeline.storage.store:LatentStore.write", 1, "after", ()),
-    "export-tokens": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", ()),
-    "export-tokens --format wds": ("webdataset:TarWriter.write", 19, "before", ()),
-    "export-tokens --cluster": ("distributed.client:Future.result", 2, "after", ()),
-    "decode": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", ()),
-    "decode --images": ("revq_pipe.pipeline.storage.decoded_images:DecodedImages.commit", 2, "before", ()),
+    "import-latents": ("revq_pipe.pipeline.storage.store:LatentStore.write", 1, "after", None),
+    "export-tokens": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", None),
+    "export-tokens --format wds": ("webdataset:TarWriter.write", 19, "before", None),
+    "export-tokens --cluster": ("distributed.client:Future.result", 2, "after", None),
+    "decode": ("revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after", None),
+    "decode --images": ("revq_pipe.pipeline.storage.decoded_images:DecodedImages.commit", 2, "before", None),
 }
 
 
 @pytest.mark.parametrize("stage", STAGE_MOMENTS)
-def test_ctrl_c_stops_the_stage_and_the_same_command_finishes_it(stage, fitted, photo_folder, tmp_path):
-    target, nth, when, options = STAGE_MOMENTS[stage]
+def test_ctrl_c_stops_the_stage_and_the_same_command_finishes_it(stage, fitted, photo_folder, tmp_path, preloaded):
+    target, nth, when, chunk_rows = STAGE_MOMENTS[stage]
     args = stage_args(stage, fitted, photo_folder)
-    line = interrupt_at(target, nth, when, [*args, "--out", str(tmp_path / "stopped")], *options)
+    line = interrupt_at(preloaded, tmp_path / "child", target, nth, when, [*args, "--out", str(tmp_path / "stopped")],
+                        chunk_rows)
     assert line == "interrupted: run the same command again to resume"
     for out in ("stopped", "clean"):
-        finish([*args, "--out", str(tmp_path / out)], encode_chunk_rows=options[1] if options else None)
+        finish([*args, "--out", str(tmp_path / out)], encode_chunk_rows=chunk_rows)
     same_output(tmp_path / "stopped", tmp_path / "clean")
     no_leftovers(tmp_path / "stopped")
 
@@ -147,9 +143,10 @@ FIT = ["--preset", "tiny", "--codes", "8", "--batch-size", "8", "--device", "cpu
      "interrupted: the last completed epoch's checkpoint is kept in {run}: run the same command with --resume to "
      "continue", ["--resume"]),
 ])
-def test_ctrl_c_in_fit_says_how_to_go_on_and_that_command_finishes_the_run(fitted, tmp_path, moment, hint, again):
+def test_ctrl_c_in_fit_says_how_to_go_on_and_that_command_finishes_the_run(fitted, tmp_path, moment, hint, again,
+                                                                          preloaded):
     args = lambda out: ["fit", fitted["store"], "--out", str(out), *FIT]  # noqa: E731
-    line = interrupt_at(*moment, args(tmp_path / "stopped"))
+    line = interrupt_at(preloaded, tmp_path / "child", *moment, args(tmp_path / "stopped"))
     assert line == hint.format(run=tmp_path / "stopped")
     finish([*args(tmp_path / "stopped"), *again])
     finish(args(tmp_path / "clean"))
@@ -164,53 +161,39 @@ def untimed_metrics(run: Path) -> list[dict]:
     return [{k: v for k, v in line.items() if k not in ("epoch_seconds", "samples_per_s")} for line in lines]
 
 
-def test_ctrl_c_in_eval_writes_no_result_and_eval_then_runs(fitted, tmp_path):
+def test_ctrl_c_in_eval_writes_no_result_and_eval_then_runs(fitted, tmp_path, preloaded):
     run = tmp_path / "run"
     run.mkdir()
     for name in ("config.json", "model.safetensors"):
         (run / name).write_bytes((Path(fitted["run"]) / name).read_bytes())
     args = ["eval", str(run), fitted["store"], "--device", "cpu", "--latent-only"]
-    interrupt_at("revq_pipe.pipeline.train.loader:LatentLoader.epoch", 1, "after", args)
+    interrupt_at(preloaded, tmp_path / "child", "revq_pipe.pipeline.train.loader:LatentLoader.epoch", 1, "after", args)
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "model.safetensors"]
     assert "saved to" in finish(args)
 
 
-# A command whose clean-up never ends after Ctrl-C: the stage sends itself SIGINT (once, or twice),
-# then its `finally` waits ten minutes.
-STUCK = """
-import os, signal, sys, time
-import revq_pipe.stages.decode as decode
-def stuck(*args, **kwargs):
-    try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(600)
-    finally:
-        if sys.argv[1] == "twice":
-            os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(600)
-decode.decode = stuck
-from revq_pipe.cli import app
-app(sys.argv[2:])
-"""
-
-
 @pytest.mark.parametrize("times", ["once", "twice"])
-def test_a_command_that_does_not_unwind_is_ended_after_ctrl_c(fitted, tmp_path, times):
-    done = run([sys.executable, "-c", STUCK, times, "decode", fitted["run"], fitted["tokens"], "--out",
-                str(tmp_path / "out")])
-    assert interrupted_line(done) == "interrupted: stopped at once; run the same command again to resume"
+def test_a_command_that_does_not_unwind_is_ended_after_ctrl_c(fitted, tmp_path, times, preloaded):
+    """decode's work replaced by one that sends itself SIGINT (once, or again in its `finally`) and
+    then waits ten minutes (tests/kill_at.py:run_stuck)."""
+    child = preloaded.run("kill_at:run_stuck", ["decode", fitted["run"], fitted["tokens"], "--out",
+                                                str(tmp_path / "out")], times, logs=tmp_path / "child",
+                          timeout_s=HANG_GUARD_S)
+    assert interrupted_line(child) == "interrupted: stopped at once; run the same command again to resume"
 
 
-def test_a_store_stopped_between_two_resizes_of_its_arrays_resumes_to_every_row(fitted, photo_folder, tmp_path):
+def test_a_store_stopped_between_two_resizes_of_its_arrays_resumes_to_every_row(fitted, photo_folder, tmp_path,
+                                                                                 preloaded):
     """The writer grows the store's arrays one at a time: stopped in between (Ctrl-C in the last
     resize, or a kill), `latents` is longer than `labels`, and Zarr dropped the resumed run's labels
     past the end without a word (they came back as -1: found by the DataLoader case above)."""
     args = [*stage_args("encode", fitted, photo_folder), "--out", str(tmp_path / "stopped")]
-    done = run([*KILL_AT, "revq_pipe.pipeline.storage.store:RowStore.commit", "2", "after", *ENCODE_CHUNKS, "--", *args])
-    assert done.returncode == -9, done.stderr[-3000:]
+    killed = preloaded.run("kill_at:run_cli", args, "revq_pipe.pipeline.storage.store:RowStore.commit", 2, "after",
+                           encode_chunk_rows=ENCODE_CHUNKS, logs=tmp_path / "child", timeout_s=HANG_GUARD_S)
+    assert killed.exitcode == -9, killed.stderr[-3000:]
     group = zarr.open_group(str(tmp_path / "stopped"), mode="r+")
     assert group["labels"].shape == (6,)
     group["latents"].resize((9, *group["latents"].shape[1:]))  # as the stopped writer left it
-    finish(args, encode_chunk_rows="3")
-    finish([*args[:-1], str(tmp_path / "clean")], encode_chunk_rows="3")
+    finish(args, encode_chunk_rows=ENCODE_CHUNKS)
+    finish([*args[:-1], str(tmp_path / "clean")], encode_chunk_rows=ENCODE_CHUNKS)
     same_output(tmp_path / "stopped", tmp_path / "clean")

@@ -1,5 +1,5 @@
 """Two writers on one output: while one command is paused in the middle of its work (it sends
-itself SIGSTOP at a known moment: tests/kill_at.py --signal STOP), the same command on the same
+itself SIGSTOP at a known moment: tests/kill_at.py, in a preloaded child), the same command on the same
 output is turned away with one line and exit 2, touching nothing; the first then finishes, and
 its output is what a run alone writes."""
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +24,13 @@ from test_paper_checkpoint import paper_files  # noqa: F401 - the paper's files,
 
 pytestmark = pytest.mark.slow
 
-KILL_AT = [sys.executable, str(Path(__file__).parent / "kill_at.py")]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+HANG_GUARD_S = 300
 
 
 WRITERS = {  # stage: (its command without --out, where the first one pauses, kill_at options)
     "encode": (lambda f, photos: ["encode", str(photos), "--vae", f["vae"], "--image-size", str(TINY_IMAGE_SIZE),
                                   "--batch-size", "3", "--workers", "0"],
-               ("revq_pipe.pipeline.storage.store:RowStore.commit", 1, "after", "--encode-chunk-rows", "3")),
+               ("revq_pipe.pipeline.storage.store:RowStore.commit", 1, "after", 3)),
     "import-latents": (lambda f, photos: ["import-latents", f["npy"]],
                        ("revq_pipe.pipeline.storage.store:LatentStore.write", 1, "after")),
     "fit": (lambda f, photos: ["fit", f["store"], "--preset", "tiny", "--codes", "8", "--epochs", "2",
@@ -43,19 +43,29 @@ WRITERS = {  # stage: (its command without --out, where the first one pauses, ki
 }
 
 
+def wait_paused(child) -> None:
+    """Wait until the preloaded child has stopped itself (state T in /proc); a guard, not a timing."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert child.poll() is None, child.stderr[-3000:]
+        assert time.monotonic() < deadline, "the first writer never paused"
+        time.sleep(0.05)
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("stage", WRITERS)
-def test_a_second_writer_is_turned_away_while_the_first_is_paused_midway(stage, fitted, photo_folder, tmp_path):
-    command, (target, nth, when, *options) = WRITERS[stage]
+def test_a_second_writer_is_turned_away_while_the_first_is_paused_midway(stage, fitted, photo_folder, tmp_path,
+                                                                          preloaded):
+    command, (target, nth, when, *chunk_rows) = WRITERS[stage]
     args = [*command(fitted, photo_folder), "--out", str(tmp_path / "out")]
-    first = subprocess.Popen([*KILL_AT, target, str(nth), when, *options, "--signal", "STOP", "--", *args],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    first = preloaded.start("kill_at:run_cli", args, target, nth, when, signal_name="SIGSTOP",
+                            encode_chunk_rows=chunk_rows[0] if chunk_rows else None, logs=tmp_path / "first",
+                            timeout_s=HANG_GUARD_S)
     try:
-        _, status = os.waitpid(first.pid, os.WUNTRACED)  # returns once the first has paused itself
-        assert os.WIFSTOPPED(status), status
+        wait_paused(first)
         before = files(tmp_path / "out")
         second = CliRunner().invoke(app, args)  # this process is a job of its own
         assert second.exit_code == 2, second.output
@@ -65,8 +75,7 @@ def test_a_second_writer_is_turned_away_while_the_first_is_paused_midway(stage, 
         assert files(tmp_path / "out") == before
     finally:
         os.kill(first.pid, signal.SIGCONT)
-    _, stderr = first.communicate(timeout=600)
-    assert first.returncode == 0, stderr
+    assert first.wait() == 0, first.stderr[-3000:]
     alone = CliRunner().invoke(app, [*args[:-1], str(tmp_path / "alone")])
     assert alone.exit_code == 0, alone.output
     if (tmp_path / "out" / "zarr.json").exists():
