@@ -8,7 +8,8 @@ taken over, with no guessing from pids (which the system reuses) or clocks.
 
 Tasks of one job share its lease: the job id is REVQ_JOB_ID when set - a scale-out driver
 exports it to the chunk-range tasks that write one store together - and otherwise fresh for each
-process. A process of another job is refused with a UserError naming the holder.
+process. A process of another job is refused with a UserError naming the holder; commands check
+that before their heavy imports too (`refuse_when_held`).
 
 Outputs behind a remote URL (s3://, gs://, memory://) are not leased: object stores offer no lock
 that a killed writer releases. Nor are local ones on a file system without `flock` (a warning says
@@ -99,8 +100,7 @@ class Lease:
                 os.close(fd)
                 raise
             os.close(fd)
-            raise LeaseHeld(f"{folder} is being written by another job: {_describe(holder)}; wait for it to "
-                            f"end, or stop it (tasks of one job share the lease through {JOB_ENV})")
+            raise _held(folder, holder)
 
     def release(self) -> None:
         """Give the lease up; the last holder removes the lease file (and the folder, when the lease
@@ -122,6 +122,24 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def refuse_when_held(folder: Path) -> None:
+    """Raise LeaseHeld when another job holds the lease on `folder` now: for checks made before
+    the lease is taken (a busy output is named as such, not as one that holds finished work). The
+    probe holds the file for an instant; the lease itself is checked again when taken."""
+    path = folder / LEASE_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:  # no lease, or no regular file (refused when the lease is taken)
+        return
+    try:
+        free = _try_lock(fd, fcntl.LOCK_EX) is not False
+    finally:
+        os.close(fd)
+    holder = {} if free else _read_record(path)
+    if not free and holder.get("job") != job_id():
+        raise _held(folder, holder)
 
 
 @contextlib.contextmanager
@@ -225,6 +243,11 @@ def _read_record(path: Path) -> dict:
         if time.monotonic() > deadline:
             return {}
         time.sleep(0.02)
+
+
+def _held(folder: Path, holder: dict) -> LeaseHeld:
+    return LeaseHeld(f"{folder} is being written by another job: {_describe(holder)}; wait for it to end, or "
+                     f"stop it (tasks of one job share the lease through {JOB_ENV})")
 
 
 def _describe(record: dict) -> str:

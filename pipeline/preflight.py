@@ -14,13 +14,14 @@ left to the stages: looking at them can take as long as the imports this module 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Sequence
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.hub import looks_like_hub_id
 from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_VAE_NAMES
-from revq_pipe.pipeline.lease import contents, refuse_non_folder
+from revq_pipe.pipeline.lease import contents, refuse_non_folder, refuse_when_held
 from revq_pipe.pipeline.paths import local_path, same_location
 from revq_pipe.pipeline.reporting.bench_options import parse_shape, parse_variants, quality_variants
 from revq_pipe.pipeline.scaleout.cluster import cluster_kind, shared_location
@@ -152,6 +153,7 @@ def new_store_output(out: str | Path, overwrite: bool) -> None:
     if path is None:
         return
     refuse_non_folder(path)
+    refuse_when_held(path)
     if contents(path) and not overwrite and not _unfinished_store(path):
         raise already_exists(out)
 
@@ -181,6 +183,8 @@ def run_output(out: str | Path, *, resume: bool, overwrite: bool) -> None:
         raise UserError(f"`out={run_dir}` is a file, not a run directory")
     if resume and overwrite:
         raise UserError("`resume=True` continues the run in `out`, `overwrite=True` starts it over: pass one of them")
+    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks take no lease (rank 0 writes the run dir)
+        refuse_when_held(run_dir)
     if not (resume or overwrite) and ((run_dir / CHECKPOINT_NAME).exists() or (run_dir / "config.json").exists()):
         raise UserError(f"{run_dir} already holds a run: pass `resume=True` to continue it, `overwrite=True` to "
                         f"start it over, or choose another `out`")
@@ -306,6 +310,7 @@ def check_import_checkpoint(checkpoint: str, config: str, preprocessor: str, out
     existing_file(preprocessor)
     run_dir = Path(out)
     refuse_non_folder(run_dir)
+    refuse_when_held(run_dir)
     if run_dir.is_dir() and contents(run_dir) and not overwrite:  # (checked again under the lease)
         raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
 

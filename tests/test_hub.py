@@ -161,6 +161,7 @@ def test_a_run_neither_here_nor_cached_names_no_setting_the_user_never_set(hub, 
     if hub == "unreachable":
         request.getfixturevalue("unreachable_hub")
     monkeypatch.chdir(tmp_path)  # no runs/nope here: a hub id to the loader
+    (tmp_path / "s.zarr").mkdir()  # a STORE that exists: the run is what is missing
     why = "is switched off" if hub == "switched off" else r"cannot be reached \(127\.0\.0\.1"
     with pytest.raises(UserError) as python_error:
         ReVQ.from_pretrained("runs/nope", cache_dir=tmp_path)
