@@ -1,20 +1,20 @@
 """--cluster local:2 when dask worker processes die: while the cluster starts (it is started again,
 or after three tries the command ends with one line and the same command then goes on), and in
 the middle of a task (dask runs it again elsewhere). Each death is placed by a worker preload
-(tests/worker_faults.py) at a known moment, and each result equals a single-process run's."""
+(tests/worker_faults.py) at a known moment, and each result equals a single-process run's. The
+commands run in this process; their workers are processes of their own, as in any --cluster run."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import zarr
+from typer.testing import CliRunner
 
 from conftest import TINY_IMAGE_SIZE
+from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
 from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.encode import encode
@@ -23,17 +23,25 @@ from revq_pipe.stages.fit import fit
 
 pytestmark = pytest.mark.slow
 
-REVQ_PIPE = str(Path(sys.executable).parent / "revq-pipe")
 PRELOAD = str(Path(__file__).parent / "worker_faults.py")
 COUNT, CHUNK = 96, 8
 
 
-def faulty_env(fault: str, once: Path | None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REVQ_TEST_WORKER_FAULT": fault,
-           "DASK_DISTRIBUTED__WORKER__PRELOAD": json.dumps([PRELOAD])}
-    if once is not None:
-        env["REVQ_TEST_WORKER_FAULT_ONCE"] = str(once)
-    return env
+@pytest.fixture
+def faults(monkeypatch):
+    """`faults(fault, once)`: the workers of the local clusters started from then on die at `fault`
+    (each one, or only the first when `once` names a file); `faults(None)`: none die."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the workers compute as a single process does)
+    monkeypatch.setitem(dask.config.get("distributed.worker"), "preload", [PRELOAD])
+
+    def place(fault: str | None, once: Path | None = None) -> None:
+        monkeypatch.setenv("REVQ_TEST_WORKER_FAULT", fault or "")
+        if once is not None:
+            monkeypatch.setenv("REVQ_TEST_WORKER_FAULT_ONCE", str(once))
+        else:
+            monkeypatch.delenv("REVQ_TEST_WORKER_FAULT_ONCE", raising=False)
+
+    return place
 
 
 def arrays(url) -> dict:
@@ -60,52 +68,51 @@ def fitted(tmp_path_factory):
     return {"store": store.url, "run": str(root / "run"), "single": root / "single.zarr"}
 
 
-def export_on_cluster(fitted, out: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    args = [REVQ_PIPE, "export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--cluster", "local:2",
-            "--device", "cpu", "--batch-size", "8"]
-    return subprocess.run(args, capture_output=True, text=True, timeout=600,
-                          env=env or {**os.environ, "OMP_NUM_THREADS": "1"})
+def export_on_cluster(fitted, out: Path):
+    """`revq-pipe export-tokens ... --cluster local:2`, run here; its Result (exit_code, output)."""
+    return CliRunner().invoke(app, ["export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--cluster",
+                                    "local:2", "--device", "cpu", "--batch-size", "8"])
 
 
-def test_a_worker_that_dies_while_the_cluster_starts_is_started_again(fitted, tmp_path):
-    done = export_on_cluster(fitted, tmp_path / "tokens.zarr", faulty_env("start", once=tmp_path / "died"))
-    assert done.returncode == 0, done.stderr
+def test_a_worker_that_dies_while_the_cluster_starts_is_started_again(fitted, tmp_path, faults):
+    faults("start", once=tmp_path / "died")
+    done = export_on_cluster(fitted, tmp_path / "tokens.zarr")
+    assert done.exit_code == 0, done.output
     assert (tmp_path / "died").exists()  # the fault did happen
-    assert "a dask worker process died while the local cluster started" in done.stderr
+    assert "a dask worker process died while the local cluster started" in done.output
     assert_same_arrays(tmp_path / "tokens.zarr", fitted["single"])
 
 
-def test_workers_that_die_at_every_start_end_in_one_line_and_the_same_command_goes_on(fitted, tmp_path):
+def test_workers_that_die_at_every_start_end_in_one_line_and_the_same_command_goes_on(fitted, tmp_path, faults):
     out = tmp_path / "tokens.zarr"
-    done = export_on_cluster(fitted, out, faulty_env("start", once=None))
-    assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "the local dask cluster could not start" in errors[0], done.stderr
-    assert "Traceback" not in done.stderr
+    faults("start")
+    done = export_on_cluster(fitted, out)
+    assert done.exit_code == 2, done.output
+    errors = [line for line in done.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "the local dask cluster could not start" in errors[0], done.output
+    assert "Traceback" not in done.output
+    faults(None)
     again = export_on_cluster(fitted, out)
-    assert again.returncode == 0, again.stderr
+    assert again.exit_code == 0, again.output
     assert_same_arrays(out, fitted["single"])
 
 
-def test_a_worker_killed_in_the_middle_of_an_export_task_leaves_the_same_token_store(fitted, tmp_path):
-    fault = "call:revq_pipe.pipeline.storage.token_store:TokenStore.write:2"
-    done = export_on_cluster(fitted, tmp_path / "tokens.zarr", faulty_env(fault, once=tmp_path / "died"))
-    assert done.returncode == 0, done.stderr
+def test_a_worker_killed_in_the_middle_of_an_export_task_leaves_the_same_token_store(fitted, tmp_path, faults):
+    faults("call:revq_pipe.pipeline.storage.token_store:TokenStore.write:2", once=tmp_path / "died")
+    done = export_on_cluster(fitted, tmp_path / "tokens.zarr")
+    assert done.exit_code == 0, done.output
     assert (tmp_path / "died").exists()
     assert_same_arrays(tmp_path / "tokens.zarr", fitted["single"])
 
 
 def test_a_worker_killed_in_the_middle_of_an_encode_task_leaves_the_same_store(photo_folder, tiny_dc_vae_dir,
-                                                                              tmp_path):
+                                                                              tmp_path, faults):
     options = dict(vae=str(tiny_dc_vae_dir), image_size=TINY_IMAGE_SIZE, batch_size=1, workers=0, chunk_size=1,
                    progress=False)
-    code = (f"from revq_pipe.stages.encode import encode\n"
-            f"encode({str(photo_folder)!r}, {str(tmp_path / 'two.zarr')!r}, cluster='local:2', **{options!r})")
-    fault = "call:revq_pipe.pipeline.scaleout.staged_encode:Piece.write_to:3"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env=faulty_env(fault, once=tmp_path / "died"))
-    assert done.returncode == 0, done.stderr
+    faults("call:revq_pipe.pipeline.scaleout.staged_encode:Piece.write_to:3", once=tmp_path / "died")
+    encode(str(photo_folder), str(tmp_path / "two.zarr"), cluster="local:2", **options)
     assert (tmp_path / "died").exists()
+    faults(None)
     encode(str(photo_folder), str(tmp_path / "single.zarr"), **options)
     assert_same_arrays(tmp_path / "two.zarr", tmp_path / "single.zarr")
 
@@ -117,10 +124,10 @@ def test_a_nan_row_met_by_a_cluster_task_is_one_line_and_the_next_export_runs(fi
     zarr.open_group(str(tmp_path / "nan.zarr"), mode="r+")["latents"][61, 0, 0, 0] = np.nan
     out = tmp_path / "tokens.zarr"
     done = export_on_cluster({**fitted, "store": str(tmp_path / "nan.zarr")}, out)
-    assert done.returncode == 2, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "row 61 (key 'c1/061.jpg') holds NaN or inf latents" in errors[0], done.stderr
-    again = subprocess.run([REVQ_PIPE, "export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--device",
-                            "cpu", "--batch-size", "8"], capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stderr
+    assert done.exit_code == 2, done.output
+    errors = [line for line in done.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "row 61 (key 'c1/061.jpg') holds NaN or inf latents" in errors[0], done.output
+    again = CliRunner().invoke(app, ["export-tokens", fitted["run"], fitted["store"], "--out", str(out), "--device",
+                                     "cpu", "--batch-size", "8"])
+    assert again.exit_code == 0, again.output
     assert_same_arrays(out, fitted["single"])
