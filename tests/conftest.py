@@ -14,6 +14,11 @@ Session-scoped and read-only: copy before changing them.
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
 
+The dask worker processes of the local clusters started in this process (the `--cluster` tests)
+are forked by a forkserver that imported distributed, torch and the stages once, instead of each
+starting a fresh interpreter (dask's default, about 5 CPU-s a worker); they are processes of their
+own all the same. Clusters started by preloaded children keep dask's default.
+
 Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests
 start (the CLI, torchrun's ranks, dask workers), since OMP_NUM_THREADS is set before torch is
 imported: on the CPU, float sums round by thread count, and the tests compare what children write
@@ -71,6 +76,25 @@ def _save_model(model_class, config: dict, path: Path) -> Path:
     torch.manual_seed(0)
     model_class(**config).save_pretrained(path)
     return path
+
+
+# What a local cluster's worker processes need imported: the stages' task functions and their VAE code.
+WORKER_PRELOAD = ["distributed", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def dask_workers_from_a_preloaded_forkserver():
+    import multiprocessing
+
+    import dask
+    import distributed.utils
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    # distributed sets its own preload list (no torch) on first use unless told it has: a speed-up
+    # only, so a distributed that renames this flag costs time, never a result.
+    distributed.utils._forkserver_preload_set = True
+    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+        yield
 
 
 @pytest.fixture(scope="session")

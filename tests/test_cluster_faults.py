@@ -30,16 +30,16 @@ COUNT, CHUNK = 96, 8
 @pytest.fixture
 def faults(monkeypatch):
     """`faults(fault, once)`: the workers of the local clusters started from then on die at `fault`
-    (each one, or only the first when `once` names a file); `faults(None)`: none die."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the workers compute as a single process does)
+    (each one, or only the first when `once` names a file); `faults(None)`: none die. The fault
+    reaches each worker process as environment variables its nanny sets (dask's
+    distributed.nanny.environ), the preload as dask's distributed.worker.preload."""
     monkeypatch.setitem(dask.config.get("distributed.worker"), "preload", [PRELOAD])
 
     def place(fault: str | None, once: Path | None = None) -> None:
-        monkeypatch.setenv("REVQ_TEST_WORKER_FAULT", fault or "")
+        environ = {"REVQ_TEST_WORKER_FAULT": fault or ""}
         if once is not None:
-            monkeypatch.setenv("REVQ_TEST_WORKER_FAULT_ONCE", str(once))
-        else:
-            monkeypatch.delenv("REVQ_TEST_WORKER_FAULT_ONCE", raising=False)
+            environ["REVQ_TEST_WORKER_FAULT_ONCE"] = str(once)
+        monkeypatch.setitem(dask.config.get("distributed.nanny"), "environ", environ)
 
     return place
 
