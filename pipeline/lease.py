@@ -137,8 +137,7 @@ def refuse_when_held(folder: Path) -> None:
         free = _try_lock(fd, fcntl.LOCK_EX) is not False
     finally:
         os.close(fd)
-    holder = {} if free else _read_record(path)
-    if not free and holder.get("job") != job_id():
+    if not free and (holder := _read_record(path)).get("job") != job_id():
         raise _held(folder, holder)
 
 

@@ -14,7 +14,6 @@ left to the stages: looking at them can take as long as the imports this module 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +26,7 @@ from revq_pipe.pipeline.reporting.bench_options import parse_shape, parse_varian
 from revq_pipe.pipeline.scaleout.cluster import cluster_kind, shared_location
 from revq_pipe.pipeline.storage.export_formats import export_format
 from revq_pipe.pipeline.storage.latent_files import latent_file_path
-from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME
+from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, writes_run_dir
 from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claimable
 
 LATENT_DTYPES = ("float16", "float32")
@@ -183,7 +182,7 @@ def run_output(out: str | Path, *, resume: bool, overwrite: bool) -> None:
         raise UserError(f"`out={run_dir}` is a file, not a run directory")
     if resume and overwrite:
         raise UserError("`resume=True` continues the run in `out`, `overwrite=True` starts it over: pass one of them")
-    if os.environ.get("RANK", "0") == "0":  # torchrun's other ranks take no lease (rank 0 writes the run dir)
+    if writes_run_dir():  # (torchrun's other ranks take no lease)
         refuse_when_held(run_dir)
     if not (resume or overwrite) and ((run_dir / CHECKPOINT_NAME).exists() or (run_dir / "config.json").exists()):
         raise UserError(f"{run_dir} already holds a run: pass `resume=True` to continue it, `overwrite=True` to "
@@ -308,10 +307,14 @@ def check_import_checkpoint(checkpoint: str, config: str, preprocessor: str, out
     existing_file(checkpoint)
     existing_file(config, "config")
     existing_file(preprocessor)
-    run_dir = Path(out)
-    refuse_non_folder(run_dir)
-    refuse_when_held(run_dir)
-    if run_dir.is_dir() and contents(run_dir) and not overwrite:  # (checked again under the lease)
+    refuse_non_folder(Path(out))
+    refuse_when_held(Path(out))
+    empty_output(out, overwrite)
+
+
+def empty_output(out: str | Path, overwrite: bool) -> None:
+    """A folder written whole (import-checkpoint's run dir): empty, a lease aside, or `overwrite`."""
+    if Path(out).is_dir() and contents(Path(out)) and not overwrite:
         raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
 
 

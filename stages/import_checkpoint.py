@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from revq_pipe.pipeline.errors import UserError
-from revq_pipe.pipeline.lease import contents, output_lease
-from revq_pipe.pipeline.preflight import check_import_checkpoint
+from revq_pipe.pipeline.lease import output_lease
+from revq_pipe.pipeline.preflight import check_import_checkpoint, empty_output
 from revq_pipe.pipeline.model.paper_checkpoint import paper_model
 from revq_pipe.pipeline.train.training_record import write_training_record
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, HUB_IMAGE_SIZE
@@ -38,8 +37,7 @@ def import_checkpoint(checkpoint: str, config: str, preprocessor: str, out: str,
     run_dir = Path(out)
     model = paper_model(checkpoint, config, preprocessor, vae=vae, image_size=image_size)
     with output_lease(run_dir, "import-checkpoint"):
-        if contents(run_dir) and not overwrite:
-            raise UserError(f"{out} already exists and is not empty: pass `overwrite=True` to write into it")
+        empty_output(out, overwrite)  # again, now that no other job can write it
         model.save_pretrained(run_dir)
         write_training_record(run_dir, {"imported_from": {"checkpoint": str(Path(checkpoint).resolve()),
                                                           "config": str(Path(config).resolve()),

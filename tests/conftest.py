@@ -16,7 +16,7 @@ Session-scoped and read-only: copy before changing them.
 
 The dask worker processes of the local clusters started in this process (the `--cluster` tests)
 are forked by a forkserver that imported distributed, torch and the stages once, instead of each
-starting a fresh interpreter (dask's default, about 5 CPU-s a worker); they are processes of their
+starting a fresh interpreter (dask's default, about 2.5 CPU-s a worker); they are processes of their
 own all the same. Clusters started by preloaded children keep dask's default.
 
 Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests

@@ -20,6 +20,7 @@ from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.encode import encode
 from revq_pipe.stages.export_tokens import export_tokens
 from revq_pipe.stages.fit import fit
+from test_cluster import arrays  # every array of a store, read whole
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +43,6 @@ def faults(monkeypatch):
         monkeypatch.setitem(dask.config.get("distributed.nanny"), "environ", environ)
 
     return place
-
-
-def arrays(url) -> dict:
-    group = zarr.open_group(str(url), mode="r")
-    return {name: group[name][:] for name in group.array_keys()}
 
 
 def assert_same_arrays(a, b) -> None:

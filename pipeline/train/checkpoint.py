@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -28,6 +29,12 @@ METRICS_NAME = "metrics.jsonl"
 # their plot, TensorBoard's folder, and eval's result files (eval-<store>.json; eval.json before).
 RUN_FILES = (CHECKPOINT_NAME, "config.json", "model.safetensors", "README.md", "training.json", METRICS_NAME,
              "metrics.png", "eval.json")
+
+
+def writes_run_dir() -> bool:
+    """Whether this process writes the run dir: under torchrun only rank 0 does (RANK, as torchrun
+    sets it), so only rank 0 takes its lease; the other ranks would be refused as another job."""
+    return os.environ.get("RANK", "0") == "0"
 RUN_PATTERNS = ("eval-*.json", "eval-*.json.tmp")
 RUN_FOLDERS = ("tensorboard",)
 

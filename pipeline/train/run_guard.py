@@ -2,15 +2,13 @@
 a run dir at a time), deterministic algorithms on the CPU (pipeline/train/determinism.py), and after
 Ctrl-C a hint that is true for this run dir (continue with --resume, or start again).
 
-Under torchrun only rank 0 writes the run dir, so only rank 0 (RANK, as torchrun sets it) takes
-the lease; the other ranks of the job would otherwise be refused as another job.
+Under torchrun only rank 0 writes the run dir and takes the lease (checkpoint.writes_run_dir).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +16,7 @@ import torch
 
 from revq_pipe.pipeline.interrupts import set_interrupt_hint
 from revq_pipe.pipeline.lease import output_lease
-from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME
+from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, writes_run_dir
 from revq_pipe.pipeline.train.determinism import deterministic_on_cpu
 
 
@@ -26,7 +24,7 @@ from revq_pipe.pipeline.train.determinism import deterministic_on_cpu
 def run_guard(out: str, device: torch.device, *, resume: bool, overwrite: bool) -> Iterator[None]:
     """The lease on the run dir `out`, CPU determinism on `device`, and the Ctrl-C hint (a
     KeyboardInterrupt whose message the CLI prints) for a run started with `resume` / `overwrite`."""
-    lease = output_lease(out, "fit") if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    lease = output_lease(out, "fit") if writes_run_dir() else contextlib.nullcontext()
     hint = functools.partial(_resume_hint, Path(out), resume=resume, overwrite=overwrite)
     set_interrupt_hint(hint)  # for a fit stopped at once
     with lease, deterministic_on_cpu(device):
