@@ -14,10 +14,9 @@ Session-scoped and read-only: copy before changing them.
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
 
-The dask worker processes of the local clusters started in this process (the `--cluster` tests)
-are forked by a forkserver that imported distributed, torch and the stages once, instead of each
-starting a fresh interpreter (dask's default, about 2.5 CPU-s a worker); they are processes of their
-own all the same. Clusters started by preloaded children keep dask's default.
+The dask worker processes of the local clusters started here and in preloaded children (the
+`--cluster` tests) are forked by a forkserver that imported torch, diffusers and the stages once
+(tests/forked_workers.py).
 
 Torch computes with `TORCH_THREADS` intra-op threads here and in every child process the tests
 start (the CLI, torchrun's ranks, dask workers), since OMP_NUM_THREADS is set before torch is
@@ -78,22 +77,14 @@ def _save_model(model_class, config: dict, path: Path) -> Path:
     return path
 
 
-# What a local cluster's worker processes need imported: the stages' task functions and their VAE code.
-WORKER_PRELOAD = ["distributed", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens"]
-
-
 @pytest.fixture(scope="session", autouse=True)
 def dask_workers_from_a_preloaded_forkserver():
-    import multiprocessing
-
     import dask
-    import distributed.utils
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
-    # distributed sets its own preload list (no torch) on first use unless told it has: a speed-up
-    # only, so a distributed that renames this flag costs time, never a result.
-    distributed.utils._forkserver_preload_set = True
-    with dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"}):
+    from forked_workers import METHOD, preload_forkserver
+
+    preload_forkserver()
+    with dask.config.set(METHOD):
         yield
 
 

@@ -97,6 +97,7 @@ class Child:
 def serve() -> None:
     for module in PRELOAD:
         importlib.import_module(module)
+    _fork_dask_workers()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the test run: the server ends when its stdin does
     for line in sys.stdin:
         request = json.loads(line)
@@ -107,6 +108,17 @@ def serve() -> None:
         _, status = os.waitpid(pid, 0)
         _answer({"exitcode": os.waitstatus_to_exitcode(status)})
     os._exit(0)  # nothing is left to flush; tearing down torch's and dask's modules takes seconds
+
+
+def _fork_dask_workers() -> None:
+    """The children's local clusters fork their workers from a forkserver of their own (started
+    in the child's session by its first cluster), as the test session's do (tests/forked_workers.py)."""
+    import dask
+
+    from forked_workers import METHOD, preload_forkserver
+
+    preload_forkserver()
+    dask.config.set(METHOD)
 
 
 def _answer(reply: dict) -> None:

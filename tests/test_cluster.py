@@ -17,6 +17,7 @@ import threading
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import webdataset as wds
@@ -149,8 +150,11 @@ def test_cli_local_cluster_decodes_in_dataloader_processes_of_its_workers(photo_
         single = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "single.zarr"),
                                      "--workers", "0"])
     assert single.exit_code == 0, single.output
-    result = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "two.zarr"), "--workers", "1",
-                                 "--cluster", "local:2"])
+    # dask's own way to start workers, a fresh interpreter each, as a user's `--cluster local:2` gets
+    # (the other tests fork theirs from a preloaded forkserver: tests/forked_workers.py).
+    with dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}):
+        result = runner.invoke(app, ["encode", *map(str, common), "--out", str(tmp_path / "two.zarr"), "--workers",
+                                     "1", "--cluster", "local:2"])
     assert result.exit_code == 0, result.output
     assert "encode on 2 dask workers" in result.output and "images/s on 2 dask workers" in result.output
     assert_same_store(tmp_path / "two.zarr", tmp_path / "single.zarr")
