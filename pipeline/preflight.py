@@ -26,7 +26,8 @@ from revq_pipe.pipeline.reporting.bench_options import parse_shape, parse_varian
 from revq_pipe.pipeline.scaleout.cluster import cluster_kind, shared_location
 from revq_pipe.pipeline.storage.export_formats import export_format
 from revq_pipe.pipeline.storage.latent_files import latent_file_path
-from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, writes_run_dir
+from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, launched_world_size, writes_run_dir
+from revq_pipe.pipeline.train.config import check_global_batch
 from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claimable
 
 LATENT_DTYPES = ("float16", "float32")
@@ -248,8 +249,11 @@ def check_import_latents(files: Sequence[str | Path], out: str, *, vae: str | No
 
 
 def check_fit(store: str, out: str, *, val: str | None = None, device: object = "auto", resume: bool = False,
-              overwrite: bool = False) -> None:
+              overwrite: bool = False, batch_size: int | None = None) -> None:
+    """fit's checks; `batch_size` when the user gave it (a preset's may shrink to fit the store)."""
     known_device(device)
+    if batch_size is not None:  # under torchrun every rank refuses before it imports torch
+        check_global_batch(batch_size, launched_world_size())
     existing_store(store)
     if val is not None:
         existing_store(val)

@@ -35,6 +35,11 @@ def writes_run_dir() -> bool:
     """Whether this process writes the run dir: under torchrun only rank 0 does (RANK, as torchrun
     sets it), so only rank 0 takes its lease; the other ranks would be refused as another job."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (WORLD_SIZE, as torchrun sets it); 1 without it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 RUN_PATTERNS = ("eval-*.json", "eval-*.json.tmp")
 RUN_FOLDERS = ("tensorboard",)
 

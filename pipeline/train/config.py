@@ -299,6 +299,14 @@ def check_codes_fit_data(config: ReVQConfig, n: int, store: str, *, from_preset:
             f"memorise the training latents; consider {fix}")
 
 
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """Refuse a global batch that does not split evenly over the data-parallel processes."""
+    if batch_size % world_size:
+        lower = batch_size // world_size * world_size
+        raise UserError(f"`batch_size={batch_size}` is the global batch and must split evenly over the "
+                        f"{world_size} processes: use a multiple of {world_size}" + (f" such as {lower}" if lower else ""))
+
+
 def check_batch_fits(batch_size: int, n: int, preset: str, store: str, *, from_preset: bool) -> None:
     """Refuse a batch larger than the store, naming where the batch came from and what fits."""
     if batch_size <= n:

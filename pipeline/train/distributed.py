@@ -45,6 +45,8 @@ from torch import nn
 
 from revq_pipe.pipeline.train.codebook_optim import DenseAdamW, SparseAdamW, quantize_with_gradients
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.train.checkpoint import launched_world_size
+from revq_pipe.pipeline.train.config import check_global_batch
 
 Stage = TypeVar("Stage", bound=Callable[..., Any])
 # Every integer up to 2^24 is exactly a float32.
@@ -94,11 +96,7 @@ class DataParallelGroup:
         return torch.device("cuda", self.local_rank)
 
     def require_divisible(self, batch_size: int) -> None:
-        if batch_size % self.world_size:
-            lower = batch_size // self.world_size * self.world_size
-            raise UserError(f"`batch_size={batch_size}` is the global batch and must split evenly over the "
-                            f"{self.world_size} processes: use a multiple of {self.world_size}"
-                            + (f" such as {lower}" if lower else ""))
+        check_global_batch(batch_size, self.world_size)
 
     def share(self, size: int) -> slice:
         """This process's rows of a global batch of `size` rows: the rank-th of world_size consecutive
@@ -281,7 +279,7 @@ def _join_torchrun_group() -> None:
     torchrun's store, and a process can read another's stale address from them (gloo then fails
     with "connection refused").
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+    if launched_world_size() <= 1 or not dist.is_available() or dist.is_initialized():
         return
     backend = "gloo"
     if torch.cuda.is_available() and dist.is_nccl_available():
