@@ -98,7 +98,7 @@ class FitPlan:
             "epoch": len(self.history), "trainer": self.trainer.state_dict(),
             "model_config": self.model.config.to_dict(), "train_config": self.train.to_dict(), "data": self.data,
             "resident": self.loader.resident, "metrics": self.history, "world_size": self.group.world_size})
-        self.outputs.epoch_done(self.model, self.history)
+        self.outputs.epoch_done(self.model, self.history, last=len(self.history) == self.train.epochs)
 
     @contextlib.contextmanager
     def stops_on_non_finite(self, epoch: int) -> Iterator[None]:
@@ -120,8 +120,9 @@ def fit(store: str, out: str, config: FitConfig | None = None, *, val: str | Non
     (default: `FitConfig()`, the auto preset).
 
     Writes `config.json` + `model.safetensors` + a model card (loadable with `ReVQ.from_pretrained(out)`),
-    `checkpoint.pt`, `metrics.jsonl` and `metrics.png` (and TensorBoard events with `tensorboard`) after
-    every epoch, and `training.json` (the training data and settings; pipeline/train/fit_outputs.py).
+    `checkpoint.pt`, `metrics.jsonl` (and TensorBoard events with `tensorboard`) after every epoch,
+    `metrics.png` after the last and every 30 s or so, and `training.json` (the training data and
+    settings; pipeline/train/fit_outputs.py).
     `val` names a latent store for validation MSE each epoch. With `resume`, continues from the last
     completed epoch and ends with the same weights as an uninterrupted run (on the CPU bit for bit at
     the same thread count: pipeline/train/determinism.py); with `epochs` beyond the run's, it extends
@@ -147,27 +148,29 @@ def train_epochs(plan: FitPlan) -> None:
     """The training loop: from `plan.start_epoch` to the last epoch, the steps of each epoch, its end
     (Non-Activation Reset, usage), validation, the checkpoint and metrics."""
     trainer, loader, train = plan.trainer, plan.loader, plan.train
-    for epoch in range(plan.start_epoch, train.epochs):
-        epoch_started = time.perf_counter()
-        trainer.set_epoch(epoch)
-        with plan.stops_on_non_finite(epoch), plan.epoch_bar(epoch) as bar:
-            for z in loader.epoch(epoch):
-                trainer.step(z)
-                _show_losses(bar, trainer, trainer.check())
-            _show_losses(bar, trainer, trainer.check(last=True))
-        train_seconds = time.perf_counter() - epoch_started
+    try:
+        for epoch in range(plan.start_epoch, train.epochs):
+            epoch_started = time.perf_counter()
+            trainer.set_epoch(epoch)
+            with plan.stops_on_non_finite(epoch), plan.epoch_bar(epoch) as bar:
+                for z in loader.epoch(epoch):
+                    trainer.step(z)
+                    _show_losses(bar, trainer, trainer.check())
+                _show_losses(bar, trainer, trainer.check(last=True))
+            train_seconds = time.perf_counter() - epoch_started
 
-        metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), "lr_decay_epochs": train.lr_decay_epochs,
-                   **trainer.end_epoch(epoch)}
-        if plan.val_loader is not None:
-            metrics.update(trainer.validate(plan.val_loader))
-        metrics.update(epoch_seconds=time.perf_counter() - epoch_started,
-                       samples_per_s=len(loader) * train.batch_size / max(train_seconds, 1e-9))
-        plan.history.append(metrics)
-        plan.epoch_done()
-        log.log(plan.level, epoch_line(metrics, train.epochs))
-    if plan.outputs is not None:
-        plan.outputs.close()
+            metrics = {"epoch": epoch + 1, "lr": train.lr_at(epoch), "lr_decay_epochs": train.lr_decay_epochs,
+                       **trainer.end_epoch(epoch)}
+            if plan.val_loader is not None:
+                metrics.update(trainer.validate(plan.val_loader))
+            metrics.update(epoch_seconds=time.perf_counter() - epoch_started,
+                           samples_per_s=len(loader) * train.batch_size / max(train_seconds, 1e-9))
+            plan.history.append(metrics)
+            plan.epoch_done()
+            log.log(plan.level, epoch_line(metrics, train.epochs))
+    finally:  # finished or stopped, the run dir's other files catch up with its checkpoint
+        if plan.outputs is not None:
+            plan.outputs.close(stopped=sys.exc_info()[0] is not None)
 
 
 def prepare_fit(store: str, out: str, config: FitConfig, device: torch.device, *, val: str | None, resume: bool,
@@ -266,7 +269,7 @@ def _start_or_resume(plan: FitPlan, checkpoint: dict[str, Any] | None) -> None:
     plan.history, plan.start_epoch = list(checkpoint["metrics"]), checkpoint["epoch"]
     # A crash between the checkpoint and the files written after it leaves those one epoch behind.
     if plan.outputs is not None:
-        plan.outputs.epoch_done(plan.model, plan.history)
+        plan.outputs.epoch_done(plan.model, plan.history, last=False)  # drawn by the loop or at its end
     train = plan.train
     if plan.start_epoch >= train.epochs:
         return  # finished: nothing to train (the result says so, and how to train it further)

@@ -121,12 +121,12 @@ def trainer_runs() -> dict:
     from revq_pipe.pipeline.train.trainer import Trainer
 
     torch.manual_seed(0)
-    start = ReVQ(ReVQConfig(latent_shape=(8, 4, 4), tokens=32, codes=24, dim=4, rectifier="vit",
+    start = ReVQ(ReVQConfig(latent_shape=(2, 4, 4), tokens=8, codes=24, dim=4, rectifier="vit",
                             rectifier_width=32, rectifier_layers=1))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         start.codebooks.copy_(torch.randn(start.codebooks.shape, generator=gen))
-    batches = [torch.randn(16, 8, 4, 4, generator=gen) for _ in range(3)]
+    batches = [torch.randn(16, 2, 4, 4, generator=gen) for _ in range(3)]
     results = {}
     for options in ((), ("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-adamw"),
                     ("fused-quantize", "screen-search")):

@@ -116,3 +116,41 @@ def test_tensorboard_is_off_unless_asked(tmp_path):
                  "--batch-size", "32", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "metrics.png").is_file() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+@pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3]), (float("inf"), [3])])
+def test_metrics_png_is_redrawn_after_epochs_that_end_the_interval_and_after_the_last(tmp_path, monkeypatch,
+                                                                                        every_s, drawn_after):
+    from revq_pipe.pipeline.train import fit_outputs
+
+    drawn, draw = [], fit_outputs.plot_metrics
+    monkeypatch.setattr(fit_outputs, "PLOT_EVERY_S", every_s)
+    monkeypatch.setattr(fit_outputs, "plot_metrics", lambda history, path, **kw: (drawn.append(len(history)),
+                                                                                  draw(history, path, **kw)))
+    train = store(tmp_path / "train.zarr", 128)
+    result = cli(train, "--out", tmp_path / "run", "--preset", "tiny", "--codes", "16", "--epochs", "3",
+                 "--batch-size", "32", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert drawn == drawn_after
+
+
+def test_a_stopped_fit_draws_the_epochs_it_checkpointed(tmp_path, monkeypatch):
+    from revq_pipe.pipeline.train import fit_outputs
+    from revq_pipe.pipeline.train.trainer import Trainer
+
+    drawn, draw, end_epoch = [], fit_outputs.plot_metrics, Trainer.end_epoch
+    monkeypatch.setattr(fit_outputs, "PLOT_EVERY_S", float("inf"))
+    monkeypatch.setattr(fit_outputs, "plot_metrics", lambda history, path, **kw: (drawn.append(len(history)),
+                                                                                  draw(history, path, **kw)))
+
+    def stop_in_the_third_epoch(self, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return end_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "end_epoch", stop_in_the_third_epoch)
+    train = store(tmp_path / "train.zarr", 128)
+    result = cli(train, "--out", tmp_path / "run", "--preset", "tiny", "--codes", "16", "--epochs", "3",
+                 "--batch-size", "32", "--device", "cpu")
+    assert result.exit_code == 130, result.output
+    assert drawn == [2] and (tmp_path / "run" / "metrics.png").is_file()

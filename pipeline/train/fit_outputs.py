@@ -2,7 +2,7 @@
 
     config.json, model.safetensors, README.md   the model (ReVQ.save_pretrained; card with metrics)
     training.json                               where the data came from, how it trained (once)
-    metrics.jsonl, metrics.png                  per-epoch numbers and their curves
+    metrics.jsonl, metrics.png                  per-epoch numbers and their curves (see PLOT_EVERY_S)
     tensorboard/                                the same numbers as TensorBoard events (--tensorboard)
 
 Every file is rewritten whole from the checkpoint's history, so after a crash between the
@@ -11,6 +11,8 @@ checkpoint and these files, the next `--resume` brings them level again.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,10 @@ from revq_pipe.pipeline.reporting.metrics_plot import plot_metrics
 from revq_pipe.pipeline.train.training_record import training_summary, write_training_record
 
 PLOT_NAME = "metrics.png"
+# metrics.png is redrawn after the last epoch, when training stops, and after any epoch that ends
+# this long after the last drawing: a drawing takes about 0.3 CPU-s, which runs of short epochs
+# (the demo, small stores) spent mostly on redrawing it; an epoch of real data takes far longer.
+PLOT_EVERY_S = 30.0
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -37,12 +43,17 @@ class FitOutputs:
         events = run_dir / TENSORBOARD_DIR
         wrote_events = resumed_at > 0 and events.is_dir()
         self.events = _tensorboard_writer(events, resumed_at) if tensorboard or wrote_events else None
+        self.plotted_at = time.monotonic()
+        self.unplotted: dict[str, Any] | None = None  # plot_metrics' arguments for the epochs not drawn yet
 
-    def epoch_done(self, model, history: list[dict[str, Any]]) -> None:
-        """Write metrics.jsonl, metrics.png, the TensorBoard scalars of the last epoch, and the model."""
+    def epoch_done(self, model, history: list[dict[str, Any]], *, last: bool) -> None:
+        """Write metrics.jsonl, metrics.png (see PLOT_EVERY_S; always with `last`), the TensorBoard
+        scalars of the last epoch, and the model."""
         write_metrics(self.run_dir, history)
-        plot_metrics(history, self.run_dir / PLOT_NAME, title=f"{self.run_dir.name}: {model.config.name}",
-                     val_count=self.val_count, codes=model.config.codes)
+        self.unplotted = dict(history=list(history), path=self.run_dir / PLOT_NAME, val_count=self.val_count,
+                              title=f"{self.run_dir.name}: {model.config.name}", codes=model.config.codes)
+        if last or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
+            self._plot()
         if self.events is not None:
             last = history[-1]
             for key, value in last.items():
@@ -52,9 +63,18 @@ class FitOutputs:
         model.training_summary = training_summary(self.run_dir)
         model.save_pretrained(self.run_dir)
 
-    def close(self) -> None:
+    def close(self, *, stopped: bool = False) -> None:
+        """At the end of training: draw the epochs not drawn yet. When training was `stopped` by an
+        error or Ctrl-C, a failing drawing is let go: what stopped it is the error to report."""
+        with contextlib.suppress(Exception) if stopped else contextlib.nullcontext():
+            self._plot()
         if self.events is not None:
             self.events.close()
+
+    def _plot(self) -> None:
+        if self.unplotted is not None:
+            plot_metrics(**self.unplotted)
+            self.unplotted, self.plotted_at = None, time.monotonic()
 
 
 @dataclass
