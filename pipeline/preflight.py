@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from revq_pipe.pipeline.device import known_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.hub import looks_like_hub_id
 from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_VAE_NAMES
@@ -30,18 +31,11 @@ from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, writes_run_dir
 from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claimable
 
 LATENT_DTYPES = ("float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 FITTED_RUN_FILES = ("config.json", "model.safetensors")  # what makes a folder a fitted run
 
 
 # --- one check each -------------------------------------------------------------------------------
-
-def known_device(device: object) -> None:
-    """`device` names a kind of device there is (whether this machine has it is the stage's check)."""
-    if isinstance(device, str) and device not in DEVICES and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-
 
 def at_least_one(batch_size: int) -> None:
     if batch_size < 1:
