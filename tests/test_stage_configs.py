@@ -66,17 +66,22 @@ def inputs(tmp_path, photo_folder) -> dict[str, list[str]]:
             "export-tokens": [str(run), str(tmp_path / "store"), "--out", str(tmp_path / "t")]}
 
 
-@pytest.fixture
-def configs_given(monkeypatch) -> list:
-    """The config each command hands its stage (which is not run: the options are under test)."""
-    seen = []
+def recorder(seen: list):
+    """A stand-in for a stage function or check that records the config it is given and stops there."""
 
     def record(*args, config, **options):
         seen.append(config)
         raise UserError("recorded")
 
-    monkeypatch.setattr(encode_stage, "encode", record)
-    monkeypatch.setattr(export_stage, "export_tokens", record)
+    return record
+
+
+@pytest.fixture
+def configs_given(monkeypatch) -> list:
+    """The config each command hands its stage (which is not run: the options are under test)."""
+    seen = []
+    monkeypatch.setattr(encode_stage, "encode", recorder(seen))
+    monkeypatch.setattr(export_stage, "export_tokens", recorder(seen))
     return seen
 
 
@@ -123,23 +128,17 @@ def test_nothing_given_is_the_configs_defaults(inputs, configs_given):
         assert configs_given[-1] == config_class()
 
 
-@pytest.mark.parametrize("stage", sorted(STAGES))
-def test_each_keyword_reaches_its_field_from_python(stage, monkeypatch, tmp_path):
-    config_class, flags = STAGES[stage]
+def test_each_keyword_reaches_its_field_from_python(monkeypatch):
     seen = []
-
-    def record(*args, config, **options):
-        seen.append(config)
-        raise UserError("recorded")
-
-    check, call = {"encode": ("check_encode", encode_stage.encode),
-                   "export-tokens": ("check_export_tokens", export_stage.export_tokens)}[stage]
-    monkeypatch.setattr({"encode": encode_stage, "export-tokens": export_stage}[stage], check, record)
-    inputs = {"encode": ["photos", str(tmp_path / "s.zarr")], "export-tokens": ["run", "store", str(tmp_path / "t")]}
-    for name, (_, value) in {**flags, "progress": ([], False)}.items():
-        with pytest.raises(UserError, match="recorded"):
-            call(*inputs[stage], **{name: value})
-        assert getattr(seen[-1], name) == value != getattr(config_class(), name)
+    monkeypatch.setattr(encode_stage, "check_encode", recorder(seen))  # the first thing given the config
+    monkeypatch.setattr(export_stage, "check_export_tokens", recorder(seen))
+    calls = {"encode": lambda **options: encode_stage.encode("photos", "s.zarr", **options),
+             "export-tokens": lambda **options: export_stage.export_tokens("run", "store", "t", **options)}
+    for stage, (config_class, flags) in STAGES.items():
+        for name, (_, value) in {**flags, "progress": ([], False)}.items():
+            with pytest.raises(UserError, match="recorded"):
+                calls[stage](**{name: value})
+            assert getattr(seen[-1], name) == value != getattr(config_class(), name), (stage, name)
 
 
 def test_a_config_object_is_taken_and_keywords_set_fields_over_it():
