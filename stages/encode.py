@@ -10,7 +10,8 @@ to and from the GPU overlapped with its work (pipeline/images/encode_feed.py); t
 every chunk. Re-running an interrupted encode with the same settings resumes it and ends with the
 store an uninterrupted run writes (pipeline/storage/resume.py decides resume, refuse or replace).
 With `cluster`, tasks on a dask cluster encode ranges of the source into the same store
-(pipeline/scaleout/staged_encode.py).
+(pipeline/scaleout/staged_encode.py). Every setting of the stage is a field of `EncodeConfig`
+(pipeline/images/encode_config.py), which `encode` takes as `config=` or field by field.
 """
 
 from __future__ import annotations

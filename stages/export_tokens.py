@@ -8,7 +8,8 @@ pipeline/storage/token_shards.py), or a token store and webdataset shards. Every
 row's latent-store key exactly (`keys`, parquet's `key`, webdataset's `key.txt`): the field they
 join on. Every output resumes where a killed export stopped, and the resumed result is identical
 to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token store
-(pipeline/scaleout/token_tasks.py).
+(pipeline/scaleout/token_tasks.py). Every setting of the stage is a field of `ExportConfig`
+(pipeline/storage/export_formats.py), which `export_tokens` takes as `config=` or field by field.
 """
 
 from __future__ import annotations
