@@ -1,7 +1,9 @@
 """The `revq-pipe` command line: parse arguments, call a stage function, report.
 
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
-CLI. Heavy imports (torch, diffusers, zarr, dask) happen inside the commands, and each command
+CLI. The options of fit, encode and export-tokens are made from the fields of their configs
+(`FitConfig`, `EncodeConfig`, `ExportConfig`; `takes_fit_config`, `takes_config`), so a setting
+is written once, where its config lives. Heavy imports (torch, diffusers, zarr, dask) happen inside the commands, and each command
 imports only its own stage, after its checks (pipeline/preflight.py): `--help`, `--version` and
 every refused command answer at once.
 A `UserError` from any stage becomes one line on stderr and exit status 2, naming this command's
@@ -17,7 +19,7 @@ import inspect
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -25,9 +27,11 @@ from typer.core import TyperCommand
 from revq_pipe.pipeline import preflight
 from revq_pipe.pipeline.errors import UserError, as_command_line, os_error_line
 from revq_pipe.pipeline.interrupts import DEFAULT_HINT, prompt_interrupts
-from revq_pipe.pipeline.model.config import Setting, preset_defaults, settings_of
+from revq_pipe.pipeline.device import DEVICE_HELP, DEVICES
+from revq_pipe.pipeline.images.encode_config import EncodeConfig
+from revq_pipe.pipeline.model.config import OVERWRITE_HELP, Setting, StageConfig, preset_defaults, settings_of
 from revq_pipe.pipeline.reporting.console import console_reporting
-from revq_pipe.pipeline.storage.export_formats import EXPORT_FORMATS
+from revq_pipe.pipeline.storage.export_formats import ExportConfig
 from revq_pipe.pipeline.train.config import STEP_OPTIONS, FitConfig
 
 app = typer.Typer(
@@ -134,9 +138,8 @@ def _flags_for(command) -> dict[str, tuple[str, bool]]:
     return {**flags, **_flags(command)}
 
 
-DeviceOpt = typer.Option("auto", "--device", metavar="auto|cpu|cuda",
-                         help="Where to compute: auto (CUDA when available), cpu or cuda.")
-OverwriteOpt = typer.Option(False, "--overwrite", help="Replace an existing output made otherwise instead of refusing.")
+DeviceOpt = typer.Option("auto", "--device", metavar="|".join(DEVICES), help=DEVICE_HELP + ".")
+OverwriteOpt = typer.Option(False, "--overwrite", help=OVERWRITE_HELP)
 ClusterOpt = typer.Option(None, "--cluster", metavar="local[:N]|ADDRESS",
                           help="Run on a dask cluster: local (one worker per GPU; 2 without CUDA), local:N "
                                "workers on this machine, or the address of a running scheduler "
@@ -145,8 +148,76 @@ RunArg = typer.Argument(..., metavar="RUN", help="Run directory made by `revq-pi
                         "or a Hugging Face model id user/repo.")
 
 
+def _setting_option(setting: Setting, default: Any = None, *, default_in_help: bool) -> inspect.Parameter:
+    """One CLI option for a config field, from its `Setting`: `--name VALUE`, or a flag (`--no-reset`,
+    `--flip`), which passes True when given. `default`: the option's value when not given (None: the
+    preset's or the field's default, for the config to fill in). `default_in_help`: the help says
+    what the default is (fit's, whose defaults are the preset's), instead of click showing
+    `[default: 64]` as on every other command's options."""
+    if setting.flag:
+        option = typer.Option(False, setting.flag, help=setting.help)
+        return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool)
+    if default_in_help:
+        shown = (f"the preset's; {preset_defaults(setting.name)}" if setting.from_preset
+                 else setting.shown_default or setting.default)
+        described = dict(show_default=False, help=f"{setting.help} (default: {shown}).")
+    else:
+        described = dict(help=setting.help)
+    option = typer.Option(default, setting.option, metavar=setting.metavar or "|".join(setting.choices),
+                          min=setting.minimum, **described)
+    return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=setting.type if default is not None else Optional[setting.type])
+
+
+def _takes_settings(settings: list[Setting], make: Callable[..., Any], defaults: dict[str, Any], *,
+                    default_in_help: bool):
+    """Give a command one option per setting (`_setting_option`, with `defaults` by name) where its
+    `config` parameter stands, and hand it `config=make(**the values given)`: a flag given is its
+    `flag_sets`; an option not given (None) is left to `make`'s default."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        if "config" not in signature.parameters:
+            raise TypeError(f"{command.__name__} has no `config` parameter to put the options in")
+        options = [_setting_option(s, defaults.get(s.name), default_in_help=default_in_help) for s in settings]
+
+        @functools.wraps(command)
+        def with_config(*args, **kwargs):
+            values = {s.name: kwargs.pop(s.name) for s in settings}
+            for s in settings:
+                if s.flag:  # the option passes True when given
+                    values[s.name] = s.flag_sets if values[s.name] else None
+            given = {name: value for name, value in values.items() if value is not None}
+            return command(*args, config=make(**given), **kwargs)
+
+        parameters = [each for p in signature.parameters.values() for each in (options if p.name == "config" else [p])]
+        with_config.__signature__ = signature.replace(parameters=parameters)
+        with_config.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_config
+
+    return decorate
+
+
+def takes_config(config_class: type[StageConfig]):
+    """Give a command one option per setting of a stage's config (`EncodeConfig`, `ExportConfig`), each
+    with the field's default, where its `config` parameter stands; the command receives the config."""
+    settings = list(settings_of(config_class).values())
+    return _takes_settings(settings, config_class, {s.name: s.default for s in settings}, default_in_help=False)
+
+
+def takes_fit_config(*, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (), **defaults: Any):
+    """Give a command one option per fit setting: FitConfig's own (preset, device), then every model
+    and training setting (`FitConfig.settings()`); or the `only` ones, less `exclude`. `defaults`
+    replaces the preset's or the device's default. The command receives them as `config: FitConfig`."""
+    own = {name: defaults.get(name, s.default) for name, s in settings_of(FitConfig).items()}
+    settings = [s for s in [*settings_of(FitConfig).values(), *FitConfig.settings().values()]
+                if (only is None or s.name in only) and s.name not in exclude]
+    return _takes_settings(settings, functools.partial(FitConfig.from_preset, **own), own, default_in_help=True)
+
+
 @app.command()
 @reports_user_errors
+@takes_config(EncodeConfig)
 def encode(
     source: str = typer.Argument(..., metavar="SOURCE", help="ImageFolder directory (class sub-folders -> labels), "
                                  "a webdataset .tar, a brace pattern or an fsspec URL."),
@@ -154,30 +225,15 @@ def encode(
     vae: Optional[str] = typer.Option(None, "--vae", metavar="ID_OR_DIR", help="Hugging Face model id, local diffusers VAE "
                                       "directory, or revq-pipe-embedded. Default: DC-AE f32c32 when cached or reachable, "
                                       "else the embedded VAE."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", metavar="S", help="Square input size S (default: the VAE's native size, 256 for DC-AE, 64 for the embedded VAE)."),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, metavar="N", help="Images per VAE batch."),
-    device: str = DeviceOpt,
-    dtype: str = typer.Option("float16", "--dtype", metavar="float16|float32", help="Storage dtype of the latents. Compute is "
-                              "bf16 autocast on CUDA (float32 on the CPU); --dtype float32 computes in float32 too."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, metavar="N", help="DataLoader worker processes that decode images (default: CPU count, at most 16; with --cluster, per dask worker: its machine's CPUs shared among its dask workers; 0: in the encoding process)."),
-    overwrite: bool = OverwriteOpt,
-    flip: bool = typer.Option(False, "--flip", help="Also store each image's horizontally flipped latent (latents_flip), which fit uses as augmentation; twice the encoder work."),
-    follow_links: bool = typer.Option(False, "--follow-links", help="Follow links in an image folder that lead out of it (by default they are skipped, with a warning)."),
-    decode_on: str = typer.Option("workers", "--decode-on", metavar="workers|device", help="Where JPEGs are decoded: in the worker processes (PIL), or on the encoding device (torchvision's decode_jpeg: nvJPEG on a GPU), for when the CPUs cannot feed the GPU; pixels then differ by a level here and there, so the store records it. Other formats decode in the workers either way."),
-    compile_encoder: bool = typer.Option(False, "--compile", help="Run the encoder under torch.compile (faster on a GPU after a minute or more of compiling; latents differ by rounding)."),
+    *,
+    config: EncodeConfig,
     cluster: Optional[str] = ClusterOpt,
 ):
     """Run images through the frozen VAE once, into a chunked, compressed Zarr latent store."""
-    preflight.check_encode(source, out, vae=vae, cluster=cluster, device=device, dtype=dtype, batch_size=batch_size,
-                           workers=workers)
+    preflight.check_encode(source, out, vae=vae, cluster=cluster, config=config)
     from revq_pipe.stages.encode import encode as run_encode
 
-    summary = run_encode(
-        source, out, vae=vae, image_size=image_size, batch_size=batch_size, device=device,
-        dtype=dtype, workers=workers, overwrite=overwrite, flip=flip, follow_links=follow_links, cluster=cluster,
-        decode_on=decode_on, compile_encoder=compile_encoder,
-    )
-    typer.echo(summary.report())
+    typer.echo(run_encode(source, out, vae=vae, cluster=cluster, config=config).report())
 
 
 @app.command("import-latents")
@@ -221,49 +277,6 @@ def stats(store: str = typer.Argument(..., metavar="STORE", help="Latent store w
                f"(mean of means {mean.mean():.4g}, mean of stds {std.mean():.4g})")
 
 
-def _setting_option(setting: Setting, default: Any = None) -> inspect.Parameter:
-    """One CLI option for a config field, from its `Setting`: `--name VALUE` (None when not given: the
-    preset's or the field's default), or a flag (`--no-reset`) that sets the field to False."""
-    if setting.flag:
-        option = typer.Option(False, setting.flag, help=setting.help)
-        return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool)
-    shown = (f"the preset's; {preset_defaults(setting.name)}" if setting.from_preset
-             else setting.shown_default or setting.default)
-    option = typer.Option(default, setting.option, metavar=setting.metavar or "|".join(setting.choices),
-                          min=setting.minimum, show_default=False, help=f"{setting.help} (default: {shown}).")
-    return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                             annotation=setting.type if default is not None else Optional[setting.type])
-
-
-def takes_fit_config(*, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (), **defaults: Any):
-    """Give a command one option per fit setting: FitConfig's own (preset, device), then every model
-    and training setting (`FitConfig.settings()`); or the `only` ones, less `exclude`. `defaults`
-    replaces the preset's or the device's default. The command receives them as `config: FitConfig`."""
-    own = {name: defaults.get(name, s.default) for name, s in settings_of(FitConfig).items()}
-    settings = [s for s in [*settings_of(FitConfig).values(), *FitConfig.settings().values()]
-                if (only is None or s.name in only) and s.name not in exclude]
-
-    def decorate(command):
-        signature = inspect.signature(command, eval_str=True)
-        options = [_setting_option(s, own.get(s.name)) for s in settings]
-
-        @functools.wraps(command)
-        def with_config(*args, **kwargs):
-            values = {s.name: kwargs.pop(s.name) for s in settings}
-            given = {name: values.pop(name, default) for name, default in own.items()}
-            for s in settings:
-                if s.flag:  # a flag given sets its field to False; not given, the default stands
-                    values[s.name] = False if values[s.name] else None
-            return command(*args, config=FitConfig.from_preset(**given, **values), **kwargs)
-
-        parameters = [p for p in signature.parameters.values() if p.name != "config"]
-        with_config.__signature__ = signature.replace(parameters=parameters + options)
-        with_config.__annotations__ = {p.name: p.annotation for p in parameters + options}
-        return with_config
-
-    return decorate
-
-
 @app.command()
 @reports_user_errors
 @takes_fit_config()
@@ -292,28 +305,20 @@ def fit(
 
 @app.command("export-tokens")
 @reports_user_errors
+@takes_config(ExportConfig)
 def export_tokens(
     run: str = RunArg,
     store: str = typer.Argument(..., metavar="STORE", help="Latent store to tokenize."),
     out: str = typer.Option(..., "--out", metavar="TOKENS", help="Token store to write (Zarr v3 group), or the shard folder with --format wds / parquet."),
-    batch_size: int = typer.Option(1024, "--batch-size", min=1, metavar="N", help="Latents per tokenize batch."),
-    device: str = DeviceOpt,
-    format: str = typer.Option("zarr", "--format", metavar="|".join(EXPORT_FORMATS), help="zarr: a token store "
-                               "(uint16/uint32 ids, row for row as STORE); wds: webdataset shards {__key__, key.txt, "
-                               "tokens.npy, cls}; parquet: files of rows key, label, class, tokens; zarr+wds: both, shards in TOKENS-wds."),
-    shard_size: int = typer.Option(10_000, "--shard-size", min=1, metavar="N", help="Rows per webdataset shard or parquet file."),
-    shuffle: bool = typer.Option(False, "--shuffle", help="Write shards in a random order fixed by --seed, not the store's (class-sorted for ImageFolders). The Zarr token store keeps the store's order."),
-    seed: int = typer.Option(0, "--seed", min=0, metavar="N", help="Seed of the --shuffle order."),
-    overwrite: bool = OverwriteOpt,
+    *,
+    config: ExportConfig,
     cluster: Optional[str] = ClusterOpt,
 ):
     """Write every image's token ids for downstream model training."""
-    preflight.check_export_tokens(run, store, out, format=format, cluster=cluster, device=device, batch_size=batch_size)
+    preflight.check_export_tokens(run, store, out, cluster=cluster, config=config)
     from revq_pipe.stages.export_tokens import export_tokens as run_export
 
-    summary = run_export(run, store, out, batch_size=batch_size, device=device, format=format, shard_size=shard_size,
-                         shuffle=shuffle, seed=seed, overwrite=overwrite, cluster=cluster)
-    typer.echo(summary.report())
+    typer.echo(run_export(run, store, out, cluster=cluster, config=config).report())
 
 
 @app.command()

@@ -7,7 +7,9 @@ outputs that conflict (a file where a folder goes, a folder of other files, the 
 The CLI calls it before it imports the stage; the stage calls it first too, for Python callers.
 What needs a store's contents or a model (settings that differ, shapes) stays with the stage.
 Every check is one function here or beside its machinery in a module as light as this one, and
-raises the one message the stage raises for the same problem. Remote locations (fsspec URLs) are
+raises the one message the stage raises for the same problem. The values of encode's and
+export-tokens' settings are checked where their configs are made (`EncodeConfig`, `ExportConfig`,
+as light as this module), which the CLI and the stage do before calling the command's check here. Remote locations (fsspec URLs) are
 left to the stages: looking at them can take as long as the imports this module avoids.
 """
 
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
+from revq_pipe.pipeline.device import known_device
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.hub import looks_like_hub_id
 from revq_pipe.pipeline.images.embedded_vae import EMBEDDED_VAE_NAMES
@@ -24,25 +27,21 @@ from revq_pipe.pipeline.lease import contents, refuse_non_folder, refuse_when_he
 from revq_pipe.pipeline.paths import local_path, same_location
 from revq_pipe.pipeline.reporting.bench_options import parse_shape, parse_variants, quality_variants
 from revq_pipe.pipeline.scaleout.cluster import cluster_kind, shared_location
-from revq_pipe.pipeline.storage.export_formats import export_format
+from revq_pipe.pipeline.storage.export_formats import ExportConfig, export_format
 from revq_pipe.pipeline.storage.latent_files import latent_file_path
 from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, launched_world_size, writes_run_dir
 from revq_pipe.pipeline.train.config import check_global_batch
 from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claimable
 
+if TYPE_CHECKING:  # (encode_config imports this module's checks)
+    from revq_pipe.pipeline.images.encode_config import EncodeConfig
+
 LATENT_DTYPES = ("float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
 SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 FITTED_RUN_FILES = ("config.json", "model.safetensors")  # what makes a folder a fitted run
 
 
 # --- one check each -------------------------------------------------------------------------------
-
-def known_device(device: object) -> None:
-    """`device` names a kind of device there is (whether this machine has it is the stage's check)."""
-    if isinstance(device, str) and device not in DEVICES and not device.startswith("cuda"):
-        raise UserError(f"unknown device {device!r}: use auto, cpu or cuda")
-
 
 def at_least_one(batch_size: int) -> None:
     if batch_size < 1:
@@ -216,24 +215,15 @@ def on_cluster(cluster: str, **locations: str | Path) -> None:
 
 # --- one check per command ------------------------------------------------------------------------
 
-def check_encode(source: str, out: str, *, vae: str | None = None, cluster: str | None = None,
-                 device: object = "auto", dtype: str = "float16", batch_size: int = 64, workers: int | None = None,
-                 chunk_size: int | None = None, **_: object) -> None:
-    """encode's checks; its other options (image size, flip, ...) need the VAE to be checked."""
-    check_encode_settings(dtype, batch_size, workers, chunk_size)
-    known_device(device)
+def check_encode(source: str, out: str, *, vae: str | None, cluster: str | None, config: EncodeConfig) -> None:
+    """encode's checks of its inputs and output; `config`'s values were checked when it was made, but
+    for the image size, which needs the VAE."""
     if cluster is not None:
         on_cluster(cluster, out=out, source=source)
     root = local_source(source)
     existing_vae(vae)
     out_outside(out, root)
     store_output(out)
-
-
-def check_encode_settings(dtype: str, batch_size: int, workers: int | None, chunk_size: int | None) -> None:
-    latent_dtype(dtype)
-    if batch_size < 1 or (workers is not None and workers < 0) or (chunk_size is not None and chunk_size < 1):
-        raise UserError("`batch_size` and chunk size must be at least 1, `workers` at least 0")
 
 
 def check_import_latents(files: Sequence[str | Path], out: str, *, vae: str | None, dtype: str | None,
@@ -260,17 +250,15 @@ def check_fit(store: str, out: str, *, val: str | None = None, device: object = 
     run_output(out, resume=resume, overwrite=overwrite)
 
 
-def check_export_tokens(run: str, store: str, out: str, *, format: str, cluster: str | None, device: object,
-                        batch_size: int) -> None:
-    written = export_format(format)
-    at_least_one(batch_size)
+def check_export_tokens(run: str, store: str, out: str, *, cluster: str | None, config: ExportConfig) -> None:
+    """export-tokens' checks of its inputs and output (`config`'s values were checked when it was made)."""
+    written = export_format(config.format)
     distinct_output(out, store, "latent store")
     if cluster is not None:
         if not written.token_store:
             raise UserError("`cluster` writes a token store: use `format=zarr`, or `format=zarr+wds` for shards made "
                             "from it")
         on_cluster(cluster, out=out, store=store)
-    known_device(device)
     existing_run(run)
     existing_store(store)
     if written.token_store:

@@ -8,7 +8,8 @@ pipeline/storage/token_shards.py), or a token store and webdataset shards. Every
 row's latent-store key exactly (`keys`, parquet's `key`, webdataset's `key.txt`): the field they
 join on. Every output resumes where a killed export stopped, and the resumed result is identical
 to an uninterrupted one. With `cluster`, tasks on a dask cluster fill the token store
-(pipeline/scaleout/token_tasks.py).
+(pipeline/scaleout/token_tasks.py). Every setting of the stage is a field of `ExportConfig`
+(pipeline/storage/export_formats.py), which `export_tokens` takes as `config=` or field by field.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from revq_pipe.pipeline.scaleout.chunk_tasks import new_job_id
 from revq_pipe.pipeline.scaleout.cluster import cluster_client, describe
@@ -30,10 +31,10 @@ from revq_pipe.pipeline.paths import absolute_url
 from revq_pipe.pipeline.preflight import check_export_tokens
 from revq_pipe.pipeline.reporting.console import progress_bar
 from revq_pipe.pipeline.storage.dataset_card import dataset_card, write_card
-from revq_pipe.pipeline.storage.export_formats import ExportFormat, export_format
+from revq_pipe.pipeline.storage.export_formats import ExportConfig, ExportFormat, export_format
 from revq_pipe.pipeline.storage.run_dir import Run
 from revq_pipe.pipeline.storage.store import LatentStore
-from revq_pipe.pipeline.storage.token_shards import DEFAULT_SHARD_SIZE, Rows, shuffled_rows, write_shards
+from revq_pipe.pipeline.storage.token_shards import Rows, shuffled_rows, write_shards
 from revq_pipe.pipeline.storage.token_store import TokenStore, token_dtype
 from revq_pipe.pipeline.scaleout.token_tasks import TokenizeTask, fill_on_cluster, written_on_cluster
 
@@ -69,22 +70,11 @@ class ExportSummary:
         return "\n".join(lines)
 
 
-def export_tokens(
-    run: str,
-    store: str,
-    out: str,
-    *,
-    batch_size: int = 1024,
-    device: str = "auto",
-    format: str = "zarr",
-    shard_size: int = DEFAULT_SHARD_SIZE,
-    shuffle: bool = False,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-    cluster: str | None = None,
-) -> ExportSummary:
-    """Tokenize every latent of `store` with the run at `run` and write the ids to `out`.
+def export_tokens(run: str, store: str, out: str, *, cluster: str | None = None, config: ExportConfig | None = None,
+                  **options: Any) -> ExportSummary:
+    """Tokenize every latent of `store` with the run at `run` and write the ids to `out`, set as
+    `config` says with `options`, any of its fields by name, over it (pipeline/storage/export_formats.py:
+    `batch_size`, `device`, `format`, `shard_size`, `shuffle`, `seed`, `overwrite`, `progress`).
 
     format "zarr" writes a token store at `out`; "wds" webdataset shards and "parquet" parquet files
     of `shard_size` rows into the folder `out`; "zarr+wds" the token store at `out` and the shards
@@ -95,9 +85,10 @@ def export_tokens(
     zarr+wds), which equals a single-process export's. Every output folder gets a dataset card,
     README.md (pipeline/storage/dataset_card.py).
     """
-    check_export_tokens(run, store, out, format=format, cluster=cluster, device=device, batch_size=batch_size)
-    written = export_format(format)
-    dev = resolve_device(device if cluster is None else "cpu")  # with a cluster, the workers compute
+    config = ExportConfig.given(config, **options)
+    check_export_tokens(run, store, out, cluster=cluster, config=config)
+    written = export_format(config.format)
+    dev = resolve_device(config.device if cluster is None else "cpu")  # with a cluster, the workers compute
     run_info = Run.load(run, dev)
     latents = LatentStore.open(store)
     run_info.check_store(latents)
@@ -105,13 +96,14 @@ def export_tokens(
     model = run_info.model
     classes = list(latents.attrs.get("classes", []))
     attrs = {**run_info.token_attrs(), "store": absolute_url(store), "classes": classes}
-    shard_attrs = {**attrs, "shard_size": shard_size, "order": f"shuffled, seed {seed}" if shuffle else "store"}
+    shard_attrs = {**attrs, "shard_size": config.shard_size,
+                   "order": f"shuffled, seed {config.seed}" if config.shuffle else "store"}
     shard_folder = written.shard_folder(out)
     if written.shards is not None:  # before anything is written
         written.shards.check_keys(latents.keys[:])
     started = time.perf_counter()
 
-    summary = ExportSummary(out=str(out), format=format, count=len(latents), tokens=run_info.tokens,
+    summary = ExportSummary(out=str(out), format=config.format, count=len(latents), tokens=run_info.tokens,
                             codes=run_info.codes, dtype=token_dtype(run_info.codes).name, resumed_from=0, seconds=0.0)
     card = functools.partial(dataset_card, attrs=attrs, count=len(latents), dtype=summary.dtype,
                              image_size=latents.attrs.get("image_size") or run_info.image_size)
@@ -119,20 +111,19 @@ def export_tokens(
         for output in {out, shard_folder} - {None}:
             leases.enter_context(output_lease(output, "export-tokens"))
         if written.token_store:
-            tokens = _open_or_create(out, latents, run_info, attrs, overwrite, on_cluster=cluster is not None)
+            tokens = _open_or_create(out, latents, run_info, attrs, config.overwrite, on_cluster=cluster is not None)
             write_card(out, card("zarr"))  # the store exists: its folder holds a Zarr group to put the card in
             summary.resumed_from = tokens.rows_done
             with _vacant_after_bad_input(tokens):
                 if cluster is None:
-                    _fill_token_store(tokens, latents, model, batch_size, progress)
+                    _fill_token_store(tokens, latents, model, config.batch_size, config.progress)
                 elif not tokens.complete:
-                    _fill_on_cluster(cluster, run, run_info, tokens, latents, device, batch_size, progress)
+                    _fill_on_cluster(cluster, run, run_info, tokens, latents, config)
             rows = lambda start: _rows_from_token_store(tokens, start)  # noqa: E731
         else:
-            rows = lambda start: _rows_from_latents(latents, model, batch_size, start)  # noqa: E731
+            rows = lambda start: _rows_from_latents(latents, model, config.batch_size, start)  # noqa: E731
         if written.shards is not None:
-            summary.shards = _shards(shard_folder, written, shard_attrs, rows, len(latents), shard_size, shuffle,
-                                     seed, classes, card, overwrite, progress)
+            summary.shards = _shards(shard_folder, written, shard_attrs, rows, len(latents), classes, card, config)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -179,29 +170,30 @@ def _fill_token_store(tokens: TokenStore, latents: LatentStore, model, batch_siz
         tokens.finish()
 
 
-def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, latents: LatentStore, device: str,
-                     batch_size: int, progress: bool) -> None:
+def _fill_on_cluster(cluster: str, run: str, run_info: Run, tokens: TokenStore, latents: LatentStore,
+                     config: ExportConfig) -> None:
     """Fill the token store with tasks on the dask cluster `cluster` (pipeline/scaleout/token_tasks.py)."""
     local_run = Path(run).expanduser()
     task = TokenizeTask(run=str(local_run.resolve()) if local_run.is_dir() else run, run_sha256=run_info.sha256,
-                        store=absolute_url(latents.url), tokens=absolute_url(tokens.url), device=device,
-                        batch_size=batch_size, job=new_job_id())
+                        store=absolute_url(latents.url), tokens=absolute_url(tokens.url), device=config.device,
+                        batch_size=config.batch_size, job=new_job_id())
     with cluster_client(cluster) as client:
         log.info(f"export-tokens on {describe(client)}")
         cluster_size = len(client.scheduler_info(n_workers=-1)["workers"])
         fill_on_cluster(client, tokens, task, cluster_size, lambda done: progress_bar(
-            progress, total=len(tokens), initial=done, unit="img", desc="export-tokens"))
+            config.progress, total=len(tokens), initial=done, unit="img", desc="export-tokens"))
 
 
-def _shards(out: str, written: ExportFormat, attrs: dict, rows, count: int, shard_size: int, shuffle: bool,
-            seed: int, classes: list[str], card: Callable[..., str], overwrite: bool, progress: bool) -> list[str]:
-    if shuffle:
+def _shards(out: str, written: ExportFormat, attrs: dict, rows, count: int, classes: list[str],
+            card: Callable[..., str], config: ExportConfig) -> list[str]:
+    size, seed = config.shard_size, config.seed
+    if config.shuffle:
         rows = shuffled_rows(rows, count, seed)
-    files = (f"{-(-count // shard_size)} {written.shards.files} of at most {shard_size} rows, "
-             + (f"shuffled (seed {seed})" if shuffle else "in the latent store's order"))
+    files = (f"{-(-count // size)} {written.shards.files} of at most {size} rows, "
+             + (f"shuffled (seed {seed})" if config.shuffle else "in the latent store's order"))
     return write_shards(out, {**attrs, "format": written.shards.name}, rows, count=count, shards=written.shards,
-                        shard_size=shard_size, classes=classes, card=card(written.shards.name, files=files),
-                        overwrite=overwrite, progress=progress)
+                        shard_size=size, classes=classes, card=card(written.shards.name, files=files),
+                        overwrite=config.overwrite, progress=config.progress)
 
 
 def _rows_from_token_store(tokens: TokenStore, start: int) -> Rows:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import TINY_IMAGE_SIZE
+from revq_pipe.pipeline.images.encode_config import EncodeConfig
 from revq_pipe.pipeline.images.encode_feed import EncoderSetup, encoded_blocks
 from revq_pipe.pipeline.images.sources import Cursor, ImageFolderSource
 from revq_pipe.pipeline.images.vae import resolve_vae
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 def cuda_store(source, out, vae_dir, setup: dict | None = None, **options) -> LatentStore:
     """A store encoded on CUDA (bf16 autocast), with EncoderSetup fields in `setup` set."""
     spec = resolve_vae(str(vae_dir))
-    job = prepare_encode(str(source), str(out), spec, device="cuda", **{**SMALL, "workers": 2, **options})
+    job = prepare_encode(str(source), str(out), spec, EncodeConfig(device="cuda", **{**SMALL, "workers": 2, **options}))
     job.setup = replace(job.setup, **(setup or {}))
     run_encode(job, spec.load(job.device))
     return LatentStore.open(str(out))

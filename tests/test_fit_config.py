@@ -112,7 +112,7 @@ def test_a_fit_config_refuses_unknown_names_and_values_at_once():
         FitConfig.from_preset("tiny", codez=8)
     with pytest.raises(UserError, match="unknown split 'diagonal'"):
         FitConfig.from_preset("tiny", split="diagonal")
-    with pytest.raises(UserError, match="kmeans_iters must be at least 1"):
+    with pytest.raises(UserError, match="`kmeans_iters` must be at least 1"):
         FitConfig.from_preset(kmeans_iters=0)
     assert FitConfig.from_dict(FitConfig.from_preset("tiny", codes=8, device="cpu").to_dict()) == \
         FitConfig.from_preset("tiny", codes=8, device="cpu")

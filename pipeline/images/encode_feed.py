@@ -20,10 +20,7 @@ from typing import Iterable, Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.images.sources import Block, BlockDataset
-
-DECODE_PLACES = ("workers", "device")
 
 
 @dataclass(frozen=True)
@@ -33,8 +30,9 @@ class EncoderSetup:
     `decode_on`: "workers" (PIL in the DataLoader processes) or "device" (JPEGs decoded by
     torchvision on the encoding device: nvJPEG on a GPU; the pixels then differ from PIL's by a
     level here and there, so stores record it). `compile`: the encoder under torch.compile (its
-    latents differ by rounding). `channels_last`, `pin_memory`, `copy_stream`: None turns each on
-    where it only speeds things up, on CUDA.
+    latents differ by rounding). These two come from the user's `EncodeConfig`, which checked them
+    (pipeline/images/encode_config.py). `channels_last`, `pin_memory`, `copy_stream`: None turns
+    each on where it only speeds things up, on CUDA.
     """
 
     decode_on: str = "workers"
@@ -42,10 +40,6 @@ class EncoderSetup:
     channels_last: bool | None = None
     pin_memory: bool | None = None
     copy_stream: bool | None = None
-
-    def __post_init__(self):
-        if self.decode_on not in DECODE_PLACES:
-            raise UserError(f"`decode_on` must be one of {', '.join(DECODE_PLACES)}, not {self.decode_on!r}")
 
     def on(self, device: torch.device) -> "EncoderSetup":
         """Every choice made for `device`."""

@@ -9,7 +9,9 @@ any work starts.
 
 Fields a user may set carry a `Setting` in their metadata: its help, choices and bounds. The CLI
 builds one option per such field from it (cli.py), and `FitConfig` accepts exactly these names, so
-a new setting is one field with its `setting(...)` here or in pipeline/train/config.py.
+a new fit setting is one field with its `setting(...)` here or in pipeline/train/config.py. The
+other stages' settings are `StageConfig`s made the same way: `EncodeConfig`
+(pipeline/images/encode_config.py) and `ExportConfig` (pipeline/storage/export_formats.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.model.rectifier import RECTIFIERS
@@ -68,15 +70,21 @@ def preset_values(name: str) -> dict[str, Any]:
     return PRESETS[name]
 
 
+# The words of the --overwrite option, which every command that writes an output has.
+OVERWRITE_HELP = "Replace an existing output made otherwise instead of refusing."
+
+
 @dataclass(frozen=True)
 class Setting:
     """How a user sets one config field: the help of its CLI option, and what it accepts.
 
     `from_preset`: its default is the preset's value of the same name (the help lists them);
     `shown_default`: the default as the help states it, where it is not the field's own;
-    `flag`: an option without a value that sets the field to False (e.g. `--no-reset`); other
-    settings are `--<name>` with a value. `name`, `type` (without None) and `default` are the
-    field's, filled in by `settings_of`.
+    `flag`: an option without a value that sets the field to `flag_sets` (`--no-reset` sets False,
+    `--flip` True); other settings are `--<name>` with a value. `validate`: refuses a bad value in
+    its own words, where the choices' words do not fit (a device, `cuda:1` included; an export
+    format); the choices then only name the values in the help. `name`, `type` (without None) and
+    `default` are the field's, filled in by `settings_of`.
     """
 
     help: str
@@ -86,6 +94,8 @@ class Setting:
     from_preset: bool = False
     shown_default: str | None = None
     flag: str | None = None
+    flag_sets: bool = False
+    validate: Callable[[Any], Any] | None = None
     name: str = ""
     type: Any = None
     default: Any = None
@@ -97,15 +107,22 @@ class Setting:
 
     def check(self, value: Any) -> None:
         """Refuse a value outside the choices or below the minimum, naming the setting."""
-        if self.choices and value not in self.choices:
+        if self.validate is not None:
+            self.validate(value)
+        elif self.choices and value not in self.choices:
             raise UserError(f"unknown {self.name.replace('_', ' ')} {value!r}: use one of {', '.join(self.choices)}")
         if self.minimum is not None and value < self.minimum:
-            raise UserError(f"{self.name} must be at least {self.minimum}, not {value}")
+            raise UserError(f"`{self.name}` must be at least {self.minimum}, not {value}")
 
 
 def setting(help: str, default: Any = MISSING, **how: Any) -> Any:
     """A dataclass field a user may set, with its `Setting` (see there) in the field's metadata."""
     return field(default=default, metadata={"setting": Setting(help, **how)})
+
+
+def switch(help: str, flag: str) -> Any:
+    """A setting that is False unless its option `flag`, which takes no value, is given."""
+    return setting(help, False, flag=flag, flag_sets=True)
 
 
 def settings_of(cls: type) -> dict[str, Setting]:
@@ -119,6 +136,35 @@ def settings_of(cls: type) -> dict[str, Setting]:
             default = None if f.default is MISSING else f.default
             found[f.name] = dataclasses.replace(f.metadata["setting"], name=f.name, type=kind, default=default)
     return found
+
+
+class StageConfig:
+    """Base of a stage's settings as one frozen dataclass (`EncodeConfig`, `ExportConfig`): the fields
+    a user sets carry their `Setting`, from which the CLI makes the stage's options, and a config
+    refuses a bad value when it is made, naming the field (`UserError`). The stage function takes one
+    as `config=`, or its fields as keywords (`given`)."""
+
+    stage: ClassVar[str]  # the stage function's name, for messages
+
+    def __post_init__(self) -> None:
+        for name, how in settings_of(type(self)).items():
+            value = getattr(self, name)
+            if value is not None:  # None: the stage's default (e.g. the VAE's own image size)
+                how.check(value)
+
+    @classmethod
+    def given(cls, config: StageConfig | None = None, **options: Any) -> Any:
+        """`config` (default: every field's default) with `options` set by field name, theirs winning:
+        what the stage function was called with. A name that is no field is refused, naming it."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [name for name in options if name not in names]
+        if unknown:
+            raise UserError(f"unknown {cls.stage} setting {unknown[0]!r}: choose from {', '.join(names)}")
+        if config is None:
+            return cls(**options)
+        if not isinstance(config, cls):
+            raise UserError(f"`config` must be a {cls.__name__}, not {type(config).__name__}")
+        return dataclasses.replace(config, **options)
 
 
 @dataclass

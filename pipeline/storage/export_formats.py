@@ -1,4 +1,5 @@
-"""What `export-tokens` can write: one table of export formats, and the shard formats they use.
+"""What `export-tokens` can write: one table of export formats, the shard formats they use, and
+what the stage is asked to do (`ExportConfig`).
 
     zarr       a token store at OUT (Zarr, row for row as the latent store; token_store.py)
     wds        webdataset shards in the folder OUT: {__key__, key.txt, tokens.npy, cls} per image
@@ -9,8 +10,13 @@ Every format carries each row's store key exactly (the token store's `keys`, par
 webdataset's `key.txt`): the one field the exports of a store join on. A shard format is its file
 suffix, its writer (one shard file from blocks of ids, labels, keys) and its key function (a store
 key -> the name of the sample's members in the shard, where the format has one). The CLI's
-`--format` choices are this table's names. Nothing heavy is imported here: the writers import
-webdataset or pyarrow when they run.
+`--format` choices are this table's names.
+
+`ExportConfig` holds every setting of export-tokens, each field a user sets with its `Setting`
+(pipeline/model/config.py), from which the CLI makes the command's options; the stage function
+takes the same names as keywords or one `ExportConfig` as `config=`. Nothing heavy is imported
+here: the CLI makes and checks one before torch loads, and the writers import webdataset or
+pyarrow when they run.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from revq_pipe.pipeline.device import DEVICE_HELP, DEVICES, known_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.model.config import OVERWRITE_HELP, StageConfig, setting, switch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -119,3 +127,28 @@ def export_format(name: str) -> ExportFormat:
     if name not in EXPORT_FORMATS:
         raise UserError(f"unknown `format={name}`: use one of {', '.join(EXPORT_FORMATS)}")
     return EXPORT_FORMATS[name]
+
+
+@dataclass(frozen=True)
+class ExportConfig(StageConfig):
+    """How to export a store's tokens: every setting of `export_tokens` (its CLI options, in their
+    order), and `progress`, which is how a Python caller's run shows itself rather than what it
+    writes (the CLI always shows its progress bars).
+
+        ExportConfig(format="wds", shuffle=True, seed=3)
+    """
+
+    stage = "export_tokens"
+
+    batch_size: int = setting("Latents per tokenize batch.", 1024, metavar="N", minimum=1)
+    device: str = setting(DEVICE_HELP + ".", "auto", metavar="|".join(DEVICES), validate=known_device)
+    format: str = setting("zarr: a token store (uint16/uint32 ids, row for row as STORE); wds: webdataset shards "
+                          "{__key__, key.txt, tokens.npy, cls}; parquet: files of rows key, label, class, tokens; "
+                          "zarr+wds: both, shards in TOKENS-wds.", "zarr", choices=tuple(EXPORT_FORMATS),
+                          validate=export_format)
+    shard_size: int = setting("Rows per webdataset shard or parquet file.", 10_000, metavar="N", minimum=1)
+    shuffle: bool = switch("Write shards in a random order fixed by --seed, not the store's (class-sorted for "
+                           "ImageFolders). The Zarr token store keeps the store's order.", "--shuffle")
+    seed: int = setting("Seed of the --shuffle order.", 0, metavar="N", minimum=0)
+    overwrite: bool = switch(OVERWRITE_HELP, "--overwrite")
+    progress: bool = True

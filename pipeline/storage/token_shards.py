@@ -31,7 +31,6 @@ from revq_pipe.pipeline.seeds import stream_seed
 from revq_pipe.pipeline.storage.dataset_card import CARD_NAME, write_card
 from revq_pipe.pipeline.storage.export_formats import ShardFormat
 
-DEFAULT_SHARD_SIZE = 10_000
 SHARD_STEM = "tokens-%06d"
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "export.json"

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from revq_pipe.pipeline.device import DEVICE_HELP, DEVICES
 from revq_pipe.pipeline.errors import UserError
 from revq_pipe.pipeline.model.config import (PRESETS, ReVQConfig, Setting, preset_help, preset_values,
                                              resolve_model_config, setting, settings_of)
@@ -190,8 +191,7 @@ class FitConfig:
                           f"latent shape. auto: {PAPER_PRESET} when the store holds at least {MIN_LATENTS_PER_CODE} "
                           f"latents per code, else {SMALL_PRESET} (K and the batch cut to fit a small store). "
                           f"{preset_help()}", AUTO, metavar="NAME")
-    device: str = setting("Where to compute: auto (CUDA when available), cpu or cuda", AUTO,
-                          metavar="auto|cpu|cuda")
+    device: str = setting(DEVICE_HELP, AUTO, metavar="|".join(DEVICES))
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -42,6 +42,7 @@ from PIL import Image
 
 from revq_pipe.pipeline.device import resolve_device
 from revq_pipe.pipeline.errors import UserError
+from revq_pipe.pipeline.images.encode_config import EncodeConfig
 from revq_pipe.pipeline.images.sources import default_workers, preprocess, to_model_input
 from revq_pipe.pipeline.images.vae import DEFAULT_VAE_ID, FrozenVae, VaeSpec, cached_hub_spec
 from revq_pipe.pipeline.reporting.benchmarking import device_description
@@ -185,12 +186,13 @@ def _decoding_rows(result: BenchEncodeResult, photos: list[bytes], device: torch
 
 def _end_to_end(result: BenchEncodeResult, vae: FrozenVae, pattern: str, out: Path, label: str, *,
                 setup: dict[str, bool] | None = None, **options: Any) -> None:
-    """One whole encode of the shards into a new store at `out`, timed as a whole; `options` as
-    prepare_encode takes them, `setup` EncoderSetup fields turned off."""
+    """One whole encode of the shards into a new store at `out`, timed as a whole; `options` any
+    fields of EncodeConfig, `setup` EncoderSetup fields turned off."""
     from revq_pipe.stages.encode import prepare_encode, run_encode
 
-    job = prepare_encode(pattern, str(out), vae.spec, image_size=IMAGE_SIZE, batch_size=result.batch_size,
-                         device=str(vae.device), progress=False, **options)
+    config = EncodeConfig(image_size=IMAGE_SIZE, batch_size=result.batch_size, device=str(vae.device),
+                          progress=False, **options)
+    job = prepare_encode(pattern, str(out), vae.spec, config)
     job.setup = replace(job.setup, **(setup or {}))
     started = time.perf_counter()
     try:
