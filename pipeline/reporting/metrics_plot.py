@@ -10,13 +10,12 @@ with the Agg canvas: no pyplot, so no global figure state and no display is need
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from typing import TYPE_CHECKING, Any
 
 from revq_pipe.pipeline.atomic_files import write_atomically
+
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn: half a second a process that draws none saves
+    from matplotlib.figure import Figure
 
 # One colour and line style per quantity, the same in every panel: the quantizer alone is always
 # blue and the rectified output always orange, training solid and validation dashed.
@@ -56,6 +55,10 @@ def draw_metrics(history: list[dict[str, Any]], title: str = "", *, val_count: i
                  codes: int | None = None) -> Figure:
     """The four panels of `history`'s curves on one figure (with the validation ceiling where
     `val_count` < `codes`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(11, 7.5), layout="constrained")
     FigureCanvasAgg(figure)
     if title:

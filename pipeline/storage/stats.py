@@ -7,10 +7,14 @@ memory and for float16 latents (whose sums would overflow or lose precision in t
 
 from __future__ import annotations
 
-import dask.array as da
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from revq_pipe.pipeline.errors import UserError
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 def latent_stats(*arrays: da.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -19,6 +23,8 @@ def latent_stats(*arrays: da.Array) -> tuple[np.ndarray, np.ndarray]:
     float32 arrays."""
     if sum(array.shape[0] for array in arrays) == 0:
         raise UserError("cannot compute statistics of an empty latent store")
+    import dask.array as da  # here: half a second of imports that only finishing a store needs
+
     flat = da.concatenate([array.reshape(array.shape[0], -1) for array in arrays]).astype(np.float64)
     mean, sq_mean = da.compute(flat.mean(axis=0), (flat * flat).mean(axis=0))
     # E[x^2] - E[x]^2 in float64 is exact enough for latents; clip tiny negative round-off.
