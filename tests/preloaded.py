@@ -1,7 +1,9 @@
 """Child processes that start with torch, diffusers and revq-pipe's stages already imported.
 
-Importing them costs a child about 5 CPU-seconds; the kill scenarios start dozens of children. So
-one server process (this file run as a script, started once per test session by conftest's
+Importing them costs a child about 5 CPU-seconds, and what the stages import only where used
+(diffusers for the rectifier's blocks, matplotlib for metrics.png) 2 more: a tiny fit in a child took
+2.8 s with the stages alone preloaded, 0.9 s with those too. The kill scenarios start dozens of
+children. So one server process (this file run as a script, started once per test session by conftest's
 `preloaded` fixture) imports them once and forks every child from itself. The children are real
 processes of their own, as a command started from a shell is: each runs in a session of its own
 (`os.killpg(child.pid, ...)` ends it with every process it started), with Python's own Ctrl-C
@@ -28,8 +30,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+# The stages, and what they import only where used: diffusers (the VAEs, the rectifier's blocks),
+# matplotlib (metrics.png), dask.array (a finished store's statistics), webdataset (shards).
 PRELOAD = ("revq_pipe.cli", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens", "revq_pipe.stages.decode",
-           "revq_pipe.stages.fit", "distributed")
+           "revq_pipe.stages.fit", "distributed", "diffusers.models.autoencoders.autoencoder_dc",
+           "diffusers.models.autoencoders.autoencoder_kl", "matplotlib.figure", "matplotlib.backends.backend_agg",
+           "dask.array", "webdataset")
 
 
 class PreloadedServer:
