@@ -9,8 +9,9 @@ What needs a store's contents or a model (settings that differ, shapes) stays wi
 Every check is one function here or beside its machinery in a module as light as this one, and
 raises the one message the stage raises for the same problem. The values of encode's and
 export-tokens' settings are checked where their configs are made (`EncodeConfig`, `ExportConfig`,
-as light as this module), which the CLI and the stage do before calling the command's check here. Remote locations (fsspec URLs) are
-left to the stages: looking at them can take as long as the imports this module avoids.
+as light as this module), which the CLI and the stage do before calling the command's check here.
+Remote locations (fsspec URLs) are left to the stages: looking at them can take as long as the
+imports this module avoids.
 """
 
 from __future__ import annotations

@@ -29,6 +29,8 @@ METRICS_NAME = "metrics.jsonl"
 # their plot, TensorBoard's folder, and eval's result files (eval-<store>.json; eval.json before).
 RUN_FILES = (CHECKPOINT_NAME, "config.json", "model.safetensors", "README.md", "training.json", METRICS_NAME,
              "metrics.png", "eval.json")
+RUN_PATTERNS = ("eval-*.json", "eval-*.json.tmp")
+RUN_FOLDERS = ("tensorboard",)
 
 
 def writes_run_dir() -> bool:
@@ -40,8 +42,6 @@ def writes_run_dir() -> bool:
 def launched_world_size() -> int:
     """How many processes torchrun started for this job (WORLD_SIZE, as torchrun sets it); 1 without it."""
     return int(os.environ.get("WORLD_SIZE", "1"))
-RUN_PATTERNS = ("eval-*.json", "eval-*.json.tmp")
-RUN_FOLDERS = ("tensorboard",)
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> None:
