@@ -294,8 +294,7 @@ def fit(
 
     On several GPUs or machines, start it with torchrun, e.g. `torchrun --nproc-per-node 8 $(which revq-pipe) fit ...`: it trains data-parallel, --batch-size stays the global batch and rank 0 writes the run.
     """
-    preflight.check_fit(store, out, val=val, device=config.device, resume=resume, overwrite=overwrite,
-                        batch_size=config.overrides.get("batch_size"))
+    preflight.check_fit(store, out, config, val=val, resume=resume, overwrite=overwrite)
     from revq_pipe.stages.fit import fit as run_fit
 
     result = run_fit(store, out, config, val=val, resume=resume, overwrite=overwrite, tensorboard=tensorboard)

@@ -31,7 +31,7 @@ from revq_pipe.pipeline.scaleout.cluster import cluster_kind, shared_location
 from revq_pipe.pipeline.storage.export_formats import ExportConfig, export_format
 from revq_pipe.pipeline.storage.latent_files import latent_file_path
 from revq_pipe.pipeline.train.checkpoint import CHECKPOINT_NAME, launched_world_size, writes_run_dir
-from revq_pipe.pipeline.train.config import check_global_batch
+from revq_pipe.pipeline.train.config import FitConfig, check_global_batch
 from revq_pipe.pipeline.workdir import DEMO_MARKER, QUALITY_MARKER, check_claimable
 
 if TYPE_CHECKING:  # (encode_config imports this module's checks)
@@ -239,12 +239,13 @@ def check_import_latents(files: Sequence[str | Path], out: str, *, vae: str | No
     new_store_output(out, overwrite)
 
 
-def check_fit(store: str, out: str, *, val: str | None = None, device: object = "auto", resume: bool = False,
-              overwrite: bool = False, batch_size: int | None = None) -> None:
-    """fit's checks; `batch_size` when the user gave it (a preset's may shrink to fit the store)."""
-    known_device(device)
-    if batch_size is not None:  # under torchrun every rank refuses before it imports torch
-        check_global_batch(batch_size, launched_world_size())
+def check_fit(store: str, out: str, config: FitConfig, *, val: str | None = None, resume: bool = False,
+              overwrite: bool = False) -> None:
+    """fit's checks; of `config`, the device and a batch size the user gave (a preset's may shrink
+    to fit the store, which only the stage sees)."""
+    known_device(config.device)
+    if "batch_size" in config.overrides:  # under torchrun every rank refuses before it imports torch
+        check_global_batch(config.overrides["batch_size"], launched_world_size())
     existing_store(store)
     if val is not None:
         existing_store(val)

@@ -131,8 +131,7 @@ def fit(store: str, out: str, config: FitConfig | None = None, *, val: str | Non
     """
     started = time.perf_counter()
     config = config or FitConfig()
-    check_fit(store, out, val=val, device=config.device, resume=resume, overwrite=overwrite,
-              batch_size=config.overrides.get("batch_size"))
+    check_fit(store, out, config, val=val, resume=resume, overwrite=overwrite)
     group = DataParallelGroup.current()
     device = group.local_device(resolve_device(config.device))
     with run_guard(out, device, resume=resume, overwrite=overwrite):
