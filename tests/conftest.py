@@ -79,12 +79,9 @@ def _save_model(model_class, config: dict, path: Path) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def dask_workers_from_a_preloaded_forkserver():
-    import dask
+    from forked_workers import fork_workers
 
-    from forked_workers import METHOD, preload_forkserver
-
-    preload_forkserver()
-    with dask.config.set(METHOD):
+    with fork_workers():
         yield
 
 

@@ -13,16 +13,18 @@ from __future__ import annotations
 import multiprocessing
 
 # The stages' task functions and the VAE classes the tests' workers load.
-WORKER_PRELOAD = ["distributed", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens",
-                  "diffusers.models.autoencoders.autoencoder_dc", "diffusers.models.autoencoders.autoencoder_kl"]
-METHOD = {"distributed.worker.multiprocessing-method": "forkserver"}
+WORKER_PRELOAD = ("distributed", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens",
+                  "diffusers.models.autoencoders.autoencoder_dc", "diffusers.models.autoencoders.autoencoder_kl")
 
 
-def preload_forkserver() -> None:
-    """Have this process's forkserver (started at its first cluster) import WORKER_PRELOAD."""
+def fork_workers():
+    """From now on, this process's local clusters fork their workers from its forkserver (started at
+    its first cluster), which imports WORKER_PRELOAD; also a context manager that ends it."""
+    import dask
     import distributed.utils
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(WORKER_PRELOAD)
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_PRELOAD))
     # distributed sets its own preload list (no torch) on first use unless told it has: a speed-up
     # only, so a distributed that renames this flag costs time, never a result.
     distributed.utils._forkserver_preload_set = True
+    return dask.config.set({"distributed.worker.multiprocessing-method": "forkserver"})

@@ -1,10 +1,10 @@
 """Child processes that start with torch, diffusers and revq-pipe's stages already imported.
 
 Importing them costs a child about 5 CPU-seconds, and what the stages import only where used
-(diffusers for the rectifier's blocks, matplotlib for metrics.png) 2 more: a tiny fit in a child took
-2.8 s with the stages alone preloaded, 0.9 s with those too. The kill scenarios start dozens of
-children. So one server process (this file run as a script, started once per test session by conftest's
-`preloaded` fixture) imports them once and forks every child from itself. The children are real
+(diffusers for the rectifier's blocks, matplotlib for metrics.png) 2 more: a tiny fit in a child
+took 2.8 s with the stages alone preloaded, 0.9 s with those too. The kill scenarios start dozens
+of children. So one server process (this file run as a script, started once per test session by
+conftest's `preloaded` fixture) imports them once and forks every child from itself. The children are real
 processes of their own, as a command started from a shell is: each runs in a session of its own
 (`os.killpg(child.pid, ...)` ends it with every process it started), with Python's own Ctrl-C
 handler (a test run started in the background, where SIGINT is ignored, would otherwise hand that
@@ -30,12 +30,12 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-# The stages, and what they import only where used: diffusers (the VAEs, the rectifier's blocks),
-# matplotlib (metrics.png), dask.array (a finished store's statistics), webdataset (shards).
-PRELOAD = ("revq_pipe.cli", "revq_pipe.stages.encode", "revq_pipe.stages.export_tokens", "revq_pipe.stages.decode",
-           "revq_pipe.stages.fit", "distributed", "diffusers.models.autoencoders.autoencoder_dc",
-           "diffusers.models.autoencoders.autoencoder_kl", "matplotlib.figure", "matplotlib.backends.backend_agg",
-           "dask.array", "webdataset")
+from forked_workers import WORKER_PRELOAD, fork_workers
+
+# The stages, and what they import only where used: diffusers (the VAEs, the rectifier's blocks:
+# WORKER_PRELOAD), matplotlib (metrics.png), dask.array (a finished store's statistics), webdataset.
+PRELOAD = ("revq_pipe.cli", "revq_pipe.stages.decode", "revq_pipe.stages.fit", *WORKER_PRELOAD, "matplotlib.figure",
+           "matplotlib.backends.backend_agg", "dask.array", "webdataset")
 
 
 class PreloadedServer:
@@ -103,7 +103,7 @@ class Child:
 def serve() -> None:
     for module in PRELOAD:
         importlib.import_module(module)
-    _fork_dask_workers()
+    fork_workers()  # in a child's session, by a forkserver of the child's own (tests/forked_workers.py)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the test run: the server ends when its stdin does
     for line in sys.stdin:
         request = json.loads(line)
@@ -114,17 +114,6 @@ def serve() -> None:
         _, status = os.waitpid(pid, 0)
         _answer({"exitcode": os.waitstatus_to_exitcode(status)})
     os._exit(0)  # nothing is left to flush; tearing down torch's and dask's modules takes seconds
-
-
-def _fork_dask_workers() -> None:
-    """The children's local clusters fork their workers from a forkserver of their own (started
-    in the child's session by its first cluster), as the test session's do (tests/forked_workers.py)."""
-    import dask
-
-    from forked_workers import METHOD, preload_forkserver
-
-    preload_forkserver()
-    dask.config.set(METHOD)
 
 
 def _answer(reply: dict) -> None:
