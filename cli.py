@@ -3,9 +3,9 @@
 Every command is thin on purpose: the work lives in `revq_pipe.stages`, importable without the
 CLI. The options of fit, encode and export-tokens are made from the fields of their configs
 (`FitConfig`, `EncodeConfig`, `ExportConfig`; `takes_fit_config`, `takes_config`), so a setting
-is written once, where its config lives. Heavy imports (torch, diffusers, zarr, dask) happen inside the commands, and each command
-imports only its own stage, after its checks (pipeline/preflight.py): `--help`, `--version` and
-every refused command answer at once.
+is written once, where its config lives. Heavy imports (torch, diffusers, zarr, dask) happen
+inside the commands, and each command imports only its own stage, after its checks
+(pipeline/preflight.py): `--help`, `--version` and every refused command answer at once.
 A `UserError` from any stage becomes one line on stderr and exit status 2, naming this command's
 flags where the message names the Python parameters behind them. Log records of every
 module go to stderr through the one handler `pipeline.reporting.console` sets up, beside the progress bars.

@@ -118,15 +118,21 @@ def test_tensorboard_is_off_unless_asked(tmp_path):
     assert (tmp_path / "run" / "metrics.png").is_file() and not (tmp_path / "run" / "tensorboard").exists()
 
 
-@pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3]), (float("inf"), [3])])
-def test_metrics_png_is_redrawn_after_epochs_that_end_the_interval_and_after_the_last(tmp_path, monkeypatch,
-                                                                                        every_s, drawn_after):
+def drawings(monkeypatch, every_s: float) -> list[int]:
+    """With metrics.png redrawn every `every_s` seconds: the epochs each drawing of it shows, as fit draws them."""
     from revq_pipe.pipeline.train import fit_outputs
 
     drawn, draw = [], fit_outputs.plot_metrics
     monkeypatch.setattr(fit_outputs, "PLOT_EVERY_S", every_s)
     monkeypatch.setattr(fit_outputs, "plot_metrics", lambda history, path, **kw: (drawn.append(len(history)),
                                                                                   draw(history, path, **kw)))
+    return drawn
+
+
+@pytest.mark.parametrize("every_s, drawn_after", [(0.0, [1, 2, 3]), (float("inf"), [3])])
+def test_metrics_png_is_redrawn_after_epochs_that_end_the_interval_and_after_the_last(tmp_path, monkeypatch,
+                                                                                        every_s, drawn_after):
+    drawn = drawings(monkeypatch, every_s)
     train = store(tmp_path / "train.zarr", 128)
     result = cli(train, "--out", tmp_path / "run", "--preset", "tiny", "--codes", "16", "--epochs", "3",
                  "--batch-size", "32", "--device", "cpu")
@@ -135,13 +141,9 @@ def test_metrics_png_is_redrawn_after_epochs_that_end_the_interval_and_after_the
 
 
 def test_a_stopped_fit_draws_the_epochs_it_checkpointed(tmp_path, monkeypatch):
-    from revq_pipe.pipeline.train import fit_outputs
     from revq_pipe.pipeline.train.trainer import Trainer
 
-    drawn, draw, end_epoch = [], fit_outputs.plot_metrics, Trainer.end_epoch
-    monkeypatch.setattr(fit_outputs, "PLOT_EVERY_S", float("inf"))
-    monkeypatch.setattr(fit_outputs, "plot_metrics", lambda history, path, **kw: (drawn.append(len(history)),
-                                                                                  draw(history, path, **kw)))
+    drawn, end_epoch = drawings(monkeypatch, float("inf")), Trainer.end_epoch
 
     def stop_in_the_third_epoch(self, epoch):
         if epoch == 2:

@@ -304,7 +304,8 @@ def check_global_batch(batch_size: int, world_size: int) -> None:
     if batch_size % world_size:
         lower = batch_size // world_size * world_size
         raise UserError(f"`batch_size={batch_size}` is the global batch and must split evenly over the "
-                        f"{world_size} processes: use a multiple of {world_size}" + (f" such as {lower}" if lower else ""))
+                        f"{world_size} processes: use a multiple of {world_size}"
+                        + (f" such as {lower}" if lower else ""))
 
 
 def check_batch_fits(batch_size: int, n: int, preset: str, store: str, *, from_preset: bool) -> None:
