@@ -25,6 +25,8 @@ from revq_pipe.pipeline.train.config import FitConfig
 from revq_pipe.stages.fit import fit
 
 DRIVER = Path(__file__).with_name("ddp_fit_driver.py")
+# The console script pip installed beside this interpreter: found whether or not its venv is on PATH.
+REVQ_PIPE = Path(sys.executable).with_name("revq-pipe")
 SHAPE = (8, 4, 4)  # T = 32 tokens of d = 4 with the tiny preset
 EPOCHS, BATCH = 2, 64  # 4 steps per epoch on 256 latents
 TOLERANCE = 1e-5
@@ -91,16 +93,21 @@ def assert_close_weights(a, b, *, exact_codebooks):
 
 @pytest.fixture(scope="module")
 def two_process_runs(stores):
-    """Both codebook updates, 2 epochs, 2 processes, then a run whose rank 1 drifts, all in one
-    torchrun start (the drift ends it); each rank's hashes, and torchrun's result."""
+    """Both codebook updates, 2 epochs, 2 processes; then a run whose rank 1 drifts (fit stops it);
+    then a sparse run whose rank 1 is killed (SIGKILL) at the 2nd step of epoch 2, which ends the
+    torchrun start. All in one start: each torchrun start imports torch and diffusers in every rank."""
     root = stores["root"]
     runs = [{"name": update, "fit": fit_kwargs(stores, root / f"ddp-{update}", update)}
             for update in ("sparse", "dense")]
     drift = {"name": "drift", "fit": fit_kwargs(stores, root / "ddp-drift", "sparse"), "drift": {"rank": 1}}
-    done = driver({"record": str(root / "hashes"), "runs": [*runs, drift]})
+    killed = {"name": "killed", "fit": fit_kwargs(stores, root / "killed", "sparse"),
+              "kill": {"rank": 1, "step": 4 + 2}}
+    done = driver({"record": str(root / "hashes"), "runs": [*runs, drift, killed]})
     assert all(len(json.loads((root / "hashes" / f"{update}-rank{r}.json").read_text())) == EPOCHS
                for update in ("sparse", "dense") for r in (0, 1)), done.stderr[-3000:]
-    return {"sparse": root / "ddp-sparse", "dense": root / "ddp-dense", "drift": root / "ddp-drift", "torchrun": done}
+    assert done.returncode != 0 and "-9" in done.stderr, done.stderr[-3000:]  # torchrun reports the signal
+    return {"sparse": root / "ddp-sparse", "dense": root / "ddp-dense", "drift": root / "ddp-drift",
+            "killed": root / "killed", "hashes": root / "hashes"}
 
 
 @pytest.mark.parametrize("update", ["sparse", "dense"])
@@ -129,19 +136,16 @@ def test_codebooks_are_bit_identical_on_both_ranks_at_every_epoch_end(stores, tw
 
 
 def test_replicas_that_drift_apart_stop_the_run(two_process_runs):
-    done = two_process_runs["torchrun"]
-    assert done.returncode != 0 and "the codebooks after epoch 1 differ across processes" in done.stderr
+    for rank in (0, 1):  # every rank's fit raises, so none waits for the other in a collective
+        error = (two_process_runs["hashes"] / f"drift-rank{rank}.error").read_text()
+        assert error.startswith("RuntimeError: the codebooks after epoch 1 differ across processes"), error
     assert not (two_process_runs["drift"] / "checkpoint.pt").exists()
 
 
 @pytest.fixture(scope="module")
-def killed_run(stores):
-    """A 2-process sparse run whose rank 1 is killed (SIGKILL) at the 2nd step of epoch 2."""
-    root = stores["root"]
-    out = root / "killed"
-    done = driver({"record": str(root / "killed-hashes"), "kill": {"rank": 1, "step": 4 + 2},
-                   "runs": [{"name": "killed", "fit": fit_kwargs(stores, out, "sparse")}]})
-    assert done.returncode != 0 and "-9" in done.stderr  # torchrun reports the signal
+def killed_run(two_process_runs):
+    """The sparse run whose rank 1 was killed at the 2nd step of epoch 2: epoch 1's checkpoint."""
+    out = two_process_runs["killed"]
     assert load_checkpoint(out, torch.device("cpu"))["epoch"] == 1
     return out
 
@@ -151,7 +155,7 @@ def test_resume_after_a_kill_with_two_processes_ends_as_the_uninterrupted_run(st
     out = tmp_path / "killed"
     shutil.copytree(killed_run, out)
     kwargs = fit_kwargs(stores, out, "sparse")
-    done = torchrun(shutil.which("revq-pipe") or "revq-pipe", "fit", kwargs["store"], "--out", out, "--resume",
+    done = torchrun(REVQ_PIPE, "fit", kwargs["store"], "--out", out, "--resume",
                     "--preset", "tiny", "--epochs", EPOCHS, "--batch-size", BATCH, "--codes", 32, "--val",
                     stores["val"], "--device", "cpu", "--codebook-update", "sparse", log_dir=tmp_path / "logs")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -179,7 +183,7 @@ def test_resume_after_a_kill_with_one_process_ends_as_the_uninterrupted_run(stor
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused_with_exit_2(stores, tmp_path):
-    done = torchrun(shutil.which("revq-pipe") or "revq-pipe", "fit", stores["train"], "--out", tmp_path / "run",
+    done = torchrun(REVQ_PIPE, "fit", stores["train"], "--out", tmp_path / "run",
                     "--preset", "tiny", "--codes", 32, "--batch-size", 63, "--device", "cpu")
     reason = "error: --batch-size 63 is the global batch and must split evenly over the 2 processes"
     # Each rank refuses alike; torchrun may end the second before it prints, once the first has exited.
