@@ -12,7 +12,8 @@ on), its stdin on /dev/null and its stdout and stderr in files. A child that run
 limit ends by SIGALRM.
 
 Protocol: the test writes one JSON request per line to the server's stdin,
-{"call": "module:function", "args": [...], "kwargs": {...}, "logs": DIR, "timeout_s": N, "cpus": N or null};
+{"call": "module:function", "args": [...], "kwargs": {...}, "logs": DIR, "timeout_s": N, "cpus": N or null,
+ "forkserver": true or false};
 the server answers {"pid": P} at once and {"exitcode": C} when the child has ended (C is -9 after
 a SIGKILL, as subprocess reports it). One child runs at a time.
 """
@@ -30,7 +31,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from forked_workers import WORKER_PRELOAD, fork_workers
+from forked_workers import WORKER_PRELOAD, fork_workers, start_forkserver_by_fork
 
 # The stages, and what they import only where used: diffusers (the VAEs, the rectifier's blocks:
 # WORKER_PRELOAD), matplotlib (metrics.png), dask.array (a finished store's statistics), webdataset.
@@ -47,11 +48,13 @@ class PreloadedServer:
         self._server = subprocess.Popen([*launcher, sys.executable, __file__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, bufsize=0)
 
-    def start(self, call: str, *args, logs: Path, timeout_s: int = 600, cpus: int | None = None, **kwargs) -> Child:
+    def start(self, call: str, *args, logs: Path, timeout_s: int = 600, cpus: int | None = None,
+              forkserver: bool = False, **kwargs) -> Child:
         """Fork a child that calls `call` ("module:function") with args and kwargs (JSON values),
-        on at most `cpus` of the machine's CPUs when given."""
+        on at most `cpus` of the machine's CPUs when given. `forkserver`: the call starts a local
+        cluster, whose workers a forkserver forked from the child at its start will fork."""
         request = {"call": call, "args": args, "kwargs": kwargs, "logs": str(logs), "timeout_s": timeout_s,
-                   "cpus": cpus}
+                   "cpus": cpus, "forkserver": forkserver}
         self._server.stdin.write((json.dumps(request) + "\n").encode())
         return Child(self, self._reply()["pid"], Path(logs))
 
@@ -135,6 +138,8 @@ def _child(request: dict) -> None:
         _redirect(0, os.devnull, os.O_RDONLY)
         _redirect(1, logs / "stdout", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         _redirect(2, logs / "stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        if request["forkserver"]:  # now, while this process has one thread
+            start_forkserver_by_fork()
         module, function = request["call"].split(":")
         getattr(importlib.import_module(module), function)(*request["args"], **request["kwargs"])
         code = 0

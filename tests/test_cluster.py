@@ -214,7 +214,7 @@ def start_job(preloaded, call: str, *args, logs, **kwargs):
     """A `--cluster local:2` job in a child process of its own session, so that it and its dask
     workers die together. On 2 CPUs, so that its workers compute with one torch thread each, as
     the `cluster` fixture's that resume it and the in-process runs."""
-    return preloaded.start(call, *args, logs=logs, cpus=2, cluster="local:2", **kwargs)
+    return preloaded.start(call, *args, logs=logs, cpus=2, forkserver=True, cluster="local:2", **kwargs)
 
 
 def kill_when(job, ready, timeout_s: float = 240) -> None:

@@ -39,7 +39,8 @@ def interrupt_at(preloaded, logs: Path, target: str, nth: int, when: str, args: 
                  encode_chunk_rows: int | None = None) -> str:
     """Run the command in a preloaded child that sends itself SIGINT at the nth call of `target`."""
     return interrupted_line(preloaded.run("kill_at:run_cli", args, target, nth, when, signal_name="SIGINT",
-                                          encode_chunk_rows=encode_chunk_rows, logs=logs, timeout_s=HANG_GUARD_S))
+                                          encode_chunk_rows=encode_chunk_rows, logs=logs, timeout_s=HANG_GUARD_S,
+                                          forkserver="--cluster" in args))
 
 
 def finish(args: list[str], encode_chunk_rows: int | None = None) -> str:
