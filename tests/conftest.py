@@ -36,6 +36,9 @@ os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 # Where a test runs more threads, those waiting for work sleep instead of spinning: on a busy 2-core
 # box the two-thread fit test took 30 CPU-s with spinning threads, 9.6 without. Same results.
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+# torch.compile (encode's compiled encoder) compiles in this process: a pool of compile workers
+# would import torch in each (about 4 CPU-s, measured cold and warm on the 2-core box).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import contextlib  # noqa: E402
 import shutil  # noqa: E402
