@@ -20,6 +20,7 @@ a SIGKILL, as subprocess reports it). One child runs at a time.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import os
@@ -107,6 +108,10 @@ def serve() -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     fork_workers()  # in a child's session, by a forkserver of the child's own (tests/forked_workers.py)
+    # What is imported now no collection in a child walks again (nor copies, writing its headers), and
+    # the children collect as rarely as the test process (conftest).
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 100)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the test run: the server ends when its stdin does
     for line in sys.stdin:
         request = json.loads(line)
