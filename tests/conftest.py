@@ -49,11 +49,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from preloaded import GC_THRESHOLDS, PreloadedServer  # noqa: E402
+
 torch.set_num_threads(TORCH_THREADS)  # also when a plugin imported torch before this file
-# The test process holds a large heap (torch, diffusers, matplotlib, dask, every test module) that each
-# full garbage collection walks: at Python's thresholds (700, 10, 10) collections took 17.6 CPU-s of a
-# suite run, at these 7.9 (measured with gc.callbacks). Only cyclic garbage waits longer to go.
-gc.set_threshold(10_000, 10, 100)
+gc.set_threshold(*GC_THRESHOLDS)  # garbage collected less often than Python's default (tests/preloaded.py)
 
 TINY_IMAGE_SIZE = 32
 PHOTO_CLASSES = ("astronaut", "chelsea", "coffee")
@@ -154,8 +153,6 @@ def torch_threads(count: int):
 def preloaded():
     """Children forked from one process that imported torch, diffusers and the stages once
     (tests/preloaded.py): `preloaded.run("module:function", *args, logs=DIR)`."""
-    from preloaded import PreloadedServer
-
     server = PreloadedServer()
     yield server
     server.close()

@@ -57,7 +57,7 @@ def _fork_and_run(path: str, args: list[str], passfds) -> int:
     assert args[-2] == "-c", args
     # Besides the passed descriptors a fresh interpreter would hold none: the fork must not keep the
     # other end of a passed pipe open (the forkserver sees its parent end by that pipe's EOF).
-    passed = {(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in passfds}
+    passed = {_identity(fd) for fd in passfds}
     pid = os.fork()
     if pid == 0:
         try:

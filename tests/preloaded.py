@@ -38,6 +38,11 @@ from forked_workers import WORKER_PRELOAD, fork_workers, start_forkserver_by_for
 # WORKER_PRELOAD), matplotlib (metrics.png), dask.array (a finished store's statistics), webdataset.
 PRELOAD = ("revq_pipe.cli", "revq_pipe.stages.decode", "revq_pipe.stages.fit", *WORKER_PRELOAD, "matplotlib.figure",
            "matplotlib.backends.backend_agg", "dask.array", "webdataset")
+# How often the test process (conftest) and the children collect garbage. Both hold a large heap
+# (torch, diffusers, matplotlib, dask; the test process every test module too) that each full
+# collection walks: at Python's thresholds (700, 10, 10) collections took 17.6 CPU-s of the test
+# process in a suite run, at these 7.9 (measured with gc.callbacks). Only cyclic garbage waits longer.
+GC_THRESHOLDS = (10_000, 10, 100)
 
 
 class PreloadedServer:
@@ -108,10 +113,9 @@ def serve() -> None:
     for module in PRELOAD:
         importlib.import_module(module)
     fork_workers()  # in a child's session, by a forkserver of the child's own (tests/forked_workers.py)
-    # What is imported now no collection in a child walks again (nor copies, writing its headers), and
-    # the children collect as rarely as the test process (conftest).
+    # What is imported now no collection in a child walks again (nor copies, writing its headers).
     gc.freeze()
-    gc.set_threshold(10_000, 10, 100)
+    gc.set_threshold(*GC_THRESHOLDS)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C on the test run: the server ends when its stdin does
     for line in sys.stdin:
         request = json.loads(line)

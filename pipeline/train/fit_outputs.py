@@ -55,10 +55,10 @@ class FitOutputs:
         if last or time.monotonic() - self.plotted_at >= PLOT_EVERY_S:
             self._plot()
         if self.events is not None:
-            last = history[-1]
-            for key, value in last.items():
+            row = history[-1]
+            for key, value in row.items():
                 if key != "epoch" and isinstance(value, (int, float)):
-                    self.events.add_scalar(key, value, global_step=last["epoch"])
+                    self.events.add_scalar(key, value, global_step=row["epoch"])
             self.events.flush()
         model.training_summary = training_summary(self.run_dir)
         model.save_pretrained(self.run_dir)
