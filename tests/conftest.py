@@ -14,6 +14,11 @@ Session-scoped and read-only: copy before changing them.
 - `memory_root`: a fresh `memory://` folder (fsspec's in-memory file system) for stores at a URL,
   removed after the test.
 
+A fit in this process builds metrics.png's figure from its history but does not rasterize it to a
+file, unless the test is marked `metrics_png` (the tests of what fit reports, the demo, the run's
+file-safety test): rasterizing is matplotlib's own work, a third of a CPU-second a fit, about 30 of
+a suite run. Fits in child processes (the CLI runs, torchrun's ranks) write it as users get it.
+
 The dask worker processes of the local clusters started here and in preloaded children (the
 `--cluster` tests) are forked by a forkserver that imported torch, diffusers and the stages once
 (tests/forked_workers.py).
@@ -90,6 +95,30 @@ def dask_workers_from_a_preloaded_forkserver():
 
     with fork_workers():
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def metrics_png_figures_only():
+    """Fits in this process build metrics.png's figure (every panel, from the run's history) and
+    write no file; `metrics_png_where_marked` puts the real drawing back for the tests about it."""
+    from revq_pipe.pipeline.reporting.metrics_plot import draw_metrics
+    from revq_pipe.pipeline.train import fit_outputs
+
+    def build_figure(history, path, title="", *, val_count=None, codes=None):
+        draw_metrics(history, title, val_count=val_count, codes=codes)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fit_outputs, "plot_metrics", build_figure)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def metrics_png_where_marked(request, monkeypatch):
+    if request.node.get_closest_marker("metrics_png"):
+        from revq_pipe.pipeline.reporting.metrics_plot import plot_metrics
+        from revq_pipe.pipeline.train import fit_outputs
+
+        monkeypatch.setattr(fit_outputs, "plot_metrics", plot_metrics)
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from revq_pipe.pipeline.workdir import DEMO_MARKER as MARKER, claim_folder
 from revq_pipe.stages.demo import COMPARISON_COUNT, QUICK
 
 
+@pytest.mark.metrics_png  # the README's first command: every file as a user gets it
 def test_demo_quick_runs_to_the_end_and_its_outputs_load(tmp_path):
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out), "--quick"])

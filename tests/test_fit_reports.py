@@ -13,6 +13,8 @@ from typer.testing import CliRunner
 from revq_pipe.cli import app
 from revq_pipe.pipeline.storage.store import write_latent_store
 
+pytestmark = pytest.mark.metrics_png  # fits here draw metrics.png as users get it
+
 SHAPE = (16, 8, 8)  # as the embedded VAE's: d=4 gives T=256
 
 
