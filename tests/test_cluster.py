@@ -40,7 +40,7 @@ from test_encode import damaged_folder
 SMALL = dict(image_size=TINY_IMAGE_SIZE, batch_size=3, workers=0, chunk_size=4, progress=False)
 # One image per block and per chunk: many small pieces, so a kill lands while work remains.
 FINE = dict(image_size=TINY_IMAGE_SIZE, batch_size=1, workers=0, chunk_size=1, progress=False)
-MANY_PHOTOS = 48
+MANY_PHOTOS = 24
 runner = CliRunner()
 
 
