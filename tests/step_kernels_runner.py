@@ -113,7 +113,7 @@ class SyncSpy(TorchDispatchMode):
 
 
 def trainer_runs() -> dict:
-    """A small model trained for two epochs by the default step and by the kernels' step options;
+    """A small model trained for two epochs of two steps by the default step and by the kernels' step options;
     and the syncing operators each step's code runs (as CUDA would run it: sync_every 25)."""
     from revq_pipe.pipeline.model.config import ReVQConfig
     from revq_pipe.pipeline.train.config import TrainConfig
@@ -126,7 +126,7 @@ def trainer_runs() -> dict:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         start.codebooks.copy_(torch.randn(start.codebooks.shape, generator=gen))
-    batches = [torch.randn(16, 2, 4, 4, generator=gen) for _ in range(3)]
+    batches = [torch.randn(16, 2, 4, 4, generator=gen) for _ in range(2)]
     results = {}
     for options in ((), ("fused-quantize",), ("fused-adamw",), ("fused-quantize", "fused-adamw"),
                     ("fused-quantize", "screen-search")):
